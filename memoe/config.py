@@ -1,0 +1,247 @@
+"""Validated study configuration: YAML + ``--set key=value`` overrides -> pydantic models.
+
+Unknown keys and wrong types are errors that name the key. A config has a stable hash
+(``config_hash``) used for cache keys and run names.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_ZSRE = "../shared/data/zsre/zsre_mend_eval_portability_gpt4.json"
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    name: str = Field("embedded:smollm2-135m", description="'embedded:smollm2-135m', 'embedded:gemma3-270m', a HF id or a local path")
+    device: str = Field("auto", description="'auto' picks CUDA when present, else CPU")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_length: int | None = Field(None, description="context limit for prompts; default: the model's own")
+
+
+class DataConfig(_Strict):
+    path: str = DEFAULT_ZSRE
+    format: Literal["zsre", "counterfact", "counterfact-flat", "jsonl", "csv"] = "zsre"
+    n_edits: int | None = Field(100, ge=1, description="number of edits sampled; null = all")
+    seed: int = 0
+    sample: Literal["first", "random"] = "first"
+    skip_bad: bool = Field(False, description="skip and count bad records instead of failing")
+
+
+class MEMoEMethod(_Strict):
+    name: Literal["memoe"] = "memoe"
+    layers: list[int] = Field(default_factory=lambda: [15], description="decoder layer(s) whose MLP gets the adapter")
+    num_experts: int = Field(4, ge=1)
+    top_k: int = Field(1, ge=1)
+    expert_form: Literal["lowrank", "ffn"] = "lowrank"
+    rank: int = Field(32, ge=1)
+    lam: float = 1.0
+    router_noise: float = Field(1.0, ge=0.0, description="std of the router noise while training")
+    anchor_pooling: Literal["mean", "last", "sum"] = "mean"
+    gate_mode: Literal["anchor", "always"] = Field(
+        "anchor", description="'anchor': adapter silent on inputs without a known anchor; 'always': the paper's formula literally")
+    expert_sees_anchor: bool = False
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    steps: int = Field(80, ge=1)
+    early_stop_loss: float = Field(0.01, ge=0.0)
+    batch_size: int | None = Field(None, description="edits per optimiser step; null = all edits of the round")
+    load_balance: float = Field(0.0, ge=0.0, description="weight of the load-balancing loss")
+    context_templates: int = Field(0, ge=0, description="number of self-generated prefixes prepended to edit prompts")
+    layer_cache: bool = Field(True, description="compute layers below l once per round")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k ({self.top_k}) > num_experts ({self.num_experts})")
+        return self
+
+
+class FTMethod(_Strict):
+    name: Literal["ft-l", "ft-m"] = "ft-m"
+    layer: int = 15
+    lr: float = 5e-4
+    steps: int = Field(40, ge=1)
+    norm_constraint: float = 5e-4
+    early_stop_loss: float = 0.01
+
+
+class LoRAMethod(_Strict):
+    name: Literal["lora"] = "lora"
+    target_modules: list[str] = Field(default_factory=lambda: ["down_proj"])
+    layers: list[int] | None = None
+    rank: int = 8
+    alpha: float = 16
+    lr: float = 5e-3
+    steps: int = Field(60, ge=1)
+    early_stop_loss: float = 0.01
+
+
+class GraceMethod(_Strict):
+    name: Literal["grace"] = "grace"
+    layer: int = 15
+    eps: float = Field(1.0, gt=0, description="initial deferral radius")
+    lr: float = 1.0
+    steps: int = Field(60, ge=1)
+    early_stop_loss: float = 0.01
+
+
+class MemitMethod(_Strict):
+    name: Literal["memit"] = "memit"
+    layers: list[int] = Field(default_factory=lambda: [4, 5, 6, 7, 8])
+    mom2_tokens: int = 100_000
+    mom2_weight: float = 1.5e4
+    v_lr: float = 0.5
+    v_steps: int = 25
+    clamp_norm_factor: float = 4.0
+    kl_factor: float = 0.0625
+
+
+MethodConfig = Annotated[
+    Union[MEMoEMethod, FTMethod, LoRAMethod, GraceMethod, MemitMethod], Field(discriminator="name")
+]
+
+
+class ProtocolConfig(_Strict):
+    mode: Literal["batch", "sequential"] = "batch"
+    rounds: int = Field(1, ge=1)
+    batch_size: int | None = Field(None, ge=1, description="edits per round; default n_edits / rounds")
+
+
+class EvalConfig(_Strict):
+    batch_size: int = Field(16, ge=1)
+    generation: bool = True
+    max_new_tokens: int = Field(16, ge=1)
+    fluency: bool = False
+    retention_sample: int | None = Field(None, description="score at most this many earlier edits per round (null = all)")
+
+
+class TrackingConfig(_Strict):
+    mlflow_uri: str | None = Field(None, description="default: sqlite database in runs/")
+    experiment: str = "memoe"
+    enabled: bool = True
+
+
+class Config(_Strict):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    method: MethodConfig = Field(default_factory=MEMoEMethod)
+    methods: list[MethodConfig] | None = Field(None, description="compare flow: several methods on the same edits")
+    protocol: ProtocolConfig = Field(default_factory=ProtocolConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    seed: int = 0
+    threads: int | None = Field(None, description="torch threads; default: all cores")
+
+    def edits_per_round(self) -> int:
+        n = self.data.n_edits or 0
+        if self.protocol.mode == "batch":
+            return n
+        return self.protocol.batch_size or max(1, n // self.protocol.rounds)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def config_hash(cfg: Config, length: int = 12) -> str:
+    """Stable hash of a config: same values -> same hash, whatever the key order or source."""
+    blob = json.dumps(cfg.to_dict(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply ``a.b.c=value`` to a raw config dict (value parsed as YAML)."""
+    if "=" not in assignment:
+        raise ConfigError(f"override '{assignment}' is not of the form key=value")
+    key, value = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for p in parts[:-1]:
+        if not isinstance(node.get(p, {}), dict):
+            raise ConfigError(f"override '{key}': '{p}' is not a section")
+        node = node.setdefault(p, {})
+    if parts[-1] == "name" and parts[:-1] == ["method"] and node.get("name") != _parse_value(value):
+        # switching methods: the other method's hyperparameters do not apply
+        node.clear()
+    node[parts[-1]] = _parse_value(value)
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in {"memoe", "ft-l", "ft-m", "lora", "grace", "memit"}))
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  unknown key '{loc}'")
+        else:
+            lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config (or the embedded defaults when ``path`` is None) and apply overrides."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: malformed YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: top level must be a mapping, got {type(raw).__name__}")
+    raw = copy.deepcopy(raw)
+    for o in overrides:
+        apply_override(raw, o)
+    if overrides:
+        source += " + --set " + " ".join(overrides)
+    if isinstance(raw.get("method"), dict):
+        raw["method"].setdefault("name", "memoe")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None
+
+
+def resolve_path(p: str | Path) -> Path:
+    """Relative data paths are relative to the project root (so ../shared works from anywhere)."""
+    p = Path(p).expanduser()
+    if p.is_absolute():
+        return p
+    if p.exists():
+        return p.resolve()
+    return (PROJECT_ROOT / p).resolve()

@@ -1,0 +1,339 @@
+"""Edit datasets -> one polars schema of edit records.
+
+Formats: ZsRE (MEND fields), CounterFact (ROME format), CounterFact flattened (EasyEdit), and a
+plain user format (JSONL or CSV). Every bad record gets an error naming file, record and field;
+with ``skip_bad=True`` bad records are skipped and counted instead.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import polars as pl
+
+SCHEMA: dict[str, pl.DataType] = {
+    "id": pl.String,
+    "subject": pl.String,
+    "prompt": pl.String,
+    "target_new": pl.String,
+    "target_true": pl.String,
+    "rephrase_prompts": pl.List(pl.String),
+    "locality_prompts": pl.List(pl.String),
+    "locality_answers": pl.List(pl.String),
+    "portability_prompts": pl.List(pl.String),
+    "portability_answers": pl.List(pl.String),
+    "generation_prompts": pl.List(pl.String),
+}
+LIST_FIELDS = [k for k, v in SCHEMA.items() if isinstance(v, pl.List)]
+
+
+class EditDataError(ValueError):
+    """A data file or record is invalid. The message names the file, the record and the field."""
+
+    def __init__(self, path: str | Path, message: str, record: Any = None, field: str | None = None):
+        where = str(path)
+        if record is not None:
+            where += f", record {record}"
+        if field is not None:
+            where += f", field '{field}'"
+        super().__init__(f"{where}: {message}")
+        self.path, self.record, self.field = str(path), record, field
+
+
+@dataclass
+class LoadReport:
+    path: str
+    format: str
+    n_read: int = 0
+    n_kept: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def n_skipped(self) -> int:
+        return len(self.skipped)
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"[^\w]+", " ", text.lower()).strip()
+
+
+def _req_str(rec: dict, key: str, path, rid) -> str:
+    if key not in rec or rec[key] is None:
+        raise EditDataError(path, "missing field", rid, key)
+    v = rec[key]
+    if not isinstance(v, str):
+        raise EditDataError(path, f"expected a string, got {type(v).__name__}", rid, key)
+    if not v.strip():
+        raise EditDataError(path, "empty value", rid, key)
+    return v
+
+
+def _opt_list(rec: dict, key: str, path, rid) -> list[str]:
+    v = rec.get(key)
+    if v is None or v == "":
+        return []
+    if isinstance(v, str):
+        return [v]
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise EditDataError(path, "expected a string or a list of strings", rid, key)
+    return list(v)
+
+
+def _get(rec: dict, dotted: str, path, rid) -> Any:
+    node: Any = rec
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise EditDataError(path, "missing field", rid, dotted)
+        node = node[part]
+    return node
+
+
+def _str_at(rec: dict, dotted: str, path, rid) -> str:
+    v = _get(rec, dotted, path, rid)
+    if not isinstance(v, str):
+        raise EditDataError(path, f"expected a string, got {type(v).__name__}", rid, dotted)
+    if not v.strip():
+        raise EditDataError(path, "empty value", rid, dotted)
+    return v
+
+
+def _portability(rec: dict, path, rid) -> tuple[list[str], list[str]]:
+    p = rec.get("portability")
+    if not p:
+        return [], []
+    if not isinstance(p, dict):
+        raise EditDataError(path, "expected a mapping", rid, "portability")
+    q, a = p.get("New Question"), p.get("New Answer")
+    if not (isinstance(q, str) and isinstance(a, str) and q.strip() and a.strip()):
+        return [], []
+    return [q], [a]
+
+
+def _zsre(rec: dict, path, rid) -> dict:
+    answers = rec.get("answers")
+    target_true = None
+    if isinstance(answers, list) and answers and isinstance(answers[0], str):
+        target_true = answers[0]
+    pp, pa = _portability(rec, path, rid)
+    return dict(
+        id=str(rec.get("case_id", rid)),
+        subject=_req_str(rec, "subject", path, rid),
+        prompt=_req_str(rec, "src", path, rid),
+        target_new=_req_str(rec, "alt", path, rid),
+        target_true=target_true,
+        rephrase_prompts=_opt_list(rec, "rephrase", path, rid),
+        locality_prompts=_opt_list(rec, "loc", path, rid),
+        locality_answers=_opt_list(rec, "loc_ans", path, rid),
+        portability_prompts=pp,
+        portability_answers=pa,
+        generation_prompts=[],
+    )
+
+
+def _counterfact(rec: dict, path, rid) -> dict:
+    rw = _get(rec, "requested_rewrite", path, rid)
+    if not isinstance(rw, dict):
+        raise EditDataError(path, "expected a mapping", rid, "requested_rewrite")
+    subject = _str_at(rec, "requested_rewrite.subject", path, rid)
+    template = _str_at(rec, "requested_rewrite.prompt", path, rid)
+    if "{}" not in template:
+        raise EditDataError(path, "prompt template has no '{}' for the subject", rid, "requested_rewrite.prompt")
+    target_true = _str_at(rec, "requested_rewrite.target_true.str", path, rid)
+    neigh = _opt_list(rec, "neighborhood_prompts", path, rid)
+    pp, pa = _portability(rec, path, rid)
+    return dict(
+        id=str(rec.get("case_id", rid)),
+        subject=subject,
+        prompt=template.format(subject),
+        target_new=_str_at(rec, "requested_rewrite.target_new.str", path, rid),
+        target_true=target_true,
+        rephrase_prompts=_opt_list(rec, "paraphrase_prompts", path, rid),
+        locality_prompts=neigh,
+        locality_answers=[target_true] * len(neigh),
+        portability_prompts=pp,
+        portability_answers=pa,
+        generation_prompts=_opt_list(rec, "generation_prompts", path, rid),
+    )
+
+
+def _counterfact_flat(rec: dict, path, rid) -> dict:
+    loc = _opt_list(rec, "locality_prompt", path, rid)
+    loc_ans = _opt_list(rec, "locality_ground_truth", path, rid)
+    return dict(
+        id=str(rec.get("case_id", rid)),
+        subject=_req_str(rec, "subject", path, rid),
+        prompt=_req_str(rec, "prompt", path, rid),
+        target_new=_req_str(rec, "target_new", path, rid),
+        target_true=rec.get("ground_truth") or None,
+        rephrase_prompts=_opt_list(rec, "rephrase_prompt", path, rid),
+        locality_prompts=loc,
+        locality_answers=loc_ans,
+        portability_prompts=[],
+        portability_answers=[],
+        generation_prompts=[],
+    )
+
+
+def _user(rec: dict, path, rid) -> dict:
+    def lst(key: str) -> list[str]:
+        v = rec.get(key)
+        if isinstance(v, str) and v.strip().startswith("["):  # CSV cells may hold JSON lists
+            try:
+                v = json.loads(v)
+            except json.JSONDecodeError:
+                raise EditDataError(path, "malformed JSON list", rid, key) from None
+        elif isinstance(v, str) and "|" in v:
+            v = [s.strip() for s in v.split("|")]
+        return _opt_list({key: v}, key, path, rid)
+
+    return dict(
+        id=str(rec.get("id") or rid),
+        subject=_req_str(rec, "subject", path, rid),
+        prompt=_req_str(rec, "prompt", path, rid),
+        target_new=_req_str(rec, "target_new", path, rid),
+        target_true=(rec.get("target_true") or None),
+        rephrase_prompts=lst("rephrases") or lst("rephrase_prompts"),
+        locality_prompts=lst("locality_prompts"),
+        locality_answers=lst("locality_answers"),
+        portability_prompts=lst("portability_prompts"),
+        portability_answers=lst("portability_answers"),
+        generation_prompts=lst("generation_prompts"),
+    )
+
+
+PARSERS: dict[str, Callable[[dict, Any, Any], dict]] = {
+    "zsre": _zsre,
+    "counterfact": _counterfact,
+    "counterfact-flat": _counterfact_flat,
+    "jsonl": _user,
+    "csv": _user,
+}
+
+
+def _read_records(path: Path, fmt: str) -> Iterable[tuple[Any, Any]]:
+    """Yield (record number, raw record). Malformed files raise EditDataError naming the place."""
+    if not path.is_file():
+        raise EditDataError(path, "file not found")
+    text = path.read_text(encoding="utf-8")
+    if fmt == "jsonl":
+        for i, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                yield f"line {i}", json.loads(line)
+            except json.JSONDecodeError as e:
+                yield f"line {i}", EditDataError(path, f"malformed JSON: {e.msg} (column {e.colno})", f"line {i}")
+        return
+    if fmt == "csv":
+        reader = csv.DictReader(text.splitlines())
+        if not reader.fieldnames:
+            raise EditDataError(path, "empty CSV file (no header)")
+        for i, row in enumerate(reader, start=2):
+            if None in row:
+                yield f"line {i}", EditDataError(path, "more cells than header columns", f"line {i}")
+            else:
+                yield f"line {i}", {k: (v if v != "" else None) for k, v in row.items()}
+        return
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise EditDataError(path, f"malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    if not isinstance(data, list):
+        raise EditDataError(path, f"expected a JSON list of records, got {type(data).__name__}")
+    yield from enumerate(data)
+
+
+def _validate(row: dict, path, rid, max_prompt_tokens: int | None, count_tokens) -> None:
+    if _norm(row["subject"]) not in _norm(row["prompt"]):
+        raise EditDataError(path, f"subject {row['subject']!r} does not occur in the prompt {row['prompt']!r}", rid, "subject")
+    if len(row["locality_prompts"]) != len(row["locality_answers"]):
+        raise EditDataError(path, f"{len(row['locality_prompts'])} locality prompts but {len(row['locality_answers'])} answers", rid, "locality_answers")
+    for k in LIST_FIELDS:
+        for j, s in enumerate(row[k]):
+            if not s.strip():
+                raise EditDataError(path, f"empty string at position {j}", rid, k)
+    if max_prompt_tokens and count_tokens is not None:
+        for k in ("prompt", "rephrase_prompts", "locality_prompts", "portability_prompts"):
+            texts = [row[k]] if isinstance(row[k], str) else row[k]
+            for t in texts:
+                n = count_tokens(t + " " + row["target_new"])
+                if n > max_prompt_tokens:
+                    raise EditDataError(path, f"prompt of {n} tokens exceeds the model's context of {max_prompt_tokens}", rid, k)
+
+
+def load_edits(
+    path: str | Path,
+    fmt: str,
+    *,
+    skip_bad: bool = False,
+    max_prompt_tokens: int | None = None,
+    count_tokens: Callable[[str], int] | None = None,
+) -> tuple[pl.DataFrame, LoadReport]:
+    """Load a data file into the edit-record schema. Returns (frame, report)."""
+    path = Path(path)
+    if fmt not in PARSERS:
+        raise EditDataError(path, f"unknown format {fmt!r}; expected one of {sorted(PARSERS)}")
+    parse = PARSERS[fmt]
+    report = LoadReport(path=str(path), format=fmt)
+    rows: list[dict] = []
+    seen: dict[str, Any] = {}
+    for rid, rec in _read_records(path, fmt):
+        report.n_read += 1
+        try:
+            if isinstance(rec, EditDataError):
+                raise rec
+            if not isinstance(rec, dict):
+                raise EditDataError(path, f"expected a JSON object, got {type(rec).__name__}", rid)
+            row = parse(rec, path, rid)
+            _validate(row, path, rid, max_prompt_tokens, count_tokens)
+            if row["id"] in seen:
+                raise EditDataError(path, f"duplicate id {row['id']!r} (first at record {seen[row['id']]})", rid, "id")
+        except EditDataError as e:
+            if not skip_bad:
+                raise
+            report.skipped.append(str(e))
+            continue
+        seen[row["id"]] = rid
+        rows.append(row)
+    if not rows:
+        raise EditDataError(path, "no valid records" + (f" ({report.n_skipped} skipped)" if report.n_skipped else ""))
+    report.n_kept = len(rows)
+    return pl.DataFrame(rows, schema=SCHEMA), report
+
+
+def sample_edits(df: pl.DataFrame, n: int | None, seed: int = 0, how: str = "first") -> pl.DataFrame:
+    """Deterministic sample of n records: the first n, or a seeded random sample (stable order)."""
+    if n is None or n >= df.height:
+        return df
+    if how == "first":
+        return df.head(n)
+    return df.sample(n=n, seed=seed, shuffle=True)
+
+
+def split_rounds(df: pl.DataFrame, rounds: int, batch_size: int) -> list[pl.DataFrame]:
+    """Split edits into ``rounds`` consecutive batches of ``batch_size`` (the sequential protocol)."""
+    need = rounds * batch_size
+    if need > df.height:
+        raise ValueError(f"{rounds} rounds x {batch_size} edits = {need} edits, but only {df.height} available")
+    return [df.slice(t * batch_size, batch_size) for t in range(rounds)]
+
+
+def frame_hash(df: pl.DataFrame) -> str:
+    """Content hash of an edit frame (row order matters)."""
+    h = hashlib.sha256()
+    for row in df.iter_rows():
+        h.update(json.dumps(row, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def file_hash(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]

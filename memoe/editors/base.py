@@ -1,0 +1,91 @@
+"""The interface every editor (MEMoE and the baselines) implements, and the registry of editors.
+
+An editor is built on a frozen model and tokenizer; ``edit(records)`` trains on one batch of edits
+(called once per round in the sequential protocol, continuing from its current state);
+``route(prompts)`` is a context manager the evaluation wraps around every forward/generate call so
+that input-dependent editors (MEMoE's knowledge anchors) know which prompts the batch rows are.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import polars as pl
+import torch
+from safetensors.torch import load_file, save_file
+
+REGISTRY: dict[str, type["Editor"]] = {}
+
+
+def register(*names: str) -> Callable[[type["Editor"]], type["Editor"]]:
+    def deco(cls: type["Editor"]) -> type["Editor"]:
+        for n in names:
+            if n in REGISTRY:
+                raise ValueError(f"editor name {n!r} is already registered by {REGISTRY[n].__name__}")
+            REGISTRY[n] = cls
+        return cls
+    return deco
+
+
+def make_editor(model, tokenizer, method_cfg, **kw) -> "Editor":
+    from memoe import editors  # noqa: F401  (registers the built-in editors)
+
+    name = method_cfg.name
+    if name not in REGISTRY:
+        raise ValueError(f"unknown method {name!r}; known: {sorted(REGISTRY)}")
+    return REGISTRY[name](model, tokenizer, method_cfg, **kw)
+
+
+class Editor(ABC):
+    name: str = "editor"
+
+    def __init__(self, model, tokenizer, cfg, seed: int = 0):
+        self.model, self.tokenizer, self.cfg, self.seed = model, tokenizer, cfg, seed
+        self.device = next(model.parameters()).device
+        self.edits_applied = 0
+
+    @abstractmethod
+    def edit(self, records: pl.DataFrame) -> dict[str, Any]:
+        """Apply a batch of edits (continuing from the current state). Returns training stats."""
+
+    @contextlib.contextmanager
+    def route(self, prompts: list[str]) -> Iterator[None]:
+        """Tell input-dependent editors which prompt each batch row holds. Default: nothing."""
+        yield
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything the edit changed (adapter weights, weight deltas, codebook)."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+    def extra_state(self) -> dict[str, Any]:
+        """JSON-serialisable state beside the tensors (e.g. known subjects)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def remove(self) -> None:
+        """Restore the unedited model."""
+
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        sd = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(sd, folder / "editor.safetensors")
+        meta = {"method": self.cfg.model_dump(mode="json"), "edits_applied": self.edits_applied,
+                "extra": self.extra_state()}
+        (folder / "editor.json").write_text(json.dumps(meta, indent=2))
+        return folder
+
+    def load(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        meta = json.loads((folder / "editor.json").read_text())
+        self.load_extra_state(meta.get("extra", {}))
+        self.load_state_dict({k: v.to(self.device) for k, v in load_file(folder / "editor.safetensors").items()})
+        self.edits_applied = meta.get("edits_applied", 0)

@@ -1,0 +1,262 @@
+"""Evaluation metrics, as ../shared/design/MEMOE.md defines them (the lineage's definitions).
+
+Teacher-forced on ``prompt + " " + target``, argmax at each target position:
+  reliability (edit prompt), generality (rephrases), locality (agreement with the unedited model's
+  argmax on unrelated prompts), portability (follow-up question's own answer).
+CounterFact probability scores: efficacy, paraphrase, neighbourhood (mean target log-prob compare).
+Generation-based: greedy decoding until a newline / EOS, then exact match (prefix) and contains.
+Fluency: weighted 2/3-gram entropy of generated text (ROME's definition).
+
+Everything is batched and length-bucketed; logits are computed only at target positions.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import numpy as np
+import polars as pl
+import torch
+
+# --------------------------------------------------------------------------- tokenisation
+def encode_pair(tokenizer, prompt: str, target: str) -> tuple[list[int], int]:
+    """Token ids of prompt + " " + target, and the number of prompt tokens."""
+    p = tokenizer(prompt, add_special_tokens=True).input_ids
+    t = tokenizer(" " + target.strip(), add_special_tokens=False).input_ids
+    if not t:
+        raise ValueError(f"target {target!r} tokenises to nothing")
+    return p + t, len(p)
+
+
+def _batches(order: Sequence[int], size: int) -> Iterable[list[int]]:
+    for i in range(0, len(order), size):
+        yield list(order[i:i + size])
+
+
+def _route(editor, prompts):
+    return editor.route(prompts) if editor is not None else contextlib.nullcontext()
+
+
+def _body_and_head(model):
+    return model.base_model, model.get_output_embeddings()
+
+
+@dataclass
+class TFResult:
+    pred: list[list[int]]  # argmax ids at target positions
+    target: list[list[int]]  # target ids
+    logprob: list[float]  # mean log-prob of the target tokens
+
+    def acc(self) -> list[float]:
+        return [float(np.mean([a == b for a, b in zip(p, t)])) for p, t in zip(self.pred, self.target)]
+
+
+@torch.inference_mode()
+def teacher_forced(model, tokenizer, prompts: Sequence[str], targets: Sequence[str], *, editor=None,
+                   batch_size: int = 16) -> TFResult:
+    n = len(prompts)
+    enc = [encode_pair(tokenizer, p, t) for p, t in zip(prompts, targets)]
+    order = sorted(range(n), key=lambda i: len(enc[i][0]))  # length buckets
+    pred: list[list[int]] = [[] for _ in range(n)]
+    tgt: list[list[int]] = [[] for _ in range(n)]
+    lp: list[float] = [0.0] * n
+    body, head = _body_and_head(model)
+    dev = next(model.parameters()).device
+    pad = tokenizer.pad_token_id or 0
+    for idx in _batches(order, batch_size):
+        L = max(len(enc[i][0]) for i in idx)
+        ids = torch.full((len(idx), L), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), L), dtype=torch.long)
+        rows, cols, labels = [], [], []
+        for r, i in enumerate(idx):
+            seq, npr = enc[i]
+            ids[r, :len(seq)] = torch.tensor(seq)
+            mask[r, :len(seq)] = 1
+            for j in range(npr, len(seq)):
+                rows.append(r); cols.append(j - 1); labels.append(seq[j])
+        with _route(editor, [prompts[i] for i in idx]):
+            h = body(input_ids=ids.to(dev), attention_mask=mask.to(dev)).last_hidden_state
+        logits = head(h[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)]).float()
+        logp = torch.log_softmax(logits, -1)
+        lab = torch.tensor(labels, device=dev)
+        am = logits.argmax(-1).tolist()
+        tok_lp = logp.gather(1, lab[:, None])[:, 0].tolist()
+        k = 0
+        for r, i in enumerate(idx):
+            seq, npr = enc[i]
+            m = len(seq) - npr
+            pred[i] = am[k:k + m]
+            tgt[i] = seq[npr:]
+            lp[i] = float(np.mean(tok_lp[k:k + m]))
+            k += m
+    return TFResult(pred, tgt, lp)
+
+
+_STOP = re.compile(r"\n|<\|im_end\|>|<\|endoftext\|>|</s>")
+
+
+def normalise(s: str) -> str:
+    return re.sub(r"\s+", " ", re.sub(r"[^\w\s]", "", s.lower())).strip()
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompts: Sequence[str], *, editor=None, batch_size: int = 16,
+             max_new_tokens: int = 16) -> list[str]:
+    """Greedy continuation of each prompt, cut at the first newline or end-of-text."""
+    out: list[str] = [""] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    dev = next(model.parameters()).device
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        for idx in _batches(order, batch_size):
+            batch = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(dev)
+            with _route(editor, [prompts[i] for i in idx]):
+                gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id)
+            texts = tokenizer.batch_decode(gen[:, batch.input_ids.shape[1]:], skip_special_tokens=False)
+            for i, t in zip(idx, texts):
+                out[i] = _STOP.split(t.lstrip(), maxsplit=1)[0].strip()
+    finally:
+        tokenizer.padding_side = side
+    return out
+
+
+def exact_match(generated: str, target: str) -> float:
+    return float(normalise(generated).startswith(normalise(target)))
+
+
+def contains(generated: str, target: str) -> float:
+    return float(normalise(target) in normalise(generated))
+
+
+def ngram_entropy(texts: Sequence[str], ns=(2, 3), weights=(2 / 3, 4 / 3)) -> float:
+    """ROME's fluency: weighted mean of the n-gram entropies, averaged over texts."""
+    vals = []
+    for text in texts:
+        toks = text.split()
+        ents = []
+        for n in ns:
+            grams = Counter(tuple(toks[i:i + n]) for i in range(len(toks) - n + 1))
+            tot = sum(grams.values())
+            ents.append(-sum(c / tot * math.log2(c / tot) for c in grams.values()) if tot else 0.0)
+        vals.append(float(np.average(ents, weights=weights)))
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+# --------------------------------------------------------------------------- per-record scoring
+def _flat(df: pl.DataFrame, prompts_col: str, answers_col: str | None = None, answer_scalar: str | None = None):
+    owner, prompts, answers = [], [], []
+    for r, row in enumerate(df.iter_rows(named=True)):
+        ps = row[prompts_col] or []
+        ans = row[answers_col] if answers_col else [row[answer_scalar]] * len(ps)
+        for p, a in zip(ps, ans):
+            owner.append(r); prompts.append(p); answers.append(a)
+    return owner, prompts, answers
+
+
+def _mean_by(owner: list[int], vals: list[float], n: int) -> list[float | None]:
+    acc: list[list[float]] = [[] for _ in range(n)]
+    for o, v in zip(owner, vals):
+        acc[o].append(v)
+    return [float(np.mean(a)) if a else None for a in acc]
+
+
+def locality_predictions(model, tokenizer, records: pl.DataFrame, *, batch_size: int = 16) -> pl.DataFrame:
+    """The unedited model's argmax tokens on every locality prompt (computed once per model+data)."""
+    owner, prompts, answers = _flat(records, "locality_prompts", "locality_answers")
+    res = teacher_forced(model, tokenizer, prompts, answers, batch_size=batch_size)
+    per: list[list[list[int]]] = [[] for _ in range(records.height)]
+    for o, p in zip(owner, res.pred):
+        per[o].append(p)
+    return pl.DataFrame({"id": records["id"], "loc_base_pred": per},
+                        schema={"id": pl.String, "loc_base_pred": pl.List(pl.List(pl.Int64))})
+
+
+def evaluate(model, tokenizer, records: pl.DataFrame, base: pl.DataFrame | None = None, *, editor=None,
+             batch_size: int = 16, generation: bool = True, max_new_tokens: int = 16,
+             fluency: bool = False) -> pl.DataFrame:
+    """Score every record; returns one row per edit with the metric columns (null where n/a)."""
+    n = records.height
+    kw = dict(editor=editor, batch_size=batch_size)
+    prompts = records["prompt"].to_list()
+    new = records["target_new"].to_list()
+    rel = teacher_forced(model, tokenizer, prompts, new, **kw)
+    cols: dict[str, list] = {"id": records["id"].to_list(), "reliability": rel.acc()}
+
+    ro, rp, ra = _flat(records, "rephrase_prompts", answer_scalar="target_new")
+    rr = teacher_forced(model, tokenizer, rp, ra, **kw) if rp else TFResult([], [], [])
+    cols["generality"] = _mean_by(ro, rr.acc(), n)
+
+    lo, lp, la = _flat(records, "locality_prompts", "locality_answers")
+    if lp and base is not None:
+        lr = teacher_forced(model, tokenizer, lp, la, **kw)
+        base_pred = dict(zip(base["id"].to_list(), base["loc_base_pred"].to_list()))
+        flat_base = []
+        seen: dict[int, int] = {}
+        ids = records["id"].to_list()
+        for o in lo:
+            j = seen.get(o, 0); seen[o] = j + 1
+            flat_base.append(base_pred[ids[o]][j])
+        agree = [float(np.mean([a == b for a, b in zip(p, q)])) for p, q in zip(lr.pred, flat_base)]
+        cols["locality"] = _mean_by(lo, agree, n)
+    else:
+        cols["locality"] = [None] * n
+
+    po, pp, pa = _flat(records, "portability_prompts", "portability_answers")
+    pr = teacher_forced(model, tokenizer, pp, pa, **kw) if pp else TFResult([], [], [])
+    cols["portability"] = _mean_by(po, pr.acc(), n)
+
+    # CounterFact-style probability comparisons where the true target is known
+    has_true = records["target_true"].is_not_null().to_list()
+    if all(has_true) and records.height:
+        true = records["target_true"].to_list()
+        t_rel = teacher_forced(model, tokenizer, prompts, true, **kw)
+        cols["efficacy"] = [float(a > b) for a, b in zip(rel.logprob, t_rel.logprob)]
+        if rp:
+            rtrue = [true[o] for o in ro]
+            rt = teacher_forced(model, tokenizer, rp, rtrue, **kw)
+            cols["paraphrase"] = _mean_by(ro, [float(a > b) for a, b in zip(rr.logprob, rt.logprob)], n)
+        no, np_, _ = _flat(records, "locality_prompts", "locality_answers")
+        if np_ and all(a == true[o] for o, a in zip(no, _flat(records, "locality_prompts", "locality_answers")[2])):
+            nt = teacher_forced(model, tokenizer, np_, [true[o] for o in no], **kw)
+            nn_ = teacher_forced(model, tokenizer, np_, [new[o] for o in no], **kw)
+            cols["neighborhood"] = _mean_by(no, [float(a > b) for a, b in zip(nt.logprob, nn_.logprob)], n)
+
+    if generation:
+        lens = [len(t) for t in rel.target]
+        gen = generate(model, tokenizer, prompts, editor=editor, batch_size=batch_size,
+                       max_new_tokens=max(max_new_tokens, max(lens) + 2))
+        cols["generation"] = gen
+        cols["generation_reliability"] = [exact_match(g, t) for g, t in zip(gen, new)]
+        cols["generation_contains"] = [contains(g, t) for g, t in zip(gen, new)]
+    if fluency:
+        go, gp, _ = _flat(records, "generation_prompts", answer_scalar="target_new")
+        if gp:
+            texts = generate(model, tokenizer, gp, editor=editor, batch_size=batch_size, max_new_tokens=64)
+            cols["fluency"] = _mean_by(go, [ngram_entropy([t]) for t in texts], n)
+    return pl.DataFrame(cols, strict=False)
+
+
+METRICS = ["reliability", "generality", "locality", "portability", "generation_reliability",
+           "efficacy", "paraphrase", "neighborhood", "fluency"]
+
+
+def summarize(table: pl.DataFrame) -> dict[str, float]:
+    """Mean of each metric column over the records that have it; 'avg' = mean(Rel, Gen, Loc)."""
+    out: dict[str, float] = {}
+    for m in METRICS:
+        if m in table.columns and table[m].drop_nulls().len():
+            out[m] = float(table[m].drop_nulls().mean())
+    core = [out[m] for m in ("reliability", "generality", "locality") if m in out]
+    if core:
+        out["avg"] = float(np.mean(core))
+    if all(k in out for k in ("efficacy", "paraphrase", "neighborhood")):
+        vals = [out["efficacy"], out["paraphrase"], out["neighborhood"]]
+        out["cf_score"] = float(len(vals) / sum(1 / max(v, 1e-9) for v in vals))
+    out["n_edits"] = float(table.height)
+    return out
