@@ -1,7 +1,11 @@
-"""The ``memoe`` command."""
+"""The ``memoe`` command. Each subcommand lives in its own module, imported only when used:
+``memoe/commands/*.py`` for library commands, ``flows/commands.py`` for the pipeline's (the
+library itself imports neither Prefect nor MLflow)."""
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import os
 import sys
 
@@ -11,61 +15,47 @@ for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_
                "TRANSFORMERS_VERBOSITY": "error"}.items():
     os.environ.setdefault(_k, _v)
 
+# name -> (module, help). A module defines add_arguments(parser) and run(args) -> int.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "report": ("memoe.commands.report", "data report and the unedited model's answers"),
+}
+for _name, _mod, _help in [
+    ("run", "flows.commands_run", "run a study (batch or sequential) and write results.json"),
+    ("ui", "flows.commands_ui", "start the MLflow UI on 127.0.0.1"),
+    ("demo", "memoe.commands.demo", "show five edits: before, after, rephrase, unrelated prompt"),
+    ("bench", "memoe.commands.bench", "benchmarks of speed, memory and scale"),
+]:
+    if importlib.util.find_spec(_mod.split(".")[0]) and importlib.util.find_spec(_mod):
+        COMMANDS[_name] = (_mod, _help)
+if "run" not in COMMANDS:  # until the study flow exists, the main job is the report
+    COMMANDS["run"] = ("memoe.commands.report", "data report and the unedited model's answers")
 
-def _config(args):
-    from memoe.config import load_config
 
-    return load_config(args.config, args.set or [])
-
-
-def cmd_report(args) -> int:
-    """Records per dataset, and the unedited model's greedy answers to five edit prompts."""
-    from memoe.config import resolve_path
-    from memoe.data import load_edits
-    from memoe.datasets import SHARED_DATASETS, load_for_config
-    from memoe.metrics import generate
-    from memoe.models import context_length, load_model
-
-    cfg = _config(args)
-    print("Datasets")
-    for name, (path, fmt) in SHARED_DATASETS.items():
-        p = resolve_path(path)
-        if p.exists():
-            df, rep = load_edits(p, fmt, skip_bad=True)
-            print(f"  {name:16s} {df.height:6d} records  ({fmt}, {rep.n_skipped} skipped)  {p}")
-    model, tok = load_model(cfg.model.name, cfg.model.device, cfg.model.dtype)
-    df, rep = load_for_config(cfg, tok, context_length(model, tok))
-    print(f"\nconfigured data: {df.height} edits sampled from {rep.n_kept} valid records of {cfg.data.path}")
-    few = df.head(5)
-    answers = generate(model, tok, few["prompt"].to_list(), max_new_tokens=12)
-    print(f"\nUnedited {cfg.model.name}: greedy answers")
-    for row, ans in zip(few.iter_rows(named=True), answers):
-        print(f"  {row['prompt']}\n      model: {ans!r}   true: {row['target_true']!r}   new: {row['target_new']!r}")
-    return 0
+def add_config_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("config", nargs="?", default=None, help="YAML config (default: embedded defaults)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="memoe", description=__doc__)
+    parser = argparse.ArgumentParser(prog="memoe", description="MEMoE model editing")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    def common(p):
-        p.add_argument("config", nargs="?", default=None, help="YAML config (default: embedded defaults)")
-        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
-        return p
-
-    common(sub.add_parser("report", help="data report and the unedited model's answers"))
-    common(sub.add_parser("run", help="run the main job"))
+    for name, (mod, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_)
+        p.set_defaults(_module=mod)
+        importlib.import_module(mod).add_arguments(p)
     args = parser.parse_args(argv)
     from memoe.config import ConfigError
     from memoe.data import EditDataError
 
     try:
-        if args.command in ("report", "run"):
-            return cmd_report(args)
+        return int(importlib.import_module(args._module).run(args) or 0)
     except (ConfigError, EditDataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
