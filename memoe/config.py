@@ -72,12 +72,24 @@ class MEMoEMethod(_Strict):
 
 
 class FTMethod(_Strict):
+    """FT-L / FT-M: fine-tune the MLP output projection of one layer (memoe/editors/ft.py)."""
     name: Literal["ft-l", "ft-m"] = "ft-m"
-    layer: int = 15
-    lr: float = 5e-4
-    steps: int = Field(40, ge=1)
-    norm_constraint: float = 5e-4
-    early_stop_loss: float = 0.01
+    layer: int = Field(15, description="decoder layer whose MLP out projection is trained (negative: from the end)")
+    lr: float = Field(5e-4, gt=0)
+    steps: int = Field(25, ge=1)
+    norm_constraint: float | None = Field(
+        None, description="L-inf bound on the weight change per edit call; default 5e-4 for ft-l, none for ft-m")
+    weight_decay: float = Field(0.0, ge=0.0)
+    batch_size: int | None = Field(None, ge=1, description="edits per optimiser step; null = all edits of the round")
+    early_stop_loss: float = Field(0.01, ge=0.0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data):
+        # EasyEdit's FT-L constrains the update, FT-M does not; the name picks the default
+        if isinstance(data, dict) and data.get("name") == "ft-l" and "norm_constraint" not in data:
+            data = {**data, "norm_constraint": 5e-4}
+        return data
 
 
 class LoRAMethod(_Strict):

@@ -1,0 +1,96 @@
+"""Baseline editors (FT-L, FT-M, LoRA, GRACE, MEMIT) on tiny random models: they edit, they come off
+exactly, they save and load, they are deterministic."""
+from __future__ import annotations
+
+import polars as pl
+import pytest
+import torch
+
+from memoe.config import FTMethod, GraceMethod, LoRAMethod, MemitMethod
+from memoe.data import SCHEMA
+from memoe.editors import make_editor
+from memoe.metrics import teacher_forced
+
+EDITS = [
+    ("Danielle Darrieux", "The mother tongue of Danielle Darrieux is", "English", "French"),
+    ("Toko Yasuda", "Toko Yasuda plays the instrument", "piano", "guitar"),
+    ("Autonomous University of Madrid", "Autonomous University of Madrid is located in", "Sweden", "Spain"),
+]
+FAR = ["Bananas are a kind of", "The capital city of Peru is"]
+
+
+def records(edits=EDITS) -> pl.DataFrame:
+    rows = [dict(id=str(i), subject=s, prompt=p, target_new=t, target_true=tt,
+                 rephrase_prompts=[f"Q: {p}"], locality_prompts=[FAR[i % 2]], locality_answers=["fruit"],
+                 portability_prompts=[], portability_answers=[], generation_prompts=[])
+            for i, (s, p, t, tt) in enumerate(edits)]
+    return pl.DataFrame(rows, schema=SCHEMA)
+
+
+def rel(model, tok, recs, editor=None) -> float:
+    r = teacher_forced(model, tok, recs["prompt"].to_list(), recs["target_new"].to_list(), editor=editor)
+    return sum(r.acc()) / len(r.acc())
+
+
+def logits(model, tok, prompts, editor=None) -> torch.Tensor:
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    ctx = editor.route(prompts) if editor is not None else torch.no_grad()
+    with torch.no_grad(), ctx:
+        return model(**enc).logits
+
+
+def _last(model) -> int:
+    return model.config.num_hidden_layers - 1
+
+
+METHODS = {
+    "ft-l": lambda m: FTMethod(name="ft-l", layer=_last(m), lr=5e-2, steps=30, norm_constraint=5e-2),
+    "ft-m": lambda m: FTMethod(name="ft-m", layer=_last(m), lr=1e-2, steps=40),
+}
+
+
+def _check_edit_remove_roundtrip(method, tiny, tmp_path):
+    model, tok = tiny
+    cfg = METHODS[method](model)
+    recs = records()
+    prompts = recs["prompt"].to_list() + FAR
+    before = logits(model, tok, prompts)
+    r0 = rel(model, tok, recs)
+    ed = make_editor(model, tok, cfg, seed=0)
+    stats = ed.edit(recs)
+    assert stats
+    r1 = rel(model, tok, recs, editor=ed)
+    after = logits(model, tok, prompts, editor=ed)
+    assert r0 < 0.5 and r1 >= (0.6 if method == "ft-l" else 0.9), (r0, r1)
+    ed.save(tmp_path / "ed")
+    ed.remove()
+    assert torch.equal(logits(model, tok, prompts), before)
+    ed2 = make_editor(model, tok, cfg, seed=0)
+    ed2.load(tmp_path / "ed")
+    assert torch.equal(logits(model, tok, prompts, editor=ed2), after)
+    ed2.remove()
+    assert torch.equal(logits(model, tok, prompts), before)
+    # determinism: the same seed gives the same edited model
+    ed3 = make_editor(model, tok, cfg, seed=0)
+    ed3.edit(recs)
+    assert torch.equal(logits(model, tok, prompts, editor=ed3), after)
+    ed3.remove()
+    return ed
+
+
+@pytest.mark.parametrize("method", ["ft-m", "ft-l"])
+def test_ft(method, tiny, tmp_path):
+    _check_edit_remove_roundtrip(method, tiny, tmp_path)
+
+
+def test_ft_l_norm_constraint(tiny):
+    model, tok = tiny
+    ed = make_editor(model, tok, FTMethod(name="ft-l", layer=1, lr=1e-2, steps=5, norm_constraint=1e-3))
+    stats = ed.edit(records())
+    assert stats["delta_linf"] <= 1e-3 + 1e-7
+    ed.remove()
+
+
+def test_ft_l_default_constraint():
+    assert FTMethod(name="ft-l").norm_constraint == 5e-4
+    assert FTMethod(name="ft-m").norm_constraint is None
