@@ -93,14 +93,19 @@ class FTMethod(_Strict):
 
 
 class LoRAMethod(_Strict):
+    """LoRA through peft (memoe/editors/lora.py); defaults follow EasyEdit's LoRA hparams."""
     name: Literal["lora"] = "lora"
-    target_modules: list[str] = Field(default_factory=lambda: ["down_proj"])
-    layers: list[int] | None = None
-    rank: int = 8
-    alpha: float = 16
-    lr: float = 5e-3
-    steps: int = Field(60, ge=1)
-    early_stop_loss: float = 0.01
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "v_proj"],
+        description="module names, or the aliases 'mlp_out' / 'mlp_in' (the MLP projections of any architecture)")
+    layers: list[int] | None = Field(None, description="decoder layers to adapt; null = all")
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(32, gt=0)
+    lr: float = Field(5e-3, gt=0)
+    steps: int = Field(70, ge=1)
+    weight_decay: float = Field(0.0, ge=0.0)
+    batch_size: int | None = Field(None, ge=1, description="edits per optimiser step; null = all edits of the round")
+    early_stop_loss: float = Field(0.01, ge=0.0)
 
 
 class GraceMethod(_Strict):

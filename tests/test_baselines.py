@@ -94,3 +94,14 @@ def test_ft_l_norm_constraint(tiny):
 def test_ft_l_default_constraint():
     assert FTMethod(name="ft-l").norm_constraint == 5e-4
     assert FTMethod(name="ft-m").norm_constraint is None
+
+
+METHODS["lora"] = lambda m: LoRAMethod(target_modules=["mlp_out"], rank=4, alpha=8, lr=2e-2, steps=40)
+
+
+def test_lora(tiny, tmp_path):
+    model, tok = tiny
+    names = {n for n, _ in model.named_modules()}
+    _check_edit_remove_roundtrip("lora", tiny, tmp_path)
+    assert {n for n, _ in model.named_modules()} == names  # adapters unloaded
+    assert not any("lora" in n for n, _ in model.named_parameters())

@@ -1,0 +1,116 @@
+"""LoRA baseline (EasyEdit's LoRA editor): low-rank adapters through ``peft`` on chosen modules,
+trained on the target NLL (prompt masked). The base weights are never changed (no merge), so
+``remove()`` unloads the adapters and leaves the original modules, bit for bit.
+
+``target_modules`` are module names (the last component, e.g. ``q_proj``) or the arch-neutral aliases
+``mlp_out`` / ``mlp_in`` (the MLP output / input projection of each layer, from memoe.models);
+``layers`` restricts them to those decoder layers (null = all layers).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import polars as pl
+import torch
+
+from memoe.editors.base import Editor, register
+from memoe.editors.common import edit_batch, target_nll
+from memoe.models import arch_of, num_layers
+
+
+def resolve_targets(model, names: list[str], layers: list[int] | None) -> list[str]:
+    """Full module names of the targets, restricted to ``layers``."""
+    arch = arch_of(model)
+    n = num_layers(model)
+    layer_set = None if layers is None else {l % n for l in layers}
+    alias = {"mlp_out": f"{arch.mlp}.{arch.out_proj}", "mlp_in": f"{arch.mlp}.{arch.in_proj}"}
+    wanted = [alias.get(x, x) for x in names]
+    prefix = arch.layers + "."
+    out = []
+    for name, mod in model.named_modules():
+        if not name.startswith(prefix) or not isinstance(mod, torch.nn.Module):
+            continue
+        rest = name[len(prefix):]
+        idx, _, sub = rest.partition(".")
+        if not idx.isdigit() or (layer_set is not None and int(idx) not in layer_set):
+            continue
+        if any(sub == w or sub.endswith("." + w) for w in wanted):
+            out.append(name)
+    if not out:
+        raise ValueError(f"LoRA: no module matches target_modules={names} in layers={layers}")
+    return out
+
+
+@register("lora")
+class LoRAEditor(Editor):
+    name = "lora"
+
+    def __init__(self, model, tokenizer, cfg, seed: int = 0):
+        super().__init__(model, tokenizer, cfg, seed)
+        from peft import LoraConfig
+        from peft.tuners.lora import LoraModel
+
+        self.targets = resolve_targets(model, list(cfg.target_modules), cfg.layers)
+        conf = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=self.targets,
+                          bias="none", fan_in_fan_out=model.config.model_type == "gpt2",  # Conv1D
+                          init_lora_weights=True)
+        torch.manual_seed(seed)
+        was_training = model.training
+        self.lora = LoraModel(model, conf, "default")
+        model.train(was_training)
+        self.params = {n: p for n, p in model.named_parameters() if "lora_" in n}
+        for p in self.params.values():
+            p.requires_grad_(False)
+
+    def edit(self, records: pl.DataFrame) -> dict[str, Any]:
+        cfg, t0 = self.cfg, time.perf_counter()
+        torch.manual_seed(self.seed + self.edits_applied)
+        prompts, targets = records["prompt"].to_list(), records["target_new"].to_list()
+        bs = cfg.batch_size or len(prompts)
+        batches = [edit_batch(self.tokenizer, prompts[i:i + bs], targets[i:i + bs], self.device)
+                   for i in range(0, len(prompts), bs)]
+        params = list(self.params.values())
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        losses: list[float] = []
+        try:
+            for _ in range(cfg.steps):
+                tot = 0.0
+                for b in batches:
+                    opt.zero_grad(set_to_none=True)
+                    logits = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                    loss = target_nll(logits, b["labels"])
+                    loss.backward()
+                    opt.step()
+                    tot += float(loss.detach()) * len(b["input_ids"])
+                losses.append(tot / len(prompts))
+                if losses[-1] < cfg.early_stop_loss:
+                    break
+        finally:
+            for p in params:
+                p.requires_grad_(False)
+                p.grad = None
+        self.edits_applied += len(prompts)
+        return {"loss_first": losses[0], "loss_last": losses[-1], "steps": len(losses),
+                "edit_time_s": time.perf_counter() - t0, "n_params": sum(p.numel() for p in params)}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.params.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self.params) - set(state)
+        if missing:
+            raise KeyError(f"LoRA state lacks {sorted(missing)[:3]}...")
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(state[n])
+
+    def remove(self) -> None:
+        if self.lora is not None:
+            self.lora.unload()
+            self.lora = None
+            self.params = {}
+        self.edits_applied = 0
+
