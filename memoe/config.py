@@ -63,6 +63,12 @@ class MEMoEMethod(_Strict):
     load_balance: float = Field(0.0, ge=0.0, description="weight of the load-balancing loss")
     context_templates: int = Field(0, ge=0, description="number of self-generated prefixes prepended to edit prompts")
     layer_cache: bool = Field(True, description="compute layers below l once per round")
+    expert_act: Literal["none", "gelu", "silu"] = Field("none", description="nonlinearity inside low-rank experts")
+    apply_from: Literal["all", "anchor"] = Field(
+        "all", description="'anchor': the adapter acts only from the anchor's last token onward")
+    template_tokens: int = Field(10, ge=1, description="length of each self-generated context prefix")
+    replay: int | None = Field(None, ge=0, description="sequential: earlier edits replayed per round (null = all)")
+    ner_fallback: bool = Field(True, description="capitalised-span anchor when no known subject matches")
 
     @model_validator(mode="after")
     def _check(self):

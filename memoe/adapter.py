@@ -1,0 +1,283 @@
+"""The MEMoE bypass adapter: a mixture of experts beside the MLP of decoder layer(s) ``l``.
+
+    h = MLP_l(x) + lam * gate_row * mask_pos * sum_{e in TopK} G_e(x) * Expert_e(x [, a])
+    G(x) = TopK(softmax(W_g [x ; a] + noise))        noise only while training
+    a = pooled frozen input embedding of the row's knowledge anchor
+
+It is attached with a forward hook on the MLP module (removable); every base weight stays
+frozen. Expert output projections start at zero, so a fresh adapter adds exactly nothing.
+
+Per-row routing context (``RouteState``: anchor vector, anchor gate, first active position) is
+set by the caller before a forward or ``generate`` call and persists across generation steps:
+with a KV cache, later steps have one token per row and every such token is after the anchor.
+Left padding is read from the ``attention_mask`` the body receives (a pre-hook on the body).
+
+This module knows nothing about the editor or about how anchors are found.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memoe.models import arch_of, decoder_layers, mlp_of
+
+
+@dataclass
+class RouteState:
+    """Per-row routing context shared by the adapter layers of one model."""
+    anchor: torch.Tensor | None = None  # (B, d_a) anchor embeddings (zeros: no anchor)
+    gate: torch.Tensor | None = None  # (B,) 1.0 where the adapter acts on the row, 0.0 where silent
+    start: torch.Tensor | None = None  # (B,) first active token index in the unpadded row (0: all)
+    attention_mask: torch.Tensor | None = None  # captured from the body's forward call
+    record: list | None = None  # when a list: each hook call appends routing info (diagnostics)
+    default_gate: float = 0.0  # gate for a forward call made without any route context
+
+    def clear(self) -> None:
+        self.anchor = self.gate = self.start = None
+
+
+class MoELayer(nn.Module):
+    """Router + E experts for one MLP. ``form``: lowrank (d->r->d) or ffn (the MLP's own shape,
+    gated SiLU like llama's MLP)."""
+
+    def __init__(self, d: int, d_anchor: int, num_experts: int, top_k: int, form: str = "lowrank",
+                 rank: int = 32, ffn_dim: int | None = None, lam: float = 1.0, noise: float = 1.0,
+                 expert_sees_anchor: bool = False, act: str = "none"):
+        super().__init__()
+        self.d, self.d_anchor, self.E, self.k = d, d_anchor, num_experts, top_k
+        self.form, self.lam, self.noise, self.sees_anchor, self.act = form, lam, noise, expert_sees_anchor, act
+        self.router = nn.Linear(d + d_anchor, num_experts, bias=False)
+        nn.init.normal_(self.router.weight, std=0.02)
+        m = rank if form == "lowrank" else (ffn_dim or 4 * d)
+        self.m = m
+        self.w_in = nn.Parameter(torch.randn(num_experts, d, m) / d ** 0.5)
+        if form == "ffn":
+            self.w_gate = nn.Parameter(torch.randn(num_experts, d, m) / d ** 0.5)
+        self.w_out = nn.Parameter(torch.zeros(num_experts, m, d))  # zero: a fresh adapter adds 0
+        if expert_sees_anchor:
+            self.w_anchor = nn.Parameter(torch.randn(num_experts, d_anchor, m) / d_anchor ** 0.5)
+        self.generator: torch.Generator | None = None
+
+    def route(self, x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (N, d), a (N, d_a) -> probs (N, E), top-k weights (N, k), top-k indices (N, k)."""
+        logits = self.router(torch.cat([x, a], -1))
+        if self.training and self.noise > 0:
+            logits = logits + self.noise * torch.randn(logits.shape, generator=self.generator,
+                                                       device=logits.device, dtype=logits.dtype)
+        probs = logits.float().softmax(-1)
+        w, idx = probs.topk(self.k, dim=-1)
+        return probs, w.to(x.dtype), idx
+
+    def experts(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """All experts on all rows: (N, d), (N, d_a) -> (E, N, d)."""
+        hid = torch.einsum("nd,edm->enm", x, self.w_in)
+        if self.sees_anchor:
+            hid = hid + torch.einsum("nd,edm->enm", a, self.w_anchor)
+        if self.form == "ffn":
+            hid = F.silu(torch.einsum("nd,edm->enm", x, self.w_gate)) * hid
+        elif self.act == "gelu":
+            hid = F.gelu(hid)
+        elif self.act == "silu":
+            hid = F.silu(hid)
+        return torch.einsum("enm,emd->end", hid, self.w_out)
+
+    def forward(self, x: torch.Tensor, a: torch.Tensor, active: torch.Tensor):
+        """x (N, d); a (N, d_a); active (N,) bool. Returns delta (N, d), probs, idx (active rows)."""
+        delta = torch.zeros_like(x)
+        if not bool(active.any()):
+            return delta, None, None
+        xs, as_ = x[active], a[active]
+        probs, w, idx = self.route(xs, as_)
+        out = self.experts(xs, as_)  # (E, n, d)
+        sel = out.gather(0, idx.t()[:, :, None].expand(-1, -1, x.shape[-1]))  # (k, n, d)
+        mix = (w.t()[:, :, None] * sel).sum(0)
+        delta[active] = self.lam * mix
+        return delta, probs, idx
+
+
+class MEMoEAdapter(nn.Module):
+    """The adapter of a whole model: one ``MoELayer`` per edited layer, hooks, a shared RouteState."""
+
+    def __init__(self, model: nn.Module, layers: list[int], *, num_experts: int = 4, top_k: int = 1,
+                 form: str = "lowrank", rank: int = 32, lam: float = 1.0, noise: float = 1.0,
+                 expert_sees_anchor: bool = False, act: str = "none"):
+        super().__init__()
+        n = len(decoder_layers(model))
+        self.layer_ids = sorted({l % n for l in layers})
+        d = model.get_input_embeddings().weight.shape[1]
+        d_model = model.config.hidden_size if hasattr(model.config, "hidden_size") else d
+        ffn = getattr(model.config, "intermediate_size", None) or getattr(model.config, "n_inner", None) or 4 * d_model
+        param = next(model.parameters())
+        self.moe = nn.ModuleDict({
+            str(l): MoELayer(d_model, d, num_experts, top_k, form, rank, ffn, lam, noise, expert_sees_anchor, act)
+            for l in self.layer_ids})
+        self.to(device=param.device, dtype=param.dtype)
+        self.state = RouteState()
+        self._handles: list = []
+        self._model = [model]  # not a submodule: the adapter's state_dict holds only its own weights
+        self.load_stats: dict[int, torch.Tensor] = {}
+        self.attach()
+
+    # ------------------------------------------------------------------ hooks
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def attach(self) -> None:
+        if self._handles:
+            return
+        model = self._model[0]
+        for l in self.layer_ids:
+            self._handles.append(mlp_of(model, l).register_forward_hook(self._hook(l)))
+        body = model.get_submodule(arch_of(model).layers.split(".")[0])
+        self._handles.append(body.register_forward_pre_hook(self._capture_mask, with_kwargs=True))
+
+    def remove(self) -> None:
+        """Detach from the model: outputs are then bit-identical to the base model's."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _capture_mask(self, module, args, kwargs):
+        m = kwargs.get("attention_mask")
+        self.state.attention_mask = m if isinstance(m, torch.Tensor) and m.dim() == 2 else None
+
+    def _active(self, B: int, T: int, device) -> torch.Tensor:
+        """(B, T) bool: where the adapter acts."""
+        st = self.state
+        if st.gate is None:
+            return torch.full((B, T), st.default_gate > 0, dtype=torch.bool, device=device)
+        if st.gate.shape[0] != B:
+            raise RuntimeError(f"route context has {st.gate.shape[0]} rows but the batch has {B}")
+        act = (st.gate > 0)[:, None].expand(B, T).to(device)
+        if st.start is not None and bool((st.start > 0).any()):
+            am = st.attention_mask
+            if am is not None and am.shape[0] == B and am.shape[1] == T:
+                # a whole sequence (no KV cache yet): skip left padding, then the anchor's start
+                pad = (am == 0).long().cumprod(1).sum(1)  # number of leading pad tokens
+                first = pad + st.start.to(device)
+            elif am is not None and am.shape[0] == B and am.shape[1] > T:
+                # a cached generation step: new tokens follow the prompt, hence the anchor
+                first = torch.zeros(B, dtype=torch.long, device=device)
+            else:  # no mask seen (right-padded training batches): indices are from the left
+                first = st.start.to(device)
+            pos = torch.arange(T, device=device)[None, :]
+            act = act & (pos >= first[:, None])
+        return act
+
+    def _hook(self, layer: int):
+        def hook(module, args, output):
+            x = args[0]
+            B, T, d = x.shape
+            st = self.state
+            active = self._active(B, T, x.device)
+            if not bool(active.any()):
+                if st.record is not None:
+                    st.record.append({"layer": layer, "active": active.cpu(), "idx": None})
+                return output
+            if st.anchor is None:
+                a = torch.zeros(B, T, self.moe[str(layer)].d_anchor, dtype=x.dtype, device=x.device)
+            else:
+                a = st.anchor.to(device=x.device, dtype=x.dtype)[:, None, :].expand(B, T, -1)
+            delta, probs, idx = self.moe[str(layer)](x.reshape(B * T, d), a.reshape(B * T, -1), active.reshape(-1))
+            if self.training and probs is not None:
+                self.load_stats[layer] = (probs, idx)
+            if st.record is not None:
+                full = torch.full((B * T, idx.shape[1]), -1, dtype=torch.long)
+                full[active.reshape(-1).cpu()] = idx.cpu()
+                st.record.append({"layer": layer, "active": active.cpu(), "idx": full.view(B, T, -1)})
+            return output + delta.view(B, T, d)
+        return hook
+
+    def load_balance_loss(self) -> torch.Tensor:
+        """Switch-style auxiliary loss E * sum_e f_e P_e over the last training forward."""
+        losses = []
+        for l, (probs, idx) in self.load_stats.items():
+            E = probs.shape[-1]
+            f = F.one_hot(idx[:, 0], E).float().mean(0)
+            losses.append(E * (f * probs.mean(0)).sum())
+        self.load_stats = {}
+        if not losses:
+            return torch.zeros(())
+        return torch.stack(losses).mean()
+
+    def set_generator(self, seed: int) -> None:
+        dev = next(self.parameters()).device
+        for m in self.moe.values():
+            m.generator = torch.Generator(device=dev).manual_seed(seed)
+
+
+# ---------------------------------------------------------------------- layer cache
+def final_norm(model: nn.Module) -> nn.Module | None:
+    """The norm applied after the last decoder layer (llama/mistral/qwen/gemma ``norm``, gpt2
+    ``ln_f``, gpt_neox ``final_layer_norm``); None when unknown (then no layer cache)."""
+    body = model.base_model
+    for name in ("norm", "ln_f", "final_layer_norm"):
+        m = getattr(body, name, None)
+        if isinstance(m, nn.Module):
+            return m
+    return None
+
+
+class _Stop(Exception):
+    pass
+
+
+@dataclass
+class LayerCache:
+    """Inputs of decoder layers ``first..`` for one fixed batch: the hidden state entering layer
+    ``first`` and every later layer's other call arguments (rotary position embeddings, causal
+    mask, position ids), captured once from a normal forward. ``run`` recomputes only layers
+    ``first..`` - the layers below compute the same thing at every training step."""
+    first: int
+    hidden: torch.Tensor
+    calls: list = field(default_factory=list)  # [(args_without_hidden, kwargs)] per layer first..
+
+    @classmethod
+    @torch.no_grad()
+    def capture(cls, model: nn.Module, first: int, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> "LayerCache":
+        layers = decoder_layers(model)
+        calls: list = []
+        hidden: list = []
+        handles = []
+
+        def pre(i):
+            def fn(module, args, kwargs):
+                if i == first:
+                    hidden.append(args[0].detach() if args else kwargs["hidden_states"].detach())
+                rest = args[1:] if args else ()
+                kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+                calls.append((rest, kw))
+                if i == len(layers) - 1:
+                    raise _Stop
+            return fn
+
+        for i in range(first, len(layers)):
+            handles.append(layers[i].register_forward_pre_hook(pre(i), with_kwargs=True))
+        try:
+            model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return cls(first, hidden[0], calls)
+
+    def run(self, model: nn.Module) -> torch.Tensor:
+        """Hidden states after the last decoder layer (before the final norm)."""
+        layers = decoder_layers(model)
+        h = self.hidden
+        for i, (rest, kw) in zip(range(self.first, len(layers)), self.calls):
+            out = layers[i](h, *rest, **kw)
+            h = out[0] if isinstance(out, (tuple, list)) else out
+        return h
+
+
+def supports_layer_cache(model: nn.Module) -> bool:
+    """Where the cache is exact: the body is embeddings -> decoder layers -> final norm. Gemma-2/3
+    soft-cap their logits in the head, which the metrics do not apply either, so they qualify too;
+    architectures without a recognised final norm fall back to the full forward."""
+    return final_norm(model) is not None

@@ -1,0 +1,327 @@
+"""MEMoE: a bypass mixture-of-experts adapter beside one MLP, routed by knowledge anchors.
+
+``MEMoEEditor(model, tok, cfg).edit(records)`` trains the adapter on the records' target NLL
+(prompt masked; optionally also on ROME-style self-generated context prefixes + prompt) and can be
+called again for sequential rounds (it keeps training the same adapter and replays the earlier
+rounds' edit prompts, which are edits, never evaluation data). ``route(prompts)`` sets each batch
+row's anchor before a forward or ``generate`` call. See ../shared/design/MEMOE.md.
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import polars as pl
+import torch
+
+from memoe.adapter import LayerCache, MEMoEAdapter, final_norm, supports_layer_cache
+from memoe.anchors import Anchor, AnchorExtractor, anchor_embeddings, anchor_end_token, gold_anchor
+from memoe.editors.base import Editor, register
+from memoe.editors.common import edit_batch
+
+ROME_STARTS = ["The", "Therefore", "Because", "I", "You"]
+
+
+@register("memoe")
+class MEMoEEditor(Editor):
+    name = "memoe"
+
+    def __init__(self, model, tokenizer, cfg=None, seed: int = 0):
+        from memoe.config import MEMoEMethod
+
+        cfg = cfg or MEMoEMethod()
+        super().__init__(model, tokenizer, cfg, seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.adapter = MEMoEAdapter(
+                model, list(cfg.layers), num_experts=cfg.num_experts, top_k=cfg.top_k, form=cfg.expert_form,
+                rank=cfg.rank, lam=cfg.lam, noise=cfg.router_noise, expert_sees_anchor=cfg.expert_sees_anchor,
+                act=cfg.expert_act)
+        self.adapter.eval()
+        self.adapter.state.default_gate = 1.0 if cfg.gate_mode == "always" else 0.0
+        self.extractor = AnchorExtractor(ner=cfg.ner_fallback)
+        self.history: list[tuple[str, str, str]] = []  # (prompt, target, subject) of every edit so far
+        self.templates: list[str] | None = None
+        self.rounds = 0
+        self.uses_layer_cache = bool(cfg.layer_cache) and supports_layer_cache(model)
+
+    # ------------------------------------------------------------------ routing
+    def anchors_for(self, prompts: Sequence[str]) -> list[Anchor]:
+        return self.extractor.extract_all(prompts)
+
+    def _context(self, texts: Sequence[str], anchors: Sequence[Anchor]) -> dict[str, torch.Tensor]:
+        always = self.cfg.gate_mode == "always"
+        names = [a.text if (a.known or (always and a.found)) else None for a in anchors]
+        emb = anchor_embeddings(self.model.get_input_embeddings(), self.tokenizer, names, self.cfg.anchor_pooling)
+        gate = torch.tensor([1.0 if (always or a.known) else 0.0 for a in anchors], device=self.device)
+        start = None
+        if self.cfg.apply_from == "anchor":
+            start = torch.tensor([anchor_end_token(self.tokenizer, t, a) if a.found else 0
+                                  for t, a in zip(texts, anchors)], dtype=torch.long, device=self.device)
+        return dict(anchor=emb, gate=gate, start=start)
+
+    @contextlib.contextmanager
+    def _set(self, ctx: dict[str, torch.Tensor | None]) -> Iterator[None]:
+        st = self.adapter.state
+        old = (st.anchor, st.gate, st.start)
+        st.anchor, st.gate, st.start = ctx["anchor"], ctx["gate"], ctx["start"]
+        try:
+            yield
+        finally:
+            st.anchor, st.gate, st.start = old
+
+    @contextlib.contextmanager
+    def route(self, prompts: list[str]) -> Iterator[None]:
+        with self._set(self._context(prompts, self.anchors_for(prompts))):
+            yield
+
+    # ------------------------------------------------------------------ context templates
+    @torch.no_grad()
+    def context_templates(self) -> list[str]:
+        """ROME-style prefixes the model itself generates (seeded), e.g. 'The first time I. '"""
+        if self.templates is not None:
+            return self.templates
+        n = self.cfg.context_templates
+        out: list[str] = []
+        if n:
+            starts = [ROME_STARTS[i % len(ROME_STARTS)] for i in range(n)]
+            tok = self.tokenizer
+            side = tok.padding_side
+            tok.padding_side = "left"
+            st = self.adapter.state
+            old_gate, st.gate = st.gate, torch.zeros(len(starts), device=self.device)
+            try:
+                with torch.random.fork_rng(devices=[] if self.device.type == "cpu" else [self.device]):
+                    torch.manual_seed(self.seed)
+                    batch = tok(starts, return_tensors="pt", padding=True).to(self.device)
+                    gen = self.model.generate(**batch, max_new_tokens=self.cfg.template_tokens, do_sample=True,
+                                              top_k=5, pad_token_id=tok.pad_token_id)
+            finally:
+                tok.padding_side = side
+                st.gate = old_gate
+            for s, g in zip(starts, tok.batch_decode(gen[:, batch.input_ids.shape[1]:], skip_special_tokens=True)):
+                text = (s + g).replace("\n", " ").replace("{", " ").replace("}", " ").strip()
+                out.append(" ".join(text.split()) + ". ")
+        self.templates = out
+        return out
+
+    # ------------------------------------------------------------------ training
+    def _examples(self, items: Sequence[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+        rows = []
+        for p, t, s in items:
+            rows.append((p, t, s))
+            for tpl in self.context_templates():
+                rows.append((tpl + p, t, s))
+        return rows
+
+    def _loss(self, batch: dict, ctx: dict, cache: LayerCache | None) -> torch.Tensor:
+        labels = batch["labels"]
+        rows, cols = (labels[:, 1:] != -100).nonzero(as_tuple=True)
+        st = self.adapter.state
+        with self._set(ctx):
+            if cache is not None:
+                st.attention_mask = None  # right-padded training rows: indices count from the left
+                h = cache.run(self.model)
+                h = final_norm(self.model)(h[rows, cols])
+            else:
+                h = self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                          use_cache=False).last_hidden_state[rows, cols]
+        logits = self.model.get_output_embeddings()(h).float()
+        return torch.nn.functional.cross_entropy(logits, labels[rows, cols + 1])
+
+    def _prepare(self, rows: Sequence[tuple[str, str, str]]):
+        prompts, targets, subjects = zip(*rows)
+        batch = edit_batch(self.tokenizer, list(prompts), list(targets), self.device)
+        anchors = [gold_anchor(p, s) for p, s in zip(prompts, subjects)]
+        # training rows route like inference rows: the gold subject is a known anchor
+        ctx = self._context(list(prompts), anchors)
+        if self.cfg.gate_mode == "anchor":
+            ctx["gate"] = torch.ones_like(ctx["gate"])
+        cache = None
+        if self.uses_layer_cache:
+            cache = LayerCache.capture(self.model, self.adapter.layer_ids[0], batch["input_ids"], batch["attention_mask"])
+        return batch, ctx, cache
+
+    def train_loss(self, records_or_rows, use_cache: bool | None = None) -> torch.Tensor:
+        """The training loss of the current adapter on some edits (tests compare cached/uncached)."""
+        rows = records_or_rows if isinstance(records_or_rows, list) else self._rows(records_or_rows)
+        batch, ctx, _ = self._prepare(rows)
+        cache = None
+        if use_cache if use_cache is not None else self.uses_layer_cache:
+            cache = LayerCache.capture(self.model, self.adapter.layer_ids[0], batch["input_ids"], batch["attention_mask"])
+        return self._loss(batch, ctx, cache)
+
+    @staticmethod
+    def _rows(records: pl.DataFrame) -> list[tuple[str, str, str]]:
+        return list(zip(records["prompt"].to_list(), records["target_new"].to_list(), records["subject"].to_list()))
+
+    def edit(self, records: pl.DataFrame) -> dict[str, Any]:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        new = self._rows(records)
+        self.extractor.add(s for _, _, s in new)
+        rng = random.Random(self.seed * 1000 + self.rounds)
+        old = list(self.history)
+        if cfg.replay is not None and len(old) > cfg.replay:
+            old = rng.sample(old, cfg.replay)
+        rows = self._examples(new + old)
+        bs = cfg.batch_size * (1 + len(self.context_templates())) if cfg.batch_size else len(rows)
+        chunks = [rows[i:i + bs] for i in range(0, len(rows), bs)]
+        prepared = [self._prepare(c) for c in chunks]
+        t_prep = time.perf_counter() - t0
+
+        params = [p for p in self.adapter.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.adapter.set_generator(self.seed * 7919 + self.rounds)
+        self.adapter.train()
+        losses: list[float] = []
+        step = 0
+        try:
+            with torch.enable_grad():
+                for step in range(1, cfg.steps + 1):
+                    epoch = []
+                    for batch, ctx, cache in prepared:
+                        opt.zero_grad(set_to_none=True)
+                        loss = self._loss(batch, ctx, cache)
+                        total = loss
+                        if cfg.load_balance > 0:
+                            total = total + cfg.load_balance * self.adapter.load_balance_loss().to(loss.device)
+                        else:
+                            self.adapter.load_stats = {}
+                        total.backward()
+                        opt.step()
+                        epoch.append(float(loss.detach()))
+                    losses.append(float(np.mean(epoch)))
+                    if losses[-1] < cfg.early_stop_loss:
+                        break
+        finally:
+            self.adapter.eval()
+            self.adapter.load_stats = {}
+        self.history.extend(new)
+        self.rounds += 1
+        self.edits_applied += len(new)
+        return {"loss_first": losses[0], "loss_final": losses[-1], "steps": step, "n_edits": len(new),
+                "n_replayed": len(old), "n_train_rows": len(rows), "layer_cache": self.uses_layer_cache,
+                "prep_s": round(t_prep, 3), "time_s": round(time.perf_counter() - t0, 3)}
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.adapter.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.adapter.load_state_dict(state)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"known_subjects": self.extractor.subjects, "templates": self.templates,
+                "history": [list(h) for h in self.history], "rounds": self.rounds}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.extractor = AnchorExtractor(state.get("known_subjects", []), ner=self.cfg.ner_fallback)
+        self.templates = state.get("templates")
+        self.history = [tuple(h) for h in state.get("history", [])]
+        self.rounds = state.get("rounds", 0)
+
+    def remove(self) -> None:
+        self.adapter.remove()
+
+
+# ---------------------------------------------------------------------- diagnostics
+@torch.no_grad()
+def _record(editor: MEMoEEditor, fn) -> list[dict]:
+    st = editor.adapter.state
+    st.record = []
+    try:
+        fn()
+        return st.record
+    finally:
+        st.record = None
+
+
+def router_diagnostics(editor: MEMoEEditor, records: pl.DataFrame, max_new_tokens: int = 8,
+                       batch_size: int = 16) -> dict[str, float]:
+    """Load per expert, anchor hit rates, and teacher-forced vs generated routing agreement.
+
+    - ``load_expert_e``: share of active (gated) edit-prompt tokens whose top-1 expert is e;
+    - ``anchor_hit_edit`` / ``anchor_hit_rephrase``: share of prompts whose extracted anchor is the
+      record's own subject; ``anchor_hit_locality``: share of locality prompts with any known
+      subject (false positives: the adapter acts there); ``anchor_ner_locality``: share with a
+      fallback anchor;
+    - ``route_agree_first``: share of edit prompts whose routing (gate and top-1 expert, first
+      edited layer) at the position predicting the first answer token is the same under teacher
+      forcing and in ``generate``; ``route_agree_tokens``: the same over every answer position
+      where the greedy output still equals the target.
+    """
+    tok, model = editor.tokenizer, editor.model
+    ex = editor.extractor
+    out: dict[str, float] = {}
+    subj = records["subject"].to_list()
+    prompts = records["prompt"].to_list()
+
+    def hit(texts_owner):
+        vals = [float(ex(t).known and ex.canonical(ex(t).text) == ex.canonical(subj[o])) for o, t in texts_owner]
+        return float(np.mean(vals)) if vals else float("nan")
+
+    out["anchor_hit_edit"] = hit(list(enumerate(prompts)))
+    out["anchor_hit_rephrase"] = hit([(o, t) for o, ts in enumerate(records["rephrase_prompts"].to_list()) for t in (ts or [])])
+    loc = [t for ts in records["locality_prompts"].to_list() for t in (ts or [])]
+    if loc:
+        an = ex.extract_all(loc)
+        out["anchor_hit_locality"] = float(np.mean([a.known for a in an]))
+        out["anchor_ner_locality"] = float(np.mean([a.found and not a.known for a in an]))
+
+    layer = editor.adapter.layer_ids[0]
+    E = editor.cfg.num_experts
+    counts = np.zeros(E)
+    agree_first, agree_tok = [], []
+    for i in range(0, len(prompts), batch_size):
+        ps = prompts[i:i + batch_size]
+        ts = records["target_new"].to_list()[i:i + batch_size]
+        batch = edit_batch(tok, ps, ts, editor.device)
+        with editor.route(ps):
+            rec = _record(editor, lambda: model.base_model(input_ids=batch["input_ids"],
+                                                          attention_mask=batch["attention_mask"]))
+        r = [x for x in rec if x["layer"] == layer][0]
+        tf_idx = r["idx"][..., 0] if r["idx"] is not None else torch.full(r["active"].shape, -1)
+        tf_act = r["active"]
+        for e in range(E):
+            counts[e] += int(((tf_idx == e) & tf_act).sum())
+        side = tok.padding_side
+        tok.padding_side = "left"
+        try:
+            enc = tok(ps, return_tensors="pt", padding=True).to(editor.device)
+            with editor.route(ps):
+                holder = {}
+                rec_g = _record(editor, lambda: holder.setdefault("gen", model.generate(
+                    **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)))
+        finally:
+            tok.padding_side = side
+        gen = holder["gen"][:, enc.input_ids.shape[1]:]
+        steps = [x for x in rec_g if x["layer"] == layer]
+        for b in range(len(ps)):
+            lp = int(batch["last_prompt"][b])
+            tgt = batch["input_ids"][b, lp + 1:][batch["labels"][b, lp + 1:] != -100].tolist()
+
+            def g_route(s):  # routing of row b at generation step s (the position predicting token s)
+                x = steps[s]
+                act = bool(x["active"][b, -1])
+                e = int(x["idx"][b, -1, 0]) if x["idx"] is not None else -1
+                return act, (e if act else -1)
+
+            def t_route(s):
+                act = bool(tf_act[b, lp + s])
+                return act, (int(tf_idx[b, lp + s]) if act else -1)
+
+            agree_first.append(float(g_route(0) == t_route(0)))
+            for s in range(min(len(tgt), len(steps))):
+                agree_tok.append(float(g_route(s) == t_route(s)))
+                if int(gen[b, s]) != tgt[s]:
+                    break
+    tot = counts.sum()
+    for e in range(E):
+        out[f"load_expert_{e}"] = float(counts[e] / tot) if tot else 0.0
+    out["route_agree_first"] = float(np.mean(agree_first)) if agree_first else float("nan")
+    out["route_agree_tokens"] = float(np.mean(agree_tok)) if agree_tok else float("nan")
+    return out

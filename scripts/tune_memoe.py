@@ -1,0 +1,83 @@
+"""Tune / measure MEMoE on the embedded model (CPU-friendly): one JSON line per run.
+
+    .venv/bin/python scripts/tune_memoe.py --data zsre --start 500 --n 50 --set steps=40 --set lr=5e-3
+    .venv/bin/python scripts/tune_memoe.py --data zsre --start 0 --n 100 --rounds 10   # sequential
+
+``--set`` keys are MEMoEMethod fields. Tune on a slice you will not report (e.g. --start 500);
+report on --start 0.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default="zsre", choices=["zsre", "counterfact"])
+    ap.add_argument("--start", type=int, default=0)
+    ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--rounds", type=int, default=1, help=">1: sequential, n/rounds edits per round")
+    ap.add_argument("--config", default=None, help="YAML whose method section is the starting point")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-generation", action="store_true")
+    ap.add_argument("--diagnostics", action="store_true")
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args(argv)
+
+    import torch
+    import yaml
+
+    torch.set_num_threads(args.threads)
+    from memoe.config import MEMoEMethod, _parse_value
+    from memoe.data import load_edits
+    from memoe.datasets import SHARED_DATASETS
+    from memoe.config import resolve_path
+    from memoe.editors.memoe import MEMoEEditor, router_diagnostics
+    from memoe.metrics import evaluate, locality_predictions, summarize
+    from memoe.models import load_model
+
+    raw = {}
+    if args.config:
+        raw = dict((yaml.safe_load(open(args.config)) or {}).get("method", {}))
+    for kv in args.set:
+        k, v = kv.split("=", 1)
+        raw[k] = _parse_value(v)
+    raw.setdefault("name", "memoe")
+    cfg = MEMoEMethod.model_validate(raw)
+    path, fmt = SHARED_DATASETS[args.data]
+    df = load_edits(resolve_path(path), fmt)
+    df = df[0] if isinstance(df, tuple) else df
+    recs = df.slice(args.start, args.n)
+    model, tok = load_model("embedded:smollm2-135m", device="cpu")
+    base = locality_predictions(model, tok, recs)
+    ed = MEMoEEditor(model, tok, cfg, seed=args.seed)
+    t0 = time.perf_counter()
+    per = args.n // args.rounds
+    stats = []
+    for r in range(args.rounds):
+        stats.append(ed.edit(recs.slice(r * per, per)))
+    t_edit = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    table = evaluate(model, tok, recs, base, editor=ed, generation=not args.no_generation)
+    t_eval = time.perf_counter() - t1
+    out = {"tag": args.tag, "data": args.data, "start": args.start, "n": args.n, "rounds": args.rounds,
+           "set": args.set, "config": args.config, "edit_s": round(t_edit, 1), "eval_s": round(t_eval, 1),
+           "steps": [s["steps"] for s in stats], "loss_final": [round(s["loss_final"], 4) for s in stats]}
+    out.update({k: round(v, 4) for k, v in summarize(table).items()})
+    if args.diagnostics:
+        out["diag"] = {k: round(v, 3) for k, v in router_diagnostics(ed, recs.head(32)).items()}
+    print(json.dumps(out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
