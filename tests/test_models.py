@@ -61,3 +61,16 @@ def test_two_first_conversions_at_once_do_not_corrupt_the_cache(tmp_path):
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     assert outs[0][0].split()[-1] == outs[1][0].split()[-1]
     assert [p.name for p in (tmp_path / "models").iterdir()] == ["smollm2-135m"]  # no temp folder left
+
+
+@pytest.mark.slow
+def test_gemma3_optional_extra_loads_when_installed():
+    from memoe.models import find_gguf, load_model
+
+    try:
+        find_gguf("gemma3-270m")
+    except FileNotFoundError:
+        pytest.skip("optional extra memoe[gemma] not installed")
+    model, tok = load_model("embedded:gemma3-270m", device="cpu")
+    assert model.config.model_type == "gemma3_text" and num_layers(model) == 18
+    assert mlp_of(model, 9) is model.model.layers[9].mlp
