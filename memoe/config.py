@@ -115,12 +115,13 @@ class LoRAMethod(_Strict):
 
 
 class GraceMethod(_Strict):
+    """GRACE codebook at one layer's MLP output (memoe/editors/grace.py); EasyEdit's hparams."""
     name: Literal["grace"] = "grace"
-    layer: int = 15
-    eps: float = Field(1.0, gt=0, description="initial deferral radius")
-    lr: float = 1.0
-    steps: int = Field(60, ge=1)
-    early_stop_loss: float = 0.01
+    layer: int = Field(15, description="decoder layer whose MLP output the codebook replaces")
+    eps: float = Field(1.0, gt=0, description="initial deferral radius (Euclidean, MLP input space)")
+    lr: float = Field(1.0, gt=0, description="Adam lr of the codebook values")
+    steps: int = Field(100, ge=1)
+    early_stop_loss: float = Field(0.01, ge=0.0)
 
 
 class MemitMethod(_Strict):

@@ -105,3 +105,37 @@ def test_lora(tiny, tmp_path):
     _check_edit_remove_roundtrip("lora", tiny, tmp_path)
     assert {n for n, _ in model.named_modules()} == names  # adapters unloaded
     assert not any("lora" in n for n, _ in model.named_parameters())
+
+
+METHODS["grace"] = lambda m: GraceMethod(layer=_last(m), eps=1.0, lr=1.0, steps=60)
+
+
+def test_grace(tiny, tmp_path):
+    model, tok = tiny
+    far = ["Bananas are a kind of", "In 1905 Einstein published"]
+    before_far = logits(model, tok, far)
+    ed = _check_edit_remove_roundtrip("grace", tiny, tmp_path)
+    ed = make_editor(model, tok, METHODS["grace"](model))
+    stats = ed.edit(records())
+    assert stats["codebook_size"] == 3
+    assert torch.equal(logits(model, tok, far, editor=ed), before_far)  # far prompts untouched
+    assert torch.equal(logits(model, tok, far), before_far)  # ... with or without route
+
+
+def test_grace_generate_uses_prompt_key(tiny):
+    """Inside model.generate (left padding, KV cache) the edit fires: greedy output = new target."""
+    from memoe.metrics import generate
+
+    model, tok = tiny
+    recs = records()
+    ed = make_editor(model, tok, METHODS["grace"](model))
+    ed.edit(recs)
+    gen = generate(model, tok, recs["prompt"].to_list(), editor=ed, max_new_tokens=4)
+    tf = teacher_forced(model, tok, recs["prompt"].to_list(), recs["target_new"].to_list(), editor=ed)
+    hits = 0
+    for g, pred, t in zip(gen, tf.pred, recs["target_new"].to_list()):
+        if pred == tok(" " + t, add_special_tokens=False).input_ids:
+            hits += 1
+            assert g.startswith(t), (g, t)
+    assert hits >= 2
+    ed.remove()
