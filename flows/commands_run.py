@@ -1,0 +1,126 @@
+"""``memoe run [CONFIG] [--set key=value ...] [--out DIR]``: validate everything, run the study
+flow (batch, sequential, or compare when ``methods`` is set), print a summary, write results.json.
+
+Without CONFIG the embedded default is ``configs/quickstart.yaml`` (a small sequential MEMoE study
+on ZsRE with the embedded model). A bad config, data file, method or model is reported as
+``error: ...`` (exit 2) before Prefect, MLflow or the model are started.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+QUICKSTART = PROJECT_ROOT / "configs" / "quickstart.yaml"
+
+
+def add_arguments(p):
+    from memoe.cli import add_config_arguments
+
+    add_config_arguments(p)
+    p.add_argument("--out", default=None, help="output folder (default: runs/<config hash>/)")
+    p.add_argument("--runs-dir", default=None,
+                   help="folder of the task cache, editor states and the MLflow database (default: $MEMOE_RUNS or runs/)")
+
+
+def preflight(cfg) -> dict:
+    """Everything that can be checked without loading the model or starting Prefect."""
+    from memoe.config import ConfigError, resolve_path
+    from memoe.data import load_edits, sample_edits
+    from memoe.editors import REGISTRY
+
+    for m in cfg.methods or [cfg.method]:
+        if m.name not in REGISTRY:
+            raise ConfigError(f"method.name: no editor '{m.name}' is registered (available: {sorted(REGISTRY)})")
+    name = cfg.model.name
+    if not name.startswith("embedded:"):
+        p = Path(name).expanduser()
+        looks_local = name.startswith((".", "/", "~")) or p.exists()
+        if looks_local and not (p / "config.json").is_file():
+            raise ConfigError(f"model.name: {name} is not a model folder (no config.json)")
+        if not looks_local:
+            from huggingface_hub import try_to_load_from_cache
+
+            if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+                raise ConfigError(f"model.name: '{name}' is neither a local folder nor in the Hugging Face cache "
+                                  "(the hub is offline: HF_HUB_OFFLINE=1)")
+    path = resolve_path(cfg.data.path)
+    if not path.is_file():
+        raise ConfigError(f"data.path: file not found: {path}")
+    df, report = load_edits(path, cfg.data.format, skip_bad=cfg.data.skip_bad)
+    df = sample_edits(df, cfg.data.n_edits, cfg.data.seed, cfg.data.sample)
+    rounds = cfg.protocol.rounds if cfg.protocol.mode == "sequential" else 1
+    need = rounds * cfg.edits_per_round()
+    if need < 1:
+        raise ConfigError("data.n_edits / protocol.batch_size: the study has no edits")
+    if need > df.height:
+        raise ConfigError(f"protocol: {rounds} rounds x {cfg.edits_per_round()} edits = {need} edits, "
+                          f"but only {df.height} are available in {path}")
+    return {"n_available": df.height, "n_skipped": report.n_skipped, "rounds": rounds}
+
+
+def summary_lines(results: dict) -> list[str]:
+    from flows.report import HEADLINE, fmt
+
+    out = []
+    if "methods" in results:
+        cols = [c for c in HEADLINE + ["avg"] if any(c in m["final"] for m in results["methods"].values())]
+        out.append("method".ljust(14) + "".join(c[:12].rjust(13) for c in cols))
+        for name, m in results["methods"].items():
+            out.append(name[:14].ljust(14) + "".join(fmt(m["final"].get(c)).rjust(13) for c in cols))
+        return out
+    cols = [c for c in HEADLINE + ["avg"] if c in results["final"]]
+    out.append("round  edits" + "".join(c[:12].rjust(13) for c in cols) + "   cached")
+    for r in results["rounds"]:
+        cached = "yes" if all(r["cached"].values()) else "no"
+        out.append(f"{r['round'] + 1:5d}  {r['edits_so_far']:5d}" + "".join(fmt(r.get(c)).rjust(13) for c in cols)
+                   + f"   {cached}")
+    out.append("final  " + f"{int(results['final']['n_edits']):5d}"[-5:]
+               + "".join(fmt(results["final"].get(c)).rjust(13) for c in cols))
+    return out
+
+
+def run(args) -> int:
+    t0 = time.perf_counter()
+    from memoe.config import load_config
+
+    cfg_path = args.config if args.config is not None else (QUICKSTART if QUICKSTART.exists() else None)
+    cfg = load_config(cfg_path, args.set)
+    info = preflight(cfg)
+
+    import torch
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    from memoe.config import config_hash
+    from flows.study import flow_for
+
+    fl = flow_for(cfg)
+    print(f"memoe run: {fl.name}, {info['rounds']} round(s) x {cfg.edits_per_round()} edits, "
+          f"method(s) {', '.join(m.name for m in (cfg.methods or [cfg.method]))}, model {cfg.model.name}, "
+          f"config {config_hash(cfg)}", flush=True)
+    try:
+        results = fl(cfg.to_dict(), args.out, args.runs_dir)
+    except Exception as e:  # noqa: BLE001 - Prefect has logged the traceback already
+        print(f"error: the study failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    out = Path(results["out"])
+    tm = results["timings"]
+    tm["command_total"] = round(time.perf_counter() - t0, 3)
+    work = tm.get("train_compute", 0.0) + tm.get("evaluate_compute", 0.0)
+    if "methods" not in results:
+        fresh = not any(r["cached"]["train"] or r["cached"]["evaluate"] for r in results["rounds"])
+        if fresh:
+            tm["outside_train_eval_share"] = round(1 - work / tm["command_total"], 3)
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    print()
+    print("\n".join(summary_lines(results)))
+    hits = sum(s == "Cached" for s in results["tasks"].values())
+    print(f"\ntasks: {len(results['tasks'])} ({hits} from cache)   time: {tm['command_total']:.1f}s "
+          f"(train {tm.get('train', 0):.1f}s, evaluate {tm.get('evaluate', 0):.1f}s)")
+    if results["mlflow"]["run_id"]:
+        print(f"mlflow: run {results['mlflow']['run_id']} in {results['mlflow']['tracking_uri']}  (memoe ui)")
+    print(f"results: {out / 'results.json'}")
+    return 0
