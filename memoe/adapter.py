@@ -31,7 +31,8 @@ class RouteState:
     anchor: torch.Tensor | None = None  # (B, d_a) anchor embeddings (zeros: no anchor)
     gate: torch.Tensor | None = None  # (B,) 1.0 where the adapter acts on the row, 0.0 where silent
     start: torch.Tensor | None = None  # (B,) first active token index in the unpadded row (0: all)
-    attention_mask: torch.Tensor | None = None  # captured from the body's forward call
+    attention_mask: torch.Tensor | None = None  # captured from the body's forward call (2-D)
+    past: int = 0  # tokens already in the KV cache at the body's forward call
     record: list | None = None  # when a list: each hook call appends routing info (diagnostics)
     default_gate: float = 0.0  # gate for a forward call made without any route context
 
@@ -144,6 +145,10 @@ class MEMoEAdapter(nn.Module):
     def _capture_mask(self, module, args, kwargs):
         m = kwargs.get("attention_mask")
         self.state.attention_mask = m if isinstance(m, torch.Tensor) and m.dim() == 2 else None
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is None and len(args) > 1 and hasattr(args[1], "get_seq_length"):
+            cache = args[1]
+        self.state.past = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
 
     def _active(self, B: int, T: int, device) -> torch.Tensor:
         """(B, T) bool: where the adapter acts."""
@@ -154,18 +159,14 @@ class MEMoEAdapter(nn.Module):
             raise RuntimeError(f"route context has {st.gate.shape[0]} rows but the batch has {B}")
         act = (st.gate > 0)[:, None].expand(B, T).to(device)
         if st.start is not None and bool((st.start > 0).any()):
+            # token index t of this call is sequence position past + t; the row's own tokens start
+            # after its left padding (leading zeros of the 2-D attention mask, past tokens included)
             am = st.attention_mask
-            if am is not None and am.shape[0] == B and am.shape[1] == T:
-                # a whole sequence (no KV cache yet): skip left padding, then the anchor's start
-                pad = (am == 0).long().cumprod(1).sum(1)  # number of leading pad tokens
-                first = pad + st.start.to(device)
-            elif am is not None and am.shape[0] == B and am.shape[1] > T:
-                # a cached generation step: new tokens follow the prompt, hence the anchor
-                first = torch.zeros(B, dtype=torch.long, device=device)
-            else:  # no mask seen (right-padded training batches): indices are from the left
-                first = st.start.to(device)
-            pos = torch.arange(T, device=device)[None, :]
-            act = act & (pos >= first[:, None])
+            pad = torch.zeros(B, dtype=torch.long, device=device)
+            if am is not None and am.shape[0] == B and am.shape[1] >= st.past + T:
+                pad = (am == 0).long().cumprod(1).sum(1).to(device)
+            pos = st.past + torch.arange(T, device=device)[None, :]
+            act = act & (pos >= (pad + st.start.to(device))[:, None])
         return act
 
     def _hook(self, layer: int):

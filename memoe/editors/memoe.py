@@ -123,7 +123,7 @@ class MEMoEEditor(Editor):
         st = self.adapter.state
         with self._set(ctx):
             if cache is not None:
-                st.attention_mask = None  # right-padded training rows: indices count from the left
+                st.attention_mask, st.past = None, 0  # right-padded rows, no KV cache
                 h = cache.run(self.model)
                 h = final_norm(self.model)(h[rows, cols])
             else:
