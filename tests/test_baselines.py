@@ -191,3 +191,28 @@ def test_memit_closed_form_uses_statistics(tiny, cache, monkeypatch):
     d2 = ed.state_dict()
     ed.remove()
     assert all(d2[k].norm() < 0.5 * d1[k].norm() for k in d1)
+
+
+def test_sequential_rounds_continue(tiny):
+    """edit() twice: the second round continues from the first (GRACE keeps round 1's entries)."""
+    model, tok = tiny
+    recs = records()
+    ed = make_editor(model, tok, METHODS["grace"](model))
+    ed.edit(recs.head(2))
+    ed.edit(recs.tail(1))
+    assert ed.state_dict()["keys"].shape[0] == 3 and ed.edits_applied == 3
+    assert rel(model, tok, recs, editor=ed) >= 0.9
+    ed.remove()
+
+
+def test_layer_stats_cached_pure(tiny, cache, monkeypatch):
+    from memoe import corpus
+
+    model, tok = tiny
+    a = corpus.layer_stats(model, tok, [1], "pydoc", 1024, 64)
+    monkeypatch.setattr(corpus, "compute_layer_stats", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
+    b = corpus.layer_stats(model, tok, [1], "pydoc", 1024, 64)
+    assert torch.equal(a[1], b[1])
+    C = a[1]
+    assert torch.allclose(C, C.T) and torch.linalg.eigvalsh(C).min() > -1e-9
+    assert "pydoc" in corpus.stats_key(model, 1, "pydoc", 1024, 64)
