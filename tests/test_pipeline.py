@@ -1,0 +1,192 @@
+"""The Prefect + MLflow pipeline end to end on a tiny model: cache hits on a rerun, resume after
+kill -9 with identical metrics, a bad config stopped before any work, two concurrent studies.
+
+Every study runs as a ``memoe run`` subprocess (its own temporary Prefect server), with the real
+registered MEMoE editor on a tiny random LLaMA saved with the embedded tokenizer.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import ROOT, ZSRE, tiny_model
+
+pytestmark = pytest.mark.timeout(600)
+MEMOE = [sys.executable, "-m", "memoe.cli"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tokenizer):
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama", len(tokenizer)).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+def study_config(folder: Path, model: Path, steps: int = 10, rounds: int = 3, batch: int = 2, **extra) -> Path:
+    from memoe.editors import REGISTRY
+
+    assert "memoe" in REGISTRY, "the MEMoE editor must be registered"
+    cfg = {"model": {"name": str(model), "device": "cpu", "dtype": "float32"},
+           "data": {"path": str(ZSRE), "format": "zsre", "n_edits": rounds * batch},
+           "method": {"name": "memoe", "layers": [2], "steps": steps, "early_stop_loss": 0.0},
+           "protocol": {"mode": "sequential", "rounds": rounds, "batch_size": batch},
+           "eval": {"batch_size": 8, "generation": True, "max_new_tokens": 4},
+           "threads": 1}
+    for k, v in extra.items():
+        cfg.setdefault(k.split("__")[0], {})[k.split("__")[1]] = v
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "study.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def env_for(runs: Path, prefect_home: Path) -> dict[str, str]:
+    env = dict(os.environ, MEMOE_RUNS=str(runs), PREFECT_HOME=str(prefect_home), OMP_NUM_THREADS="1",
+               MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("PREFECT_API_URL", None)
+    return env
+
+
+def memoe_run(config: Path, out: Path, env: dict, *extra: str, timeout: int = 300):
+    p = subprocess.run(MEMOE + ["run", str(config), "--out", str(out), *extra], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return json.loads((out / "results.json").read_text()), p
+
+
+def test_rerun_is_all_cache_hits_and_kill_resume_gives_identical_metrics(tmp_path, tiny_dir):
+    cfg = study_config(tmp_path, tiny_dir, steps=60, rounds=3)
+    home = tmp_path / "prefect"
+
+    # 1. uninterrupted reference run, then the same study again: every task is a cache hit
+    env_a = env_for(tmp_path / "runs-a", home)
+    ref, p = memoe_run(cfg, tmp_path / "out-a", env_a)
+    assert not any(s == "Cached" for s in ref["tasks"].values()), ref["tasks"]
+    assert set(ref["final"]) >= {"reliability", "generality", "locality", "portability", "generation_reliability"}
+    assert [r["edits_so_far"] for r in ref["rounds"]] == [2, 4, 6]
+    assert "results.json" in p.stdout
+    again, _ = memoe_run(cfg, tmp_path / "out-a2", env_a)
+    trained = {k: v for k, v in again["tasks"].items() if k.startswith(("train_round", "evaluate_round"))}
+    assert len(trained) == 6 and set(trained.values()) == {"Cached"}, again["tasks"]
+    assert again["final"] == ref["final"]
+
+    # 2. a fresh store: kill -9 the study once round 1's evaluation is stored, then restart it
+    runs_b = tmp_path / "runs-b"
+    env_b = env_for(runs_b, home)
+    out_b = tmp_path / "out-b"
+    proc = subprocess.Popen(MEMOE + ["run", str(cfg), "--out", str(out_b)], env=env_b, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    results_dir = runs_b / "store" / "results"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if results_dir.is_dir() and any(f.name.startswith("eval-") for f in results_dir.iterdir()):
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the study finished (or failed) before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)  # the study and its temporary Prefect server
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (out_b / "results.json").exists()
+    done = sorted(f.name.split("-")[0] for f in results_dir.iterdir())
+    assert done.count("eval") < 3, done
+
+    resumed, _ = memoe_run(cfg, out_b, env_b)
+    assert resumed["tasks"]["train_round_0"] == "Cached" and resumed["tasks"]["evaluate_round_0"] == "Cached"
+    assert resumed["tasks"]["train_round_2"] != "Cached"
+    assert resumed["final"] == ref["final"]
+    assert [r["reliability"] for r in resumed["rounds"]] == [r["reliability"] for r in ref["rounds"]]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--set", "protocol.rounds=0"], "protocol.rounds"),
+    (["--set", "method.bogus=1"], "unknown key 'method.bogus'"),
+    (["--set", "data.path=/nonexistent/edits.json"], "/nonexistent/edits.json"),
+    (["--set", "data.n_edits=4", "--set", "protocol.rounds=3", "--set", "protocol.batch_size=2"], "only 4 are available"),
+])
+def test_bad_config_fails_before_any_work(tmp_path, tiny_dir, overrides, message):
+    cfg = study_config(tmp_path, tiny_dir)
+    runs = tmp_path / "runs"
+    p = subprocess.run(MEMOE + ["run", str(cfg), "--out", str(tmp_path / "out"), *overrides],
+                       env=env_for(runs, tmp_path / "prefect"), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert p.stderr.startswith("error: ") and message in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr + p.stdout
+    assert not runs.exists() and not (tmp_path / "out").exists()  # no store, no database, no output
+
+
+def test_bad_data_file_is_a_clear_error(tmp_path, tiny_dir):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"subject": "Paris", "prompt": "Paris is in", "target_new": "Italy"}\n{"subject": "X"\n')
+    cfg = study_config(tmp_path, tiny_dir)
+    p = subprocess.run(MEMOE + ["run", str(cfg), "--set", f"data.path={bad}", "--set", "data.format=jsonl"],
+                       env=env_for(tmp_path / "runs", tmp_path / "prefect"), cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.startswith("error: ") and "bad.jsonl" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_two_concurrent_studies_have_separate_correct_mlflow_records(tmp_path, tiny_dir):
+    from mlflow import MlflowClient
+
+    runs = tmp_path / "runs"
+    env = env_for(runs, tmp_path / "prefect")
+    cfgs = {"a": study_config(tmp_path / "a", tiny_dir, steps=8, rounds=2),
+            "b": study_config(tmp_path / "b", tiny_dir, steps=12, rounds=3, data__seed=1, data__sample="random")}
+    procs = {k: subprocess.Popen(MEMOE + ["run", str(c), "--out", str(tmp_path / f"out-{k}")], env=env, cwd=ROOT,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for k, c in cfgs.items()}
+    logs = {k: p.communicate(timeout=400)[0] for k, p in procs.items()}
+    for k, p in procs.items():
+        assert p.returncode == 0, logs[k][-4000:]
+    client = MlflowClient(tracking_uri=f"sqlite:///{runs / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("memoe")
+    seen_ids = set()
+    for k, n_rounds in (("a", 2), ("b", 3)):
+        res = json.loads((tmp_path / f"out-{k}" / "results.json").read_text())
+        parent = client.get_run(res["mlflow"]["run_id"])
+        assert parent.info.status == "FINISHED"
+        assert parent.data.tags["memoe.config_hash"] == res["config_hash"]
+        assert parent.data.params["protocol.rounds"] == str(n_rounds)
+        assert parent.data.params["method.steps"] == str({"a": 8, "b": 12}[k])
+        assert parent.data.metrics["final.reliability"] == pytest.approx(res["final"]["reliability"])
+        assert parent.data.tags["memoe.git_commit"] and parent.data.tags["memoe.model"] == str(tiny_dir)
+        children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+        assert len(children) == n_rounds and all(c.info.status == "FINISHED" for c in children)
+        hist = client.get_metric_history(parent.info.run_id, "reliability")
+        assert sorted(m.step for m in hist) == [2 * (t + 1) for t in range(n_rounds)]
+        assert [m.value for m in sorted(hist, key=lambda m: m.step)] == pytest.approx(
+            [r["reliability"] for r in res["rounds"]])
+        arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+        assert {"config.yaml", "results.json", "per_edit.parquet", "adapter", "plots"} <= arts, arts
+        assert parent.inputs.dataset_inputs, "the edit records are logged as a dataset input"
+        seen_ids.add(parent.info.run_id)
+    assert len(seen_ids) == 2
+
+
+def test_compare_writes_table_parquet_and_plot(tmp_path, tiny_dir):
+    cfg = study_config(tmp_path, tiny_dir, steps=5, rounds=1, batch=3)
+    raw = yaml.safe_load(cfg.read_text())
+    raw["protocol"] = {"mode": "batch"}
+    raw["data"]["n_edits"] = 3
+    raw["methods"] = [raw["method"], {"name": "ft-m", "layer": 2, "steps": 5}]
+    cfg.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "out"
+    res, p = memoe_run(cfg, out, env_for(tmp_path / "runs", tmp_path / "prefect"), "--set", "tracking.enabled=false")
+    assert set(res["methods"]) == {"memoe", "ft-m"}
+    for m in res["methods"].values():
+        assert {"final", "rounds", "timings"} <= set(m) and m["final"]["n_edits"] == 3
+    assert (out / "comparison.md").read_text().count("|") > 10
+    assert (out / "comparison.parquet").exists() and (out / "comparison.png").stat().st_size > 1000
+    assert res["mlflow"]["run_id"] is None and not (tmp_path / "runs" / "mlflow.db").exists()
