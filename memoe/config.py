@@ -142,8 +142,26 @@ class MemitMethod(_Strict):
     early_stop_loss: float = Field(0.05, ge=0, description="stop the z optimisation when every edit's NLL is below")
 
 
+class WiseMethod(_Strict):
+    """WISE side memory (memoe/editors/wise.py); defaults follow EasyEdit's LLaMA hparams."""
+    name: Literal["wise"] = "wise"
+    layer: int = Field(25, description="decoder layer whose MLP value matrix gets the side memory")
+    lr: float = Field(1.0, gt=0, description="SGD lr of the side memory")
+    steps: int = Field(70, ge=1)
+    mask_ratio: float = Field(0.2, gt=0, le=1, description="fraction of side-memory entries a round may write")
+    weight_decay: float = Field(1e-5, ge=0)
+    irr_margin: float = Field(2.0, description="activation score unrelated inputs must stay below")
+    edit_margin: float = Field(20.0, description="activation score edits must exceed")
+    gap: float = Field(10.0, description="margin between edit and unrelated scores")
+    act_ratio: float = Field(0.88, gt=0, description="routing threshold = act_ratio x the smallest edit score")
+    corpus: Literal["shakespeare", "pydoc"] = Field("shakespeare", description="unrelated text for the routing loss")
+    irr_len: int = Field(32, ge=4)
+    irr_chunks: int = Field(256, ge=1)
+    early_stop_loss: float = Field(0.01, ge=0.0)
+
+
 MethodConfig = Annotated[
-    Union[MEMoEMethod, FTMethod, LoRAMethod, GraceMethod, MemitMethod], Field(discriminator="name")
+    Union[MEMoEMethod, FTMethod, LoRAMethod, GraceMethod, MemitMethod, WiseMethod], Field(discriminator="name")
 ]
 
 
@@ -232,7 +250,7 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in {"memoe", "ft-l", "ft-m", "lora", "grace", "memit"}))
+        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in {"memoe", "ft-l", "ft-m", "lora", "grace", "memit", "wise"}))
         if e["type"] == "extra_forbidden":
             lines.append(f"  unknown key '{loc}'")
         else:

@@ -6,7 +6,7 @@ import polars as pl
 import pytest
 import torch
 
-from memoe.config import FTMethod, GraceMethod, LoRAMethod, MemitMethod
+from memoe.config import FTMethod, GraceMethod, LoRAMethod, MemitMethod, WiseMethod
 from memoe.data import SCHEMA
 from memoe.editors import make_editor
 from memoe.metrics import teacher_forced
@@ -216,3 +216,19 @@ def test_layer_stats_cached_pure(tiny, cache, monkeypatch):
     C = a[1]
     assert torch.allclose(C, C.T) and torch.linalg.eigvalsh(C).min() > -1e-9
     assert "pydoc" in corpus.stats_key(model, 1, "pydoc", 1024, 64)
+
+
+METHODS["wise"] = lambda m: WiseMethod(layer=_last(m), lr=0.5, steps=40, mask_ratio=0.5, corpus="pydoc",
+                                       irr_margin=0.05, edit_margin=1.0, gap=0.5, irr_chunks=16, irr_len=16)
+
+
+def test_wise(tiny, tmp_path):
+    model, tok = tiny
+    far = ["Bananas are a kind of", "In 1905 Einstein published"]
+    before_far = logits(model, tok, far)
+    _check_edit_remove_roundtrip("wise", tiny, tmp_path)
+    ed = make_editor(model, tok, METHODS["wise"](model))
+    stats = ed.edit(records())
+    assert stats["min_edit_score"] > stats["max_irr_score"]
+    assert torch.equal(logits(model, tok, far, editor=ed), before_far)  # routed to the main memory
+    ed.remove()

@@ -1,0 +1,169 @@
+"""WISE (Wang et al., NeurIPS 2024), plain version: a side memory beside one layer's MLP value matrix.
+
+- Side memory W' = W + D for the MLP output projection of layer l; the main memory W never changes.
+- Routing: the activation score s(x) = mean over x's tokens of ||A(x) D^T|| (A: the projection's input).
+  If s(x) > eps the layer uses the side memory for x, else the main one. The decision is taken at the
+  first forward of a sequence and kept for its cached generation steps.
+- Training (per round): D, masked to a random fraction ``mask_ratio`` of its entries (knowledge
+  sharding: each round writes its own random subspace of the same side memory), is trained with SGD
+  on the target NLL through the side memory plus the routing margin loss
+      relu(s(x_irr) - irr_margin) + relu(edit_margin - s(x_edit)) + relu(gap - (s(x_edit) - s(x_irr)))
+  where x_irr are chunks of unrelated corpus text (memoe.corpus). eps = act_ratio x the smallest score
+  of any edit so far.
+Simplifications against the paper: one side memory, rounds' subspaces are summed instead of TIES-merged
+(overlaps continue training), no memory retrieval across several side memories.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any, Iterator
+
+import polars as pl
+import torch
+
+from memoe.corpus import token_chunks
+from memoe.editors.base import Editor, register
+from memoe.editors.common import edit_batch, target_nll
+from memoe.editors.grace import _past_length
+from memoe.models import arch_of, mlp_of, num_layers
+
+
+@register("wise")
+class WiseEditor(Editor):
+    name = "wise"
+
+    def __init__(self, model, tokenizer, cfg, seed: int = 0):
+        super().__init__(model, tokenizer, cfg, seed)
+        self.layer = cfg.layer % num_layers(model)
+        self.proj = getattr(mlp_of(model, self.layer), arch_of(model).out_proj)
+        self.conv1d = model.config.model_type == "gpt2"
+        w = self.proj.weight
+        self.D = torch.zeros_like(w)  # side memory minus main memory, same layout as the weight
+        self.eps = torch.tensor(float("inf"))
+        self._mask: torch.Tensor | None = None  # attention mask of the current sequence
+        self._pending = False
+        self._use: torch.Tensor | None = None  # per row: side memory on?
+        self._mode = "infer"  # "infer" | "train"
+        self._scores: torch.Tensor | None = None
+        self._irr: list[list[int]] | None = None
+        self._hooks = [model.base_model.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
+                       self.proj.register_forward_hook(self._proj_hook)]
+
+    def _delta_out(self, a: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+        return a @ D.to(a.dtype) if self.conv1d else a @ D.to(a.dtype).T
+
+    def _pre_hook(self, module, args, kwargs):
+        if _past_length(kwargs) > 0:
+            return None
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        ref = ids if ids is not None else kwargs.get("inputs_embeds")
+        mask = kwargs.get("attention_mask")
+        if mask is None or mask.dim() != 2:
+            mask = torch.ones(ref.shape[0], ref.shape[1], device=ref.device)
+        self._mask = mask.float()
+        self._pending = True
+        return None
+
+    def _proj_hook(self, module, args, output):
+        a = args[0]
+        if self._mode == "train":
+            extra = self._delta_out(a, self._D_train)
+            m = self._mask[:, :a.shape[1]]
+            self._scores = (extra.float().norm(dim=-1) * m).sum(1) / m.sum(1).clamp(min=1)
+            return output + extra
+        if not torch.isfinite(self.eps) or not bool(self.D.any()):
+            return None
+        if self._pending:
+            self._pending = False
+            extra = self._delta_out(a, self.D)
+            m = self._mask[:, :a.shape[1]] if self._mask is not None and self._mask.shape[0] == a.shape[0] \
+                else torch.ones(a.shape[:2], device=a.device)
+            score = (extra.float().norm(dim=-1) * m).sum(1) / m.sum(1).clamp(min=1)
+            self._use = score > self.eps.to(score.device)
+        elif self._use is None or self._use.shape[0] != a.shape[0]:
+            return None
+        else:
+            extra = self._delta_out(a, self.D)
+        if not bool(self._use.any()):
+            return None
+        return torch.where(self._use[:, None, None], output + extra, output)
+
+    @contextlib.contextmanager
+    def route(self, prompts: list[str]) -> Iterator[None]:
+        yield
+
+    def _irrelevant(self, n: int, step: int) -> torch.Tensor:
+        if self._irr is None:
+            self._irr = token_chunks(self.tokenizer, self.cfg.corpus, self.cfg.irr_chunks * self.cfg.irr_len,
+                                     self.cfg.irr_len)
+        g = torch.Generator().manual_seed(self.seed * 1000 + step)
+        pick = torch.randint(len(self._irr), (n,), generator=g).tolist()
+        return torch.tensor([self._irr[i] for i in pick], device=self.device)
+
+    def edit(self, records: pl.DataFrame) -> dict[str, Any]:
+        cfg, t0 = self.cfg, time.perf_counter()
+        torch.manual_seed(self.seed + self.edits_applied)
+        prompts, targets = records["prompt"].to_list(), records["target_new"].to_list()
+        b = edit_batch(self.tokenizer, prompts, targets, self.device)
+        n, T = b["input_ids"].shape
+        g = torch.Generator().manual_seed(self.seed + 7919 * self.edits_applied)
+        gmask = (torch.rand(self.D.shape, generator=g) < cfg.mask_ratio).to(self.D)
+        D = self.D.clone().requires_grad_(True)
+        opt = torch.optim.SGD([D], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        pad = self.tokenizer.pad_token_id or 0
+        L = max(T, cfg.irr_len)
+        losses = []
+        self._mode, self._D_train = "train", D
+        try:
+            for step in range(cfg.steps):
+                irr = self._irrelevant(n, self.edits_applied + step)
+                ids = torch.full((2 * n, L), pad, dtype=torch.long, device=self.device)
+                mask = torch.zeros((2 * n, L), dtype=torch.long, device=self.device)
+                ids[:n, :T], mask[:n, :T] = b["input_ids"], b["attention_mask"]
+                ids[n:, :cfg.irr_len], mask[n:, :cfg.irr_len] = irr, 1
+                labels = torch.full((n, L), -100, dtype=torch.long, device=self.device)
+                labels[:, :T] = b["labels"]
+                opt.zero_grad(set_to_none=True)
+                logits = self.model(input_ids=ids, attention_mask=mask).logits
+                nll = target_nll(logits[:n], labels)
+                s_e, s_i = self._scores[:n], self._scores[n:]
+                act = (torch.relu(s_i - cfg.irr_margin) + torch.relu(cfg.edit_margin - s_e)
+                       + torch.relu(cfg.gap - (s_e - s_i))).mean()
+                loss = nll + act
+                losses.append((float(nll.detach()), float(act.detach())))
+                if losses[-1][0] < cfg.early_stop_loss and losses[-1][1] == 0.0:
+                    break
+                loss.backward()
+                D.grad.mul_(gmask)
+                opt.step()
+            self.D = D.detach().clone()
+            # threshold: act_ratio x the smallest edit score so far (scored without the training mask)
+            self._D_train = self.D
+            with torch.no_grad():
+                self.model.base_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
+                s_edit = float(self._scores.min())
+                self.model.base_model(input_ids=irr, use_cache=False)
+                s_irr = float(self._scores.max())
+        finally:
+            self._mode, self._D_train, self._pending, self._use = "infer", None, False, None
+        self.eps = torch.minimum(self.eps, torch.tensor(cfg.act_ratio * s_edit))
+        self.edits_applied += len(prompts)
+        return {"loss_first": losses[0][0], "loss_last": losses[-1][0], "act_loss_last": losses[-1][1],
+                "steps": len(losses), "edit_time_s": time.perf_counter() - t0, "eps": float(self.eps),
+                "min_edit_score": s_edit, "max_irr_score": s_irr}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"side_delta.layer{self.layer}": self.D.clone(), "eps": self.eps.clone().reshape(1)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.D = state[f"side_delta.layer{self.layer}"].to(self.proj.weight).clone()
+        self.eps = state["eps"].reshape(()).float().cpu().clone()
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self.D = torch.zeros_like(self.D)
+        self.eps = torch.tensor(float("inf"))
+        self.edits_applied = 0
