@@ -227,6 +227,7 @@ def _start_parent(ctx: Ctx, kind: str, data: dict | None = None) -> str | None:
 
         if flow_run.id:
             tags["prefect.flow_run_id"] = str(flow_run.id)
+            tags["prefect.root_flow_run_id"] = str(flow_run.root_flow_run_id or flow_run.id)
     except Exception:  # noqa: BLE001
         pass
     rid = tr.start(f"{kind}-{chash}", tags)

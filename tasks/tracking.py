@@ -141,7 +141,11 @@ class Tracker:
         for c, t in df.schema.items():
             if isinstance(t, pl.List):
                 pdf[c] = [json.dumps(x) for x in df[c].to_list()]
-        ds = mlflow.data.from_pandas(pdf[df.columns], source=source, name=name)
+        import warnings
+
+        with warnings.catch_warnings():  # "source can be interpreted in multiple ways": a local file
+            warnings.simplefilter("ignore", UserWarning)
+            ds = mlflow.data.from_pandas(pdf[df.columns], source=source, name=name)
         inp = DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
         _retry(lambda: self.client.log_inputs(run_id, datasets=[inp]))
 
