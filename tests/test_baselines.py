@@ -232,3 +232,27 @@ def test_wise(tiny, tmp_path):
     assert stats["min_edit_score"] > stats["max_irr_score"]
     assert torch.equal(logits(model, tok, far, editor=ed), before_far)  # routed to the main memory
     ed.remove()
+
+
+@pytest.mark.parametrize("method", ["grace", "wise"])
+def test_router_generation_kv_cache_matches_full_forward(method, tiny):
+    """Greedy generation with the KV cache = without it (every step a full forward): the routing decision
+    of the prompt holds for the generated tokens too. Multi-token targets, left padding."""
+    model, tok = tiny
+    recs = records([(s, p, t + " and more words here", tt) for s, p, t, tt in EDITS])
+    ed = make_editor(model, tok, METHODS[method](model))
+    ed.edit(recs)
+    prompts = recs["prompt"].to_list() + FAR
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        enc = tok(prompts, return_tensors="pt", padding=True)
+        outs = []
+        for cache in (True, False):
+            with torch.no_grad(), ed.route(prompts):
+                outs.append(model.generate(**enc, max_new_tokens=6, do_sample=False, use_cache=cache,
+                                           pad_token_id=tok.pad_token_id))
+    finally:
+        tok.padding_side = side
+    assert torch.equal(outs[0], outs[1])
+    ed.remove()

@@ -32,7 +32,10 @@ from memoe.models import mlp_of, num_layers
 
 
 def _past_length(kwargs: dict) -> int:
+    """Tokens already in the KV cache of this forward (0 on a sequence's first forward)."""
     pkv = kwargs.get("past_key_values")
+    if pkv is None:
+        pkv = kwargs.get("cache")  # transformers 5 passes the cache under this name
     if pkv is not None:
         try:
             return int(pkv.get_seq_length())
