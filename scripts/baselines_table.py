@@ -56,14 +56,14 @@ def run_one(args) -> dict:
     df, _ = load_edits(resolve_path(path), fmt)
     df = sample_edits(df, args.n)
     base = locality_predictions(model, tok, df)
-    cfg = method_cfg(args.method, args.set)
+    cfg = method_cfg(args.method, args.set) if args.method != "none" else None
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    ed = make_editor(model, tok, cfg, seed=args.seed)
+    ed = make_editor(model, tok, cfg, seed=args.seed) if cfg is not None else None  # "none": the unedited model
     t0 = time.perf_counter()
-    stats = []
-    for part in split_rounds(df, args.rounds, args.n // args.rounds):
+    stats = [{}]
+    for part in (split_rounds(df, args.rounds, args.n // args.rounds) if ed is not None else []):
         stats.append(ed.edit(part))
     edit_s = time.perf_counter() - t0
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -72,7 +72,7 @@ def run_one(args) -> dict:
     out = {"method": args.method, "data": args.data, "n": args.n, "rounds": args.rounds, **s,
            "edit_s": edit_s, "edit_s_per_100": edit_s * 100 / args.n,
            "peak_rss_mb_before_edit": rss0, "peak_rss_mb_after_edit": rss1,
-           "cfg": cfg.model_dump(mode="json"), "stats_last": {k: v for k, v in stats[-1].items() if isinstance(v, (int, float))}}
+           "cfg": cfg.model_dump(mode="json") if cfg is not None else None, "stats_last": {k: v for k, v in stats[-1].items() if isinstance(v, (int, float))}}
     if torch.cuda.is_available():
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -81,7 +81,7 @@ def run_one(args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--methods", nargs="+", default=["ft-l", "ft-m", "lora", "grace", "memit"])
-    ap.add_argument("--method", help="run one method in this process")
+    ap.add_argument("--method", help="run one method in this process ('none': the unedited model)")
     ap.add_argument("--data", choices=sorted(DATA), default="zsre")
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=1)
