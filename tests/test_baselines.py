@@ -49,7 +49,7 @@ METHODS = {
 }
 
 
-def _check_edit_remove_roundtrip(method, tiny, tmp_path):
+def _check_edit_remove_roundtrip(method, tiny, tmp_path, extra=None):
     model, tok = tiny
     cfg = METHODS[method](model)
     recs = records()
@@ -62,6 +62,8 @@ def _check_edit_remove_roundtrip(method, tiny, tmp_path):
     r1 = rel(model, tok, recs, editor=ed)
     after = logits(model, tok, prompts, editor=ed)
     assert r0 < 0.5 and r1 >= (0.6 if method == "ft-l" else 0.9), (r0, r1)
+    if extra is not None:
+        extra(ed, stats)
     ed.save(tmp_path / "ed")
     ed.remove()
     assert torch.equal(logits(model, tok, prompts), before)
@@ -96,7 +98,7 @@ def test_ft_l_default_constraint():
     assert FTMethod(name="ft-m").norm_constraint is None
 
 
-METHODS["lora"] = lambda m: LoRAMethod(target_modules=["mlp_out"], rank=4, alpha=8, lr=2e-2, steps=40)
+METHODS["lora"] = lambda m: LoRAMethod(target_modules=["mlp_out"], rank=4, alpha=8, lr=3e-2, steps=25)
 
 
 def test_lora(tiny, tmp_path):
@@ -107,19 +109,20 @@ def test_lora(tiny, tmp_path):
     assert not any("lora" in n for n, _ in model.named_parameters())
 
 
-METHODS["grace"] = lambda m: GraceMethod(layer=_last(m), eps=1.0, lr=1.0, steps=60)
+METHODS["grace"] = lambda m: GraceMethod(layer=_last(m), eps=1.0, lr=1.0, steps=40)
 
 
 def test_grace(tiny, tmp_path):
     model, tok = tiny
     far = ["Bananas are a kind of", "In 1905 Einstein published"]
     before_far = logits(model, tok, far)
-    ed = _check_edit_remove_roundtrip("grace", tiny, tmp_path)
-    ed = make_editor(model, tok, METHODS["grace"](model))
-    stats = ed.edit(records())
-    assert stats["codebook_size"] == 3
-    assert torch.equal(logits(model, tok, far, editor=ed), before_far)  # far prompts untouched
-    assert torch.equal(logits(model, tok, far), before_far)  # ... with or without route
+
+    def extra(ed, stats):
+        assert stats["codebook_size"] == 3
+        assert torch.equal(logits(model, tok, far, editor=ed), before_far)  # far prompts untouched
+        assert torch.equal(logits(model, tok, far), before_far)  # ... with or without route
+
+    _check_edit_remove_roundtrip("grace", tiny, tmp_path, extra)
 
 
 def test_grace_generate_uses_prompt_key(tiny):
@@ -142,7 +145,7 @@ def test_grace_generate_uses_prompt_key(tiny):
 
 
 METHODS["memit"] = lambda m: MemitMethod(layers=[1, 2], fact_token="last", corpus="pydoc", mom2_tokens=4096, mom2_seq_len=64,
-                                         mom2_weight=10.0, v_lr=0.5, v_steps=40, clamp_norm_factor=8.0)
+                                         mom2_weight=10.0, v_lr=0.5, v_steps=20, clamp_norm_factor=8.0)
 
 
 @pytest.fixture
@@ -156,7 +159,9 @@ def test_memit(tiny, tmp_path, cache):
     assert len(list((cache / "stats").rglob("*.safetensors"))) == 2  # one cached C per layer
 
 
-def test_memit_closed_form_uses_statistics(tiny, cache, monkeypatch):
+def test_memit_closed_form_uses_statistics(tokenizer, cache, monkeypatch):
+    from tests.conftest import tiny_model
+
     from memoe.editors import memit as memit_mod
     from memoe.editors.memit import memit_update
 
@@ -169,7 +174,7 @@ def test_memit_closed_form_uses_statistics(tiny, cache, monkeypatch):
     assert torch.allclose(D @ (2.0 * C.double() + K.double() @ K.double().T), R.double() @ K.double().T, atol=1e-8)
     assert not torch.allclose(D, memit_update(torch.eye(6), K, R, 2.0))
 
-    model, tok = tiny
+    model, tok = tiny_model("llama", len(tokenizer)), tokenizer
     seen = []
     real = memit_mod.layer_stats
 
@@ -219,19 +224,19 @@ def test_layer_stats_cached_pure(tiny, cache, monkeypatch):
 
 
 METHODS["wise"] = lambda m: WiseMethod(layer=_last(m), lr=0.5, steps=40, mask_ratio=0.5, corpus="pydoc",
-                                       irr_margin=0.05, edit_margin=1.0, gap=0.5, irr_chunks=16, irr_len=16)
+                                       irr_margin=0.05, edit_margin=1.0, gap=0.5, irr_chunks=8, irr_len=16)
 
 
 def test_wise(tiny, tmp_path):
     model, tok = tiny
     far = ["Bananas are a kind of", "In 1905 Einstein published"]
     before_far = logits(model, tok, far)
-    _check_edit_remove_roundtrip("wise", tiny, tmp_path)
-    ed = make_editor(model, tok, METHODS["wise"](model))
-    stats = ed.edit(records())
-    assert stats["min_edit_score"] > stats["max_irr_score"]
-    assert torch.equal(logits(model, tok, far, editor=ed), before_far)  # routed to the main memory
-    ed.remove()
+
+    def extra(ed, stats):
+        assert stats["min_edit_score"] > stats["max_irr_score"]
+        assert torch.equal(logits(model, tok, far, editor=ed), before_far)  # routed to the main memory
+
+    _check_edit_remove_roundtrip("wise", tiny, tmp_path, extra)
 
 
 @pytest.mark.parametrize("method", ["grace", "wise"])
