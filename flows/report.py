@@ -59,9 +59,14 @@ def rounds_plot(rounds: list[dict[str, Any]], path: Path, title: str) -> Path:
     return path
 
 
-def expert_load(stats: dict[str, Any]) -> list[float] | None:
-    """An editor's per-expert routing load if its stats report one (flattened over layers)."""
-    for k, v in stats.items():
+def expert_load(round_: dict[str, Any]) -> list[float] | None:
+    """Per-expert routing load after a round: the editor's diagnostics (``load_expert_e``) or a
+    ``*load*`` list in its training stats."""
+    diag = round_.get("diagnostics") or {}
+    keys = sorted((k for k in diag if k.startswith("load_expert_")), key=lambda k: int(k.rsplit("_", 1)[1]))
+    if keys:
+        return [float(diag[k]) for k in keys]
+    for k, v in (round_.get("train") or {}).items():
         if "load" in k.lower() and "loss" not in k.lower() and isinstance(v, (list, dict)):
             vals = list(v.values()) if isinstance(v, dict) else v
             flat: list[float] = []
@@ -73,7 +78,7 @@ def expert_load(stats: dict[str, Any]) -> list[float] | None:
 
 
 def expert_load_plot(rounds: list[dict[str, Any]], path: Path) -> Path | None:
-    loads = [expert_load(r.get("train", {})) for r in rounds]
+    loads = [expert_load(r) for r in rounds]
     if not any(loads):
         return None
     import matplotlib
@@ -86,7 +91,7 @@ def expert_load_plot(rounds: list[dict[str, Any]], path: Path) -> Path | None:
         if load:
             ax.plot(range(len(load)), load, "o-", label=f"round {r['round']}")
     ax.set_xlabel("expert")
-    ax.set_ylabel("routing load (training)")
+    ax.set_ylabel("share of routed tokens")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

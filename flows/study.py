@@ -181,6 +181,7 @@ def _run_rounds(ctx: Ctx, method, data: dict, base: dict, parent_run: str | None
         summ = report.summaries(pl.read_parquet(ev["table"]))
         entry = {"round": t, "edits_so_far": (t + 1) * batch, **summ, "n_scored": ev["n_scored"],
                  "n_earlier_scored": ev["n_earlier_scored"], "train": tr_res["stats"],
+                 "diagnostics": ev.get("diagnostics") or {},
                  "cached": {"train": ctx.task_states[f"{pfx}train_round_{t}"] == "Cached",
                             "evaluate": ctx.task_states[f"{pfx}evaluate_round_{t}"] == "Cached"}}
         rounds.append(entry)
@@ -191,6 +192,7 @@ def _run_rounds(ctx: Ctx, method, data: dict, base: dict, parent_run: str | None
         rid = tr.start(f"round-{t}", {"memoe.round": str(t), "memoe.method": method.name}, parent=parent_run)
         metrics = _metric_dict({k: v for k, v in summ.items()}) | {
             f"train.{k}": v for k, v in _metric_dict(tr_res["stats"]).items()} | {
+            f"diag.{k}": v for k, v in _metric_dict(ev.get("diagnostics") or {}).items()} | {
             "train.seconds": tr_res["seconds"], "eval.seconds": ev["seconds"],
             "eval.n_scored": ev["n_scored"], "eval.retention_sample_size": ev["n_earlier_scored"]}
         ctx.pending.append(track.submit(tracking, rid, metrics=metrics, step=entry["edits_so_far"],

@@ -332,6 +332,7 @@ def evaluate_round(round_index: int, rounds: list[str], state: str, base: str, m
         table = evaluate(model, tok, records.drop("round_of_edit", "current"), pl.read_parquet(base), editor=editor,
                          batch_size=eval_cfg["batch_size"], generation=eval_cfg["generation"],
                          max_new_tokens=eval_cfg["max_new_tokens"], fluency=eval_cfg["fluency"])
+        diagnostics = _diagnostics(editor, records.drop("round_of_edit", "current"), eval_cfg)
         seconds = time.perf_counter() - t0
     finally:
         editor.remove()
@@ -339,4 +340,20 @@ def evaluate_round(round_index: int, rounds: list[str], state: str, base: str, m
     tmp = _tmp(store, "eval", ".parquet")
     table.write_parquet(tmp)
     return {"table": str(publish_file(tmp, Path(store) / "evals", ".parquet")), "seconds": seconds,
-            "n_scored": table.height, "n_earlier_scored": n_earlier}
+            "n_scored": table.height, "n_earlier_scored": n_earlier, "diagnostics": diagnostics}
+
+
+def _diagnostics(editor, records, eval_cfg: dict) -> dict:
+    """The editor module's own diagnostics where it has them (MEMoE: ``router_diagnostics``, with
+    the expert load ``load_expert_e`` and anchor hit rates); never fails the evaluation."""
+    import importlib
+    import logging
+
+    fn = getattr(importlib.import_module(type(editor).__module__), "router_diagnostics", None)
+    if fn is None:
+        return {}
+    try:
+        return _jsonable(fn(editor, records, batch_size=eval_cfg["batch_size"]))
+    except Exception as e:  # noqa: BLE001
+        logging.getLogger("memoe.tasks").warning("router diagnostics failed: %s", e)
+        return {"error": str(e)}

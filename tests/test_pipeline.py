@@ -108,6 +108,14 @@ def test_rerun_is_all_cache_hits_and_kill_resume_gives_identical_metrics(tmp_pat
     assert resumed["final"] == ref["final"]
     assert [r["reliability"] for r in resumed["rounds"]] == [r["reliability"] for r in ref["rounds"]]
 
+    # the killed study's MLflow run is marked KILLED, the resumed one FINISHED
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{runs_b / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("memoe")
+    parents = client.search_runs([exp.experiment_id], f"tags.`memoe.config_hash` = '{resumed['config_hash']}'")
+    assert sorted(r.info.status for r in parents) == ["FINISHED", "KILLED"]
+
 
 @pytest.mark.parametrize("overrides, message", [
     (["--set", "protocol.rounds=0"], "protocol.rounds"),
@@ -142,8 +150,9 @@ def test_two_concurrent_studies_have_separate_correct_mlflow_records(tmp_path, t
 
     runs = tmp_path / "runs"
     env = env_for(runs, tmp_path / "prefect")
-    cfgs = {"a": study_config(tmp_path / "a", tiny_dir, steps=8, rounds=2),
-            "b": study_config(tmp_path / "b", tiny_dir, steps=12, rounds=3, data__seed=1, data__sample="random")}
+    cfgs = {"a": study_config(tmp_path / "a", tiny_dir, steps=8, rounds=2, protocol__mode="batch"),
+            "b": study_config(tmp_path / "b", tiny_dir, steps=12, rounds=3, data__seed=1, data__sample="random",
+                             eval__retention_sample=1)}
     procs = {k: subprocess.Popen(MEMOE + ["run", str(c), "--out", str(tmp_path / f"out-{k}")], env=env, cwd=ROOT,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for k, c in cfgs.items()}
@@ -153,25 +162,33 @@ def test_two_concurrent_studies_have_separate_correct_mlflow_records(tmp_path, t
     client = MlflowClient(tracking_uri=f"sqlite:///{runs / 'mlflow.db'}")
     exp = client.get_experiment_by_name("memoe")
     seen_ids = set()
-    for k, n_rounds in (("a", 2), ("b", 3)):
+    for k, n_rounds, steps in (("a", 1, [4]), ("b", 3, [2, 4, 6])):
         res = json.loads((tmp_path / f"out-{k}" / "results.json").read_text())
         parent = client.get_run(res["mlflow"]["run_id"])
         assert parent.info.status == "FINISHED"
         assert parent.data.tags["memoe.config_hash"] == res["config_hash"]
-        assert parent.data.params["protocol.rounds"] == str(n_rounds)
+        assert parent.data.params["protocol.mode"] == {"a": "batch", "b": "sequential"}[k]
+        assert parent.data.tags["memoe.flow"] == {"a": "batch", "b": "sequential"}[k]
         assert parent.data.params["method.steps"] == str({"a": 8, "b": 12}[k])
         assert parent.data.metrics["final.reliability"] == pytest.approx(res["final"]["reliability"])
         assert parent.data.tags["memoe.git_commit"] and parent.data.tags["memoe.model"] == str(tiny_dir)
         children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
         assert len(children) == n_rounds and all(c.info.status == "FINISHED" for c in children)
         hist = client.get_metric_history(parent.info.run_id, "reliability")
-        assert sorted(m.step for m in hist) == [2 * (t + 1) for t in range(n_rounds)]
+        assert sorted(m.step for m in hist) == steps == [r["edits_so_far"] for r in res["rounds"]]
         assert [m.value for m in sorted(hist, key=lambda m: m.step)] == pytest.approx(
             [r["reliability"] for r in res["rounds"]])
         arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
         assert {"config.yaml", "results.json", "per_edit.parquet", "adapter", "plots"} <= arts, arts
         assert parent.inputs.dataset_inputs, "the edit records are logged as a dataset input"
+        plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+        assert "plots/rounds.png" in plots and "plots/expert_load.png" in plots, plots
+        assert any(k.startswith("diag.load_expert_") for k in children[0].data.metrics)
         seen_ids.add(parent.info.run_id)
+        if k == "b":  # retention sample: 1 of the 2 earlier edits after round 2, all edits after the last
+            assert [r["n_earlier_scored"] for r in res["rounds"]] == [0, 1, 4]
+            r2 = next(c for c in children if c.data.tags["memoe.round"] == "1")
+            assert r2.data.metrics["eval.retention_sample_size"] == 1
     assert len(seen_ids) == 2
 
 
@@ -190,3 +207,14 @@ def test_compare_writes_table_parquet_and_plot(tmp_path, tiny_dir):
     assert (out / "comparison.md").read_text().count("|") > 10
     assert (out / "comparison.parquet").exists() and (out / "comparison.png").stat().st_size > 1000
     assert res["mlflow"]["run_id"] is None and not (tmp_path / "runs" / "mlflow.db").exists()
+
+
+def test_ui_command_is_local_and_light(tmp_path, monkeypatch):
+    import argparse
+
+    from flows import commands_ui
+
+    monkeypatch.setenv("MEMOE_RUNS", str(tmp_path))
+    cmd = commands_ui.command(argparse.Namespace(port=5123, runs_dir=None, uri=None))
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("--workers") + 1] == "1"
+    assert cmd[cmd.index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path / 'mlflow.db'}"
