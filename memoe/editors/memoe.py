@@ -205,7 +205,8 @@ class MEMoEEditor(Editor):
         self.edits_applied += len(new)
         return {"loss_first": losses[0], "loss_final": losses[-1], "steps": step, "n_edits": len(new),
                 "n_replayed": len(old), "n_train_rows": len(rows), "layer_cache": self.uses_layer_cache,
-                "prep_s": round(t_prep, 3), "time_s": round(time.perf_counter() - t0, 3)}
+                "prep_s": round(t_prep, 3), "time_s": round(time.perf_counter() - t0, 3),
+                "loss_curve": [round(x, 4) for x in losses[::max(1, len(losses) // 10)]]}
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, torch.Tensor]:
