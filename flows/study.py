@@ -50,6 +50,7 @@ class Ctx:
         o = Path(out).resolve() if out else rd / config_hash(cfg)
         o.mkdir(parents=True, exist_ok=True)
         uri = cfg.tracking.mlflow_uri or default_uri(rd)
+        _clean_tmp(rd / "store" / "tmp")
         return cls(cfg, rd, o, rd / "store", uri)
 
     def tick(self, phase: str, seconds: float) -> None:
@@ -67,6 +68,19 @@ class Ctx:
         self.tick(phase, time.perf_counter() - t0)
         self.task_states[label] = state.name
         return res
+
+
+def _clean_tmp(folder: Path, older_than_s: float = 6 * 3600) -> None:
+    """Half-written task outputs of killed studies (never of a running one: those are young)."""
+    if not folder.is_dir():
+        return
+    now = time.time()
+    for p in folder.iterdir():
+        try:
+            if now - p.stat().st_mtime > older_than_s:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        except OSError:
+            pass
 
 
 def _outputs_exist(res: dict) -> bool:

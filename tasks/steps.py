@@ -332,7 +332,9 @@ def evaluate_round(round_index: int, rounds: list[str], state: str, base: str, m
         table = evaluate(model, tok, records.drop("round_of_edit", "current"), pl.read_parquet(base), editor=editor,
                          batch_size=eval_cfg["batch_size"], generation=eval_cfg["generation"],
                          max_new_tokens=eval_cfg["max_new_tokens"], fluency=eval_cfg["fluency"])
-        diagnostics = _diagnostics(editor, records.drop("round_of_edit", "current"), eval_cfg)
+        # router diagnostics (expert load, anchor hits) on the round's own edits: cheap enough per round
+        diagnostics = _diagnostics(editor, records.filter(pl.col("current")).drop("round_of_edit", "current"),
+                                   eval_cfg)
         seconds = time.perf_counter() - t0
     finally:
         editor.remove()
