@@ -86,12 +86,17 @@ def expert_load_plot(rounds: list[dict[str, Any]], path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    import numpy as np
+
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    for r, load in zip(rounds, loads):
+    n = max(len(x) for x in loads if x)
+    w = 0.8 / len(rounds)
+    for i, (r, load) in enumerate(zip(rounds, loads)):
         if load:
-            ax.plot(range(len(load)), load, "o-", label=f"round {r['round']}")
-    ax.set_xlabel("expert")
-    ax.set_ylabel("share of routed tokens")
+            ax.bar(np.arange(len(load)) + i * w, load, w, label=f"after round {r['round'] + 1}")
+    ax.set_xticks(np.arange(n) + w * (len(rounds) - 1) / 2)
+    ax.set_xticklabels([f"expert {e}" for e in range(n)], fontsize=8)
+    ax.set_ylabel("share of routed tokens\n(the round's edit prompts)", fontsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
