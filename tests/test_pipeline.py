@@ -218,3 +218,11 @@ def test_ui_command_is_local_and_light(tmp_path, monkeypatch):
     cmd = commands_ui.command(argparse.Namespace(port=5123, runs_dir=None, uri=None))
     assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and cmd[cmd.index("--workers") + 1] == "1"
     assert cmd[cmd.index("--backend-store-uri") + 1] == f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def test_run_without_config_uses_the_quickstart(tmp_path):
+    p = subprocess.run(MEMOE + ["run", "--set", "protocol.rounds=100"], env=env_for(tmp_path / "runs", tmp_path / "p"),
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    quick = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
+    b, n = quick["protocol"]["batch_size"], quick["data"]["n_edits"]
+    assert p.returncode == 2 and f"100 rounds x {b} edits = {100 * b} edits, but only {n} are available" in p.stderr
