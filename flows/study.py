@@ -66,6 +66,9 @@ class Ctx:
             state = t.with_options(refresh_cache=True)(**params, return_state=True)
             res = state.result()
         self.tick(phase, time.perf_counter() - t0)
+        if phase not in ("train", "evaluate") and state.name != "Cached" and isinstance(res, dict) \
+                and isinstance(res.get("seconds"), (int, float)):
+            self.tick(f"{phase}_compute", res["seconds"])  # the library's own work inside the task
         self.task_states[label] = state.name
         return res
 

@@ -23,7 +23,7 @@ for _name, _mod, _help in [
     ("run", "flows.commands_run", "run a study (batch or sequential) and write results.json"),
     ("ui", "flows.commands_ui", "start the MLflow UI on 127.0.0.1"),
     ("demo", "memoe.commands.demo", "show five edits: before, after, rephrase, unrelated prompt"),
-    ("bench", "memoe.commands.bench", "benchmarks of speed, memory and scale"),
+    ("bench", "flows.commands_bench", "benchmarks of speed, memory and scale (writes bench.json)"),
 ]:
     if importlib.util.find_spec(_mod.split(".")[0]) and importlib.util.find_spec(_mod):
         COMMANDS[_name] = (_mod, _help)

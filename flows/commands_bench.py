@@ -1,0 +1,107 @@
+"""``memoe bench [--quick] [--out DIR] [--mlflow]``: benchmarks of speed, memory and scale.
+
+Prints every figure and writes them to ``DIR/bench.json`` (default runs/bench/). ``--quick``
+measures the ratios (cached step, roofline fraction) and a short sequential study in minutes;
+the full run adds 1,000-edit batches, the 2,000-edit sequential study on CPU (10,000 on a GPU)
+and the orchestration overhead of a 1,000-edit study through the pipeline.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+
+def add_arguments(p):
+    p.add_argument("--quick", action="store_true", help="a few minutes: ratios and a short study")
+    p.add_argument("--out", default="runs/bench", help="output folder for bench.json")
+    p.add_argument("--mlflow", action="store_true", help="also log the figures to MLflow")
+    p.add_argument("--model", default="embedded:smollm2-135m")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--skip-scale", action="store_true", help="skip the sequential scale study")
+    p.add_argument("--skip-overhead", action="store_true", help="skip the orchestration-overhead study")
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[key] = float(v)
+    return out
+
+
+def orchestration_overhead(n_edits: int, rounds: int, out: Path, model_load_s: float) -> dict:
+    """Run a sequential study through ``memoe run`` (Prefect flow, MLflow tracking) in a fresh
+    process. Library work = training + evaluation + the unedited model's locality predictions (as
+    timed inside the tasks) + one model load (timed in this process); the rest of the command's
+    wall time (process start, imports, Prefect server and task machinery, MLflow, hashing for
+    cache keys, file I/O) is counted as orchestration and tracking."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "memoe.cli", "run", "--out", str(out), "--runs-dir", str(out / "runs"),
+           "--set", f"data.n_edits={n_edits}", "--set", "protocol.mode=sequential",
+           "--set", f"protocol.rounds={rounds}", "--set", f"protocol.batch_size={n_edits // rounds}",
+           "--set", "eval.generation=false", "--set", "eval.retention_sample=200"]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    wall = time.perf_counter() - t0
+    t = json.loads((out / "results.json").read_text())["timings"]
+    library = sum(t.get(k, 0.0) for k in ("train_compute", "evaluate_compute", "locality_base_compute")) + model_load_s
+    return {"n_edits": n_edits, "rounds": rounds, "wall_s": wall, "timings": t, "library_s": library,
+            "orchestration_s": wall - library, "orchestration_share": (wall - library) / wall}
+
+
+def run(args) -> int:
+    import torch
+
+    from memoe.bench import run_bench, sequential_scale
+    from memoe.config import MEMoEMethod
+    from memoe.models import load_model
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    gpu = torch.cuda.is_available() and args.device != "cpu"
+
+    def scale():
+        model, tok = load_model(args.model, args.device)
+        rounds, batch = (4, 25) if args.quick else ((100, 100) if gpu else (20, 100))
+        return sequential_scale(model, tok, MEMoEMethod(), rounds, batch)
+
+    t0 = time.perf_counter()
+    res = run_bench(quick=args.quick, model_name=args.model, device=args.device,
+                    scale=None if args.skip_scale else scale)
+    if not args.skip_overhead:
+        from memoe.models import load_model as _load
+
+        t1 = time.perf_counter()
+        _load(args.model, args.device)
+        load_s = time.perf_counter() - t1
+        n, r = (100, 4) if args.quick else (1000, 10)
+        res["orchestration"] = orchestration_overhead(n, r, out / "overhead_study", load_s)
+        print(f"[bench] orchestration + tracking: {res['orchestration']['orchestration_share']:.1%} of a "
+              f"{n}-edit study ({res['orchestration']['wall_s']:.0f}s)")
+    res["bench_wall_s"] = time.perf_counter() - t0
+    path = out / "bench.json"
+    path.write_text(json.dumps(res, indent=2))
+    print(f"\ncached_step_ratio   {res['cached_step_ratio']:.3f}")
+    print(f"roofline_fraction   {res['roofline_fraction']:.3f}")
+    for n, v in res["edit_throughput"].items():
+        print(f"edit {n:>5} edits     {v['seconds']:.1f} s ({v['edits_per_s']:.2f} edits/s)")
+    print(f"peak RSS (MiB)      " + ", ".join(f"{k} {v:.0f}" for k, v in res["peak_rss_mb"].items()))
+    if args.mlflow:
+        import mlflow
+
+        from memoe.config import load_config
+        uri = load_config(None).tracking.mlflow_uri or f"sqlite:///{Path('runs').resolve()}/mlflow.db"
+        Path("runs").mkdir(exist_ok=True)
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment("memoe-bench")
+        with mlflow.start_run(run_name=f"bench-{'quick' if args.quick else 'full'}"):
+            mlflow.log_metrics(_flat({k: v for k, v in res.items() if k != "scale"}))
+            mlflow.log_artifact(str(path))
+    print(f"wrote {path}")
+    return 0

@@ -1,0 +1,254 @@
+"""Benchmarks of speed, memory and scale (not tests): each prints its figures and returns them.
+
+``run_bench(quick=...)`` measures, in one process on one machine:
+  edit throughput (edits/s for 10 / 100 / 1,000 edits), seconds per training step with and without
+  the cache of the layers below l, FT-M's step in the same run, evaluation throughput
+  (teacher-forced and generation), peak RSS per phase, adapter size against the base model,
+  achieved FLOP/s of the training step against a plain matmul of the same shapes, and a sequential
+  scale study (time per round, Rel / Gen / Loc over rounds).
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import platform
+import resource
+import threading
+import time
+from typing import Any, Callable
+
+import polars as pl
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from memoe.config import FTMethod, MEMoEMethod, resolve_path
+from memoe.data import load_edits
+from memoe.datasets import SHARED_DATASETS
+from memoe.editors import make_editor
+from memoe.metrics import evaluate, generate, locality_predictions, summarize, teacher_forced
+from memoe.models import load_model
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class PeakRSS:
+    """Samples the resident set size in a thread; ``peak`` is the phase's maximum in MiB."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval, self.peak, self._stop = interval, 0.0, threading.Event()
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_mb())
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self.peak = _rss_mb()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, _rss_mb())
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def records(name: str, n: int, offset: int = 0) -> pl.DataFrame:
+    path, fmt = SHARED_DATASETS[name]
+    df, _ = load_edits(resolve_path(path), fmt)
+    return df.slice(offset, n)
+
+
+def mixed_records(n: int) -> pl.DataFrame:
+    """n real edits: ZsRE first, then CounterFact (for studies larger than one file)."""
+    parts, left = [], n
+    for name in ("zsre", "counterfact", "counterfact-val"):
+        if left <= 0:
+            break
+        df = records(name, left)
+        parts.append(df.with_columns((pl.lit(name + ":") + pl.col("id")).alias("id")))
+        left -= df.height
+    return pl.concat(parts)
+
+
+def timed_edit(model, tok, method, recs, seed=0) -> tuple[Any, dict]:
+    ed = make_editor(model, tok, method, seed=seed)
+    _sync(ed.device)
+    t0 = time.perf_counter()
+    stats = ed.edit(recs)
+    _sync(ed.device)
+    stats = dict(stats or {})
+    stats["wall_s"] = time.perf_counter() - t0
+    return ed, stats
+
+
+def step_time(model, tok, method, recs, steps: int) -> float:
+    """Seconds per optimiser step: (edit with `steps` steps - edit with 1 step) / (steps - 1)."""
+    fixed = dict(early_stop_loss=0.0)
+    _, a = timed_edit(model, tok, method.model_copy(update=dict(fixed, steps=1)), recs)
+    ed, b = timed_edit(model, tok, method.model_copy(update=dict(fixed, steps=steps)), recs)
+    ed.remove()
+    return (b["wall_s"] - a["wall_s"]) / (steps - 1)
+
+
+def step_flops(model, tok, method, recs) -> float:
+    """FLOPs of one training step (forward + backward), counted by torch's FlopCounterMode."""
+    m1 = method.model_copy(update=dict(steps=2, early_stop_loss=0.0))
+    with FlopCounterMode(display=False) as fc1:
+        e = make_editor(model, tok, m1); e.edit(recs); e.remove()
+    m0 = method.model_copy(update=dict(steps=1, early_stop_loss=0.0))
+    with FlopCounterMode(display=False) as fc0:
+        e = make_editor(model, tok, m0); e.edit(recs); e.remove()
+    return float(fc1.get_total_flops() - fc0.get_total_flops())
+
+
+def matmul_flops_per_s(m: int, k: int, n: int, device, dtype=torch.float32, seconds: float = 2.0) -> float:
+    """Achieved FLOP/s of a plain (m x k) @ (k x n) matmul on this machine, best of repeated runs."""
+    a = torch.randn(m, k, device=device, dtype=dtype)
+    b = torch.randn(k, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    best, t_end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        _sync(device); t0 = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        _sync(device)
+        best = max(best, 10 * 2 * m * k * n / (time.perf_counter() - t0))
+    return best
+
+
+def _say(msg: str):
+    print(f"[bench] {msg}", flush=True)
+
+
+def run_bench(quick: bool = True, model_name: str = "embedded:smollm2-135m", device: str = "auto",
+              dtype: str = "auto", memoe: MEMoEMethod | None = None,
+              scale: Callable[[], dict] | None = None) -> dict[str, Any]:
+    torch.manual_seed(0)
+    out: dict[str, Any] = {"quick": quick, "machine": {
+        "platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}}
+    rss: dict[str, float] = {}
+    with PeakRSS() as p:
+        model, tok = load_model(model_name, device, dtype)
+    rss["load_model"] = p.peak
+    dev = next(model.parameters()).device
+    out["machine"]["device"] = str(dev)
+    method = memoe or MEMoEMethod()
+    n_main = 100
+    zs = records("zsre", 1000 if not quick else n_main)
+
+    # --- training step: cached vs uncached vs FT-M, and FLOP/s
+    steps = 6 if quick else 21
+    step_recs = zs.head(n_main)
+    t_c = step_time(model, tok, method.model_copy(update=dict(layer_cache=True)), step_recs, steps)
+    t_u = step_time(model, tok, method.model_copy(update=dict(layer_cache=False)), step_recs, steps)
+    t_ft = step_time(model, tok, FTMethod(name="ft-m"), step_recs, steps)
+    out["train_step"] = {"edits_per_step": n_main, "cached_s": t_c, "uncached_s": t_u, "ft_m_s": t_ft}
+    out["cached_step_ratio"] = t_c / t_u
+    _say(f"training step on {n_main} edits: cached {t_c:.3f}s, uncached {t_u:.3f}s "
+         f"(ratio {t_c / t_u:.2f}); FT-M {t_ft:.3f}s")
+    flops = step_flops(model, tok, method.model_copy(update=dict(layer_cache=True)), step_recs)
+    ntok = int(sum(len(tok(p + " " + t).input_ids) for p, t in zip(step_recs["prompt"], step_recs["target_new"])))
+    h = model.config.hidden_size
+    inter = getattr(model.config, "intermediate_size", 4 * h)
+    mm = matmul_flops_per_s(ntok, h, inter, dev)
+    out["flops"] = {"step_flops": flops, "step_flop_s": flops / t_c, "matmul_flop_s": mm,
+                    "matmul_shape": [ntok, h, inter]}
+    out["roofline_fraction"] = flops / t_c / mm
+    _say(f"training step: {flops / 1e9:.1f} GFLOP in {t_c:.3f}s = {flops / t_c / 1e9:.1f} GFLOP/s; "
+         f"matmul [{ntok}x{h}]@[{h}x{inter}]: {mm / 1e9:.1f} GFLOP/s -> roofline fraction {out['roofline_fraction']:.2f}")
+
+    # --- edit throughput
+    thr = {}
+    for n in ([10, 100] if quick else [10, 100, 1000]):
+        with PeakRSS() as p:
+            ed, st = timed_edit(model, tok, method, zs.head(n))
+        rss[f"edit_{n}"] = p.peak
+        thr[str(n)] = {"edits": n, "seconds": st["wall_s"], "edits_per_s": n / st["wall_s"],
+                       "steps": st.get("steps")}
+        _say(f"edit {n:5d} edits: {st['wall_s']:.1f}s ({n / st['wall_s']:.2f} edits/s, steps {st.get('steps')})")
+        if n == 100:
+            adapter_params = sum(v.numel() for v in ed.state_dict().values())
+            adapter_bytes = sum(v.numel() * v.element_size() for v in ed.state_dict().values())
+            base_params = sum(p.numel() for p in model.parameters())
+            base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+            out["adapter"] = {"params": adapter_params, "bytes": adapter_bytes, "base_params": base_params,
+                              "base_bytes": base_bytes, "param_fraction": adapter_params / base_params}
+            # --- evaluation throughput with the edited model
+            recs = zs.head(n)
+            with PeakRSS() as p:
+                t0 = time.perf_counter()
+                teacher_forced(model, tok, recs["prompt"].to_list(), recs["target_new"].to_list(), editor=ed, batch_size=32)
+                tf_s = time.perf_counter() - t0
+            rss["eval_teacher_forced"] = p.peak
+            with PeakRSS() as p:
+                t0 = time.perf_counter()
+                generate(model, tok, recs["prompt"].to_list(), editor=ed, batch_size=32, max_new_tokens=8)
+                g_s = time.perf_counter() - t0
+            rss["eval_generation"] = p.peak
+            out["eval_throughput"] = {"teacher_forced_prompts_per_s": n / tf_s,
+                                      "generation_prompts_per_s": n / g_s, "max_new_tokens": 8}
+            _say(f"eval: teacher-forced {n / tf_s:.1f} prompts/s, generation {n / g_s:.1f} prompts/s")
+            base = locality_predictions(model, tok, recs)
+            out["edit_100_metrics"] = summarize(evaluate(model, tok, recs, base, editor=ed, generation=False))
+        ed.remove()
+        del ed
+        gc.collect()
+    out["edit_throughput"] = thr
+    out["peak_rss_mb"] = rss
+    if scale is not None:
+        out["scale"] = scale()
+    return out
+
+
+def sequential_scale(model, tok, method, rounds: int, batch: int, *, retention_sample: int | None = 200,
+                     seed: int = 0) -> dict[str, Any]:
+    """A sequential study of rounds x batch real edits: time per round (training, evaluation) and
+    Rel / Gen / Loc over rounds. Earlier edits are scored on a seeded sample of at most
+    ``retention_sample`` (logged), so evaluation grows no faster than the edits so far."""
+    recs = mixed_records(rounds * batch)
+    base = locality_predictions(model, tok, recs)
+    ed = make_editor(model, tok, method, seed=seed)
+    per_round = []
+    for t in range(rounds):
+        cur = recs.slice(t * batch, batch)
+        t0 = time.perf_counter()
+        st = ed.edit(cur)
+        train_s = time.perf_counter() - t0
+        seen = recs.head((t + 1) * batch)
+        sample = seen if retention_sample is None or seen.height <= retention_sample else \
+            seen.sample(retention_sample, seed=seed + t)
+        t0 = time.perf_counter()
+        m = summarize(evaluate(model, tok, sample, base.filter(pl.col("id").is_in(sample["id"].implode())),
+                               editor=ed, generation=False))
+        eval_s = time.perf_counter() - t0
+        per_round.append({"round": t + 1, "edits_so_far": (t + 1) * batch, "train_s": train_s, "eval_s": eval_s,
+                          "scored": sample.height, "steps": (st or {}).get("steps"),
+                          **{k: m.get(k) for k in ("reliability", "generality", "locality")}})
+        _say(f"round {t + 1}/{rounds}: train {train_s:.1f}s eval {eval_s:.1f}s on {sample.height} "
+             f"Rel {m.get('reliability', float('nan')):.2f} Gen {m.get('generality', float('nan')):.2f} "
+             f"Loc {m.get('locality', float('nan')):.2f}")
+    ed.remove()
+    tr = [r["train_s"] for r in per_round]
+    # flatness: spread of the per-round training time after the first round, relative to its median
+    import statistics
+    tail = tr[1:] or tr
+    med = statistics.median(tail)
+    return {"rounds": rounds, "batch": batch, "retention_sample": retention_sample, "per_round": per_round,
+            "train_s_median": med, "train_s_max_dev": max(abs(x - med) for x in tail) / med}
