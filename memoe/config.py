@@ -45,7 +45,8 @@ class DataConfig(_Strict):
 class MEMoEMethod(_Strict):
     """MEMoE (memoe/editors/memoe.py). Defaults tuned on ZsRE records 500-539 with the embedded
     SmolLM2-135M (see scripts/tune_memoe.py); the step cap raised to 80 because 100 edits in one
-    batch had not reached the stopping loss after 40. Beyond the paper's formula, and switchable back:
+    batch had not reached the stopping loss after 40; load balancing on because without it top-1
+    routing collapsed onto one expert (99% of tokens). Beyond the paper's formula, and switchable back:
     ``gate_mode=anchor`` (silent on inputs without a known edited subject; the paper's literal
     formula is ``always``) and ``expert_sees_anchor`` (experts take the anchor embedding too)."""
     name: Literal["memoe"] = "memoe"
@@ -65,7 +66,7 @@ class MEMoEMethod(_Strict):
     steps: int = Field(80, ge=1, description="optimiser steps per round (cap; early stop usually ends sooner)")
     early_stop_loss: float = Field(0.05, ge=0.0, description="stop when the mean target NLL is below this")
     batch_size: int | None = Field(None, description="edits per optimiser step; null = all edits of the round")
-    load_balance: float = Field(0.0, ge=0.0, description="weight of the load-balancing loss")
+    load_balance: float = Field(0.01, ge=0.0, description="weight of the Switch load-balancing loss (0.0: none)")
     context_templates: int = Field(0, ge=0, description="number of self-generated prefixes prepended to edit prompts")
     layer_cache: bool = Field(True, description="compute layers below l once per round")
     expert_act: Literal["none", "gelu", "silu"] = Field("none", description="nonlinearity inside low-rank experts")
