@@ -41,3 +41,10 @@ def target_nll(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mea
     if reduction == "none":
         return (loss * m).sum(1) / m.sum(1).clamp(min=1)
     return (loss * m).sum() / m.sum().clamp(min=1)
+
+
+def edit_batches(tokenizer, records, batch_size: int | None, device) -> list[dict[str, torch.Tensor]]:
+    """The records' (prompt, target_new) pairs as ``edit_batch`` chunks of ``batch_size`` (all: None)."""
+    prompts, targets = records["prompt"].to_list(), records["target_new"].to_list()
+    bs = batch_size or len(prompts)
+    return [edit_batch(tokenizer, prompts[i:i + bs], targets[i:i + bs], device) for i in range(0, len(prompts), bs)]

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from memoe.editors.base import Editor, register
-from memoe.editors.common import edit_batch, target_nll
+from memoe.editors.common import edit_batches, target_nll
 from memoe.models import arch_of, mlp_of, num_layers
 
 
@@ -54,10 +54,7 @@ class FTEditor(Editor):
     def edit(self, records: pl.DataFrame) -> dict[str, Any]:
         cfg, t0 = self.cfg, time.perf_counter()
         torch.manual_seed(self.seed + self.edits_applied)
-        prompts, targets = records["prompt"].to_list(), records["target_new"].to_list()
-        bs = cfg.batch_size or len(prompts)
-        batches = [edit_batch(self.tokenizer, prompts[i:i + bs], targets[i:i + bs], self.device)
-                   for i in range(0, len(prompts), bs)]
+        batches = edit_batches(self.tokenizer, records, cfg.batch_size, self.device)
         start = self.weight.detach().clone()  # the constraint is relative to the weights of this call
         w = self.weight
         w.requires_grad_(True)
@@ -79,7 +76,7 @@ class FTEditor(Editor):
                         with torch.no_grad():
                             w.copy_(torch.clamp(w, start - cfg.norm_constraint, start + cfg.norm_constraint))
                     tot += float(loss.detach()) * len(b["input_ids"])
-                losses.append(tot / len(prompts))
+                losses.append(tot / records.height)
                 if losses[-1] < cfg.early_stop_loss:
                     break
         finally:
@@ -89,7 +86,7 @@ class FTEditor(Editor):
         with torch.no_grad():
             self.delta = (w - self.original).detach().clone()
             w.copy_(self.original + self.delta)
-        self.edits_applied += len(prompts)
+        self.edits_applied += records.height
         return {"loss_first": losses[0], "loss_last": losses[-1], "steps": len(losses),
                 "edit_time_s": time.perf_counter() - t0,
                 "delta_linf": float(self.delta.abs().max())}

@@ -15,7 +15,7 @@ import polars as pl
 import torch
 
 from memoe.editors.base import Editor, register
-from memoe.editors.common import edit_batch, target_nll
+from memoe.editors.common import edit_batches, target_nll
 from memoe.models import arch_of, num_layers
 
 
@@ -66,10 +66,7 @@ class LoRAEditor(Editor):
     def edit(self, records: pl.DataFrame) -> dict[str, Any]:
         cfg, t0 = self.cfg, time.perf_counter()
         torch.manual_seed(self.seed + self.edits_applied)
-        prompts, targets = records["prompt"].to_list(), records["target_new"].to_list()
-        bs = cfg.batch_size or len(prompts)
-        batches = [edit_batch(self.tokenizer, prompts[i:i + bs], targets[i:i + bs], self.device)
-                   for i in range(0, len(prompts), bs)]
+        batches = edit_batches(self.tokenizer, records, cfg.batch_size, self.device)
         params = list(self.params.values())
         for p in params:
             p.requires_grad_(True)
@@ -85,14 +82,14 @@ class LoRAEditor(Editor):
                     loss.backward()
                     opt.step()
                     tot += float(loss.detach()) * len(b["input_ids"])
-                losses.append(tot / len(prompts))
+                losses.append(tot / records.height)
                 if losses[-1] < cfg.early_stop_loss:
                     break
         finally:
             for p in params:
                 p.requires_grad_(False)
                 p.grad = None
-        self.edits_applied += len(prompts)
+        self.edits_applied += records.height
         return {"loss_first": losses[0], "loss_last": losses[-1], "steps": len(losses),
                 "edit_time_s": time.perf_counter() - t0, "n_params": sum(p.numel() for p in params)}
 
