@@ -183,7 +183,16 @@ class MEMoEAdapter(nn.Module):
                 a = torch.zeros(B, T, self.moe[str(layer)].d_anchor, dtype=x.dtype, device=x.device)
             else:
                 a = st.anchor.to(device=x.device, dtype=x.dtype)[:, None, :].expand(B, T, -1)
-            delta, probs, idx = self.moe[str(layer)](x.reshape(B * T, d), a.reshape(B * T, -1), active.reshape(-1))
+            moe = self.moe[str(layer)]
+            if torch.is_autocast_enabled(x.device.type):
+                # mixed-precision training: the adapter runs in its own (fp32) precision and its small
+                # early contributions are added at that precision, not rounded away in a bf16 sum
+                dt = moe.w_in.dtype
+                with torch.autocast(x.device.type, enabled=False):
+                    delta, probs, idx = moe(x.reshape(B * T, d).to(dt), a.reshape(B * T, -1).to(dt), active.reshape(-1))
+                output = output.to(dt)
+            else:
+                delta, probs, idx = moe(x.reshape(B * T, d), a.reshape(B * T, -1), active.reshape(-1))
             if self.training and probs is not None:
                 self.load_stats[layer] = (probs, idx)
             if st.record is not None:

@@ -69,6 +69,9 @@ class MEMoEMethod(_Strict):
     load_balance: float = Field(0.01, ge=0.0, description="weight of the Switch load-balancing loss (0.0: none)")
     context_templates: int = Field(0, ge=0, description="number of self-generated prefixes prepended to edit prompts")
     layer_cache: bool = Field(True, description="compute layers below l once per round")
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="training autocast: 'auto' = bf16 on GPUs and CPUs with bf16 matrix units (AMX), else fp32")
+    length_buckets: bool = Field(True, description="split each step's rows into groups of similar length (less padding)")
     expert_act: Literal["none", "gelu", "silu"] = Field("none", description="nonlinearity inside low-rank experts")
     apply_from: Literal["all", "anchor"] = Field(
         "all", description="'anchor': the adapter acts only from the anchor's last token onward")

@@ -97,3 +97,52 @@ def test_real_model_three_zsre_edits_flip(real_model):
     after = teacher_forced(model, tok, recs["prompt"].to_list(), recs["target_new"].to_list(), editor=ed).acc()
     ed.remove()
     assert sum(after) / 3 == 1.0 and sum(before) / 3 < 0.7
+
+
+def test_length_buckets_partition_rows_and_cut_padding():
+    from memoe.editors.common import length_buckets
+
+    lengths = [12, 30, 11, 29, 12, 31, 10, 30] * 8
+    groups = length_buckets(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    padded = sum(len(g) * max(lengths[i] for i in g) for g in groups)
+    assert 1 < len(groups) and padded < len(lengths) * max(lengths)
+    assert length_buckets([7] * 5) == [[0, 1, 2, 3, 4]]  # equal lengths: one group, order kept
+
+
+def test_bucketed_bf16_training_edits_and_restores_the_model(tokenizer):
+    """Length buckets + bf16 autocast still edit; the frozen weights and the attention
+    implementation are exactly as before afterwards (the fp32 originals are put back)."""
+    model = tiny_model("llama", len(tokenizer))
+    ref = {k: v.clone() for k, v in model.state_dict().items()}
+    impl = model.config._attn_implementation
+    recs = _records(EDITS["prompts"] + ["Paris is the capital of"], EDITS["targets"] + ["Narnia of the North"],
+                    EDITS["subjects"] + ["Paris"])
+    ed = make_editor(model, tokenizer, MEMoEMethod(**{**FAST, "steps": 120}, precision="bfloat16"))
+    stats = ed.edit(recs)
+    assert stats["precision"] == "bfloat16" and stats["buckets"] >= 1
+    assert all(torch.equal(ref[k], v) and v.dtype == ref[k].dtype for k, v in model.state_dict().items())
+    assert model.config._attn_implementation == impl
+    after = teacher_forced(model, tokenizer, recs["prompt"].to_list(), recs["target_new"].to_list(), editor=ed).acc()
+    assert min(after) == 1.0
+
+
+def test_bucketed_step_has_the_same_gradient_as_one_padded_batch(tokenizer):
+    """Splitting a step's rows into length groups changes padding, not the objective."""
+    model = tiny_model("llama", len(tokenizer))
+    recs = _records(EDITS["prompts"] + ["Paris is the capital of"], EDITS["targets"] + ["Narnia of the North"],
+                    EDITS["subjects"] + ["Paris"])
+    grads = []
+    for buckets in (True, False):
+        torch.manual_seed(0)
+        ed = MEMoEEditor(model, tokenizer, MEMoEMethod(**{**FAST, "steps": 1, "router_noise": 0.0, "load_balance": 0.0,
+                                                          "precision": "float32", "length_buckets": buckets}))
+        with torch.no_grad():
+            for p in ed.adapter.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        before = {k: v.clone() for k, v in ed.adapter.state_dict().items()}
+        ed.edit(recs)
+        grads.append({k: v - before[k] for k, v in ed.adapter.state_dict().items()})
+        ed.remove()
+    for k in grads[0]:
+        assert torch.allclose(grads[0][k], grads[1][k], atol=1e-6), k

@@ -1,7 +1,9 @@
-"""Training helpers shared by the editors: edit batches with the prompt masked, target NLL."""
+"""Training helpers shared by the editors: edit batches with the prompt masked, target NLL,
+length buckets (less padding) and the training precision (bf16 autocast where the hardware has it)."""
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -48,3 +50,72 @@ def edit_batches(tokenizer, records, batch_size: int | None, device) -> list[dic
     prompts, targets = records["prompt"].to_list(), records["target_new"].to_list()
     bs = batch_size or len(prompts)
     return [edit_batch(tokenizer, prompts[i:i + bs], targets[i:i + bs], device) for i in range(0, len(prompts), bs)]
+
+
+def length_buckets(lengths: Sequence[int], row_cost: int = 48) -> list[list[int]]:
+    """Split rows into groups of similar token length, minimising padded tokens + ``row_cost`` per
+    group (a group's fixed cost in token-equivalents: kernel launches, Python per layer).
+
+    Returns lists of row indices (each group sorted by length; rows of equal length stay in order).
+    Optimal contiguous partition of the length-sorted rows by dynamic programming (O(n^2))."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    ls = [lengths[i] for i in order]
+    n = len(ls)
+    best = [0.0] + [float("inf")] * n  # best[j]: cost of the first j sorted rows
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):  # group = sorted rows i..j-1, padded to ls[j-1]
+            c = best[i] + (j - i) * ls[j - 1] + row_cost
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    groups, j = [], n
+    while j > 0:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for training: ``float32`` -> None; ``bfloat16`` -> bf16; ``auto`` -> bf16 on a
+    CUDA GPU that supports it or a CPU with AMX / AVX512-BF16 matrix units, else None (fp32)."""
+    if precision == "float32":
+        return None
+    if precision == "bfloat16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu":
+        amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+        return torch.bfloat16 if amx else None
+    return None
+
+
+@contextlib.contextmanager
+def training_precision(model, dtype: torch.dtype | None) -> Iterator[None]:
+    """Autocast the frozen model's forward/backward to ``dtype`` (trainable weights stay fp32; the
+    loss is computed in fp32). On CPU, attention runs as plain matmuls ("eager"): torch's bf16
+    flash-attention backward on CPU is several times slower than its fp32 one."""
+    if dtype is None:
+        yield
+        return
+    device = next(model.parameters()).device
+    impl = getattr(model.config, "_attn_implementation", None)
+    switch = device.type == "cpu" and impl not in (None, "eager") and hasattr(model, "set_attn_implementation")
+    # frozen weights are cast once here, not at every autocast call (autocast caches only the
+    # casts of trainable leaves); the fp32 originals are put back on exit
+    from memoe.models import decoder_layers
+
+    stash = [(p, p.data) for layer in decoder_layers(model) for p in layer.parameters()
+             if not p.requires_grad and p.dtype == torch.float32]
+    if switch:
+        model.set_attn_implementation("eager")
+    try:
+        for p, data in stash:
+            p.data = data.to(dtype)
+        with torch.autocast(device.type, dtype=dtype):
+            yield
+    finally:
+        for p, data in stash:
+            p.data = data
+        if switch:
+            model.set_attn_implementation(impl)

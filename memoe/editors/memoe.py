@@ -20,7 +20,8 @@ import torch
 from memoe.adapter import LayerCache, MEMoEAdapter, final_norm, supports_layer_cache
 from memoe.anchors import Anchor, AnchorExtractor, anchor_embeddings, anchor_end_token, gold_anchor
 from memoe.editors.base import Editor, register
-from memoe.editors.common import edit_batch
+from memoe.editors.common import edit_batch, length_buckets, resolve_precision, training_precision
+from memoe.metrics import encode_pair
 
 ROME_STARTS = ["The", "Therefore", "Because", "I", "You"]
 
@@ -117,7 +118,7 @@ class MEMoEEditor(Editor):
                 rows.append((tpl + p, t, s))
         return rows
 
-    def _loss(self, batch: dict, ctx: dict, cache: LayerCache | None) -> torch.Tensor:
+    def _loss(self, batch: dict, ctx: dict, cache: LayerCache | None, reduction: str = "mean") -> torch.Tensor:
         labels = batch["labels"]
         rows, cols = (labels[:, 1:] != -100).nonzero(as_tuple=True)
         st = self.adapter.state
@@ -130,7 +131,7 @@ class MEMoEEditor(Editor):
                 h = self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                           use_cache=False).last_hidden_state[rows, cols]
         logits = self.model.get_output_embeddings()(h).float()
-        return torch.nn.functional.cross_entropy(logits, labels[rows, cols + 1])
+        return torch.nn.functional.cross_entropy(logits, labels[rows, cols + 1], reduction=reduction)
 
     def _prepare(self, rows: Sequence[tuple[str, str, str]]):
         prompts, targets, subjects = zip(*rows)
@@ -169,8 +170,18 @@ class MEMoEEditor(Editor):
             old = rng.sample(old, cfg.replay)
         rows = self._examples(new + old)
         bs = cfg.batch_size * (1 + len(self.context_templates())) if cfg.batch_size else len(rows)
-        chunks = [rows[i:i + bs] for i in range(0, len(rows), bs)]
-        prepared = [self._prepare(c) for c in chunks]
+        dtype = resolve_precision(cfg.precision, self.device)
+        steps_data = []  # per optimiser step: [(batch, ctx, cache, n_target_tokens)] of similar-length rows
+        with training_precision(self.model, dtype):
+            for i in range(0, len(rows), bs):
+                chunk = rows[i:i + bs]
+                lengths = [len(encode_pair(self.tokenizer, p, t)[0]) for p, t, _ in chunk]
+                groups = length_buckets(lengths) if cfg.length_buckets else [list(range(len(chunk)))]
+                parts = []
+                for g in groups:
+                    batch, ctx, cache = self._prepare([chunk[j] for j in g])
+                    parts.append((batch, ctx, cache, int((batch["labels"][:, 1:] != -100).sum())))
+                steps_data.append(parts)
         t_prep = time.perf_counter() - t0
 
         params = [p for p in self.adapter.parameters() if p.requires_grad]
@@ -180,21 +191,26 @@ class MEMoEEditor(Editor):
         losses: list[float] = []
         step = 0
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), training_precision(self.model, dtype):
                 for step in range(1, cfg.steps + 1):
-                    epoch = []
-                    for batch, ctx, cache in prepared:
+                    nll, ntok = 0.0, 0
+                    for parts in steps_data:
                         opt.zero_grad(set_to_none=True)
-                        loss = self._loss(batch, ctx, cache)
-                        total = loss
-                        if cfg.load_balance > 0:
-                            total = total + cfg.load_balance * self.adapter.load_balance_loss().to(loss.device)
-                        else:
-                            self.adapter.load_stats = {}
-                        total.backward()
+                        n_all = sum(p[3] for p in parts)
+                        rows_all = sum(p[0]["labels"].shape[0] for p in parts)
+                        for batch, ctx, cache, n in parts:  # gradient of the step's mean target NLL
+                            loss_sum = self._loss(batch, ctx, cache, reduction="sum")
+                            total = loss_sum / n_all
+                            if cfg.load_balance > 0:
+                                lb = self.adapter.load_balance_loss().to(loss_sum.device)
+                                total = total + cfg.load_balance * lb * (batch["labels"].shape[0] / rows_all)
+                            else:
+                                self.adapter.load_stats = {}
+                            total.backward()
+                            nll += float(loss_sum.detach())
+                        ntok += n_all
                         opt.step()
-                        epoch.append(float(loss.detach()))
-                    losses.append(float(np.mean(epoch)))
+                    losses.append(nll / ntok)
                     if losses[-1] < cfg.early_stop_loss:
                         break
         finally:
@@ -205,6 +221,8 @@ class MEMoEEditor(Editor):
         self.edits_applied += len(new)
         return {"loss_first": losses[0], "loss_final": losses[-1], "steps": step, "n_edits": len(new),
                 "n_replayed": len(old), "n_train_rows": len(rows), "layer_cache": self.uses_layer_cache,
+                "precision": str(dtype or torch.float32).replace("torch.", ""),
+                "buckets": sum(len(p) for p in steps_data),
                 "prep_s": round(t_prep, 3), "time_s": round(time.perf_counter() - t0, 3),
                 "loss_curve": [round(x, 4) for x in losses[::max(1, len(losses) // 10)]]}
 
