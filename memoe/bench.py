@@ -26,6 +26,7 @@ from memoe.config import FTMethod, MEMoEMethod, resolve_path
 from memoe.data import load_edits
 from memoe.datasets import SHARED_DATASETS
 from memoe.editors import make_editor
+from memoe.editors.common import resolve_precision
 from memoe.metrics import evaluate, generate, locality_predictions, summarize, teacher_forced
 from memoe.models import load_model
 
@@ -167,12 +168,23 @@ def run_bench(quick: bool = True, model_name: str = "embedded:smollm2-135m", dev
     ntok = int(sum(len(tok(p + " " + t).input_ids) for p, t in zip(step_recs["prompt"], step_recs["target_new"])))
     h = model.config.hidden_size
     inter = getattr(model.config, "intermediate_size", 4 * h)
-    mm = matmul_flops_per_s(ntok, h, inter, dev)
+    train_dtype = resolve_precision(method.precision, dev) or torch.float32
+    mm = matmul_flops_per_s(ntok, h, inter, dev, dtype=train_dtype)
     out["flops"] = {"step_flops": flops, "step_flop_s": flops / t_c, "matmul_flop_s": mm,
-                    "matmul_shape": [ntok, h, inter]}
+                    "matmul_shape": [ntok, h, inter], "precision": str(train_dtype).replace("torch.", "")}
     out["roofline_fraction"] = flops / t_c / mm
-    _say(f"training step: {flops / 1e9:.1f} GFLOP in {t_c:.3f}s = {flops / t_c / 1e9:.1f} GFLOP/s; "
-         f"matmul [{ntok}x{h}]@[{h}x{inter}]: {mm / 1e9:.1f} GFLOP/s -> roofline fraction {out['roofline_fraction']:.2f}")
+    _say(f"training step ({out['flops']['precision']}): {flops / 1e9:.1f} GFLOP in {t_c:.3f}s = "
+         f"{flops / t_c / 1e9:.1f} GFLOP/s; matmul [{ntok}x{h}]@[{h}x{inter}]: {mm / 1e9:.1f} GFLOP/s "
+         f"-> roofline fraction {out['roofline_fraction']:.2f}")
+    if train_dtype != torch.float32:  # the same step and matmul in fp32, for comparison across machines
+        t_32 = step_time(model, tok, method.model_copy(update=dict(layer_cache=True, precision="float32")),
+                         step_recs, steps)
+        mm32 = matmul_flops_per_s(ntok, h, inter, dev, dtype=torch.float32)
+        out["train_step"]["cached_fp32_s"] = t_32
+        out["flops"].update(step_flop_s_fp32=flops / t_32, matmul_flop_s_fp32=mm32)
+        out["roofline_fraction_fp32"] = flops / t_32 / mm32
+        _say(f"training step (float32): {t_32:.3f}s = {flops / t_32 / 1e9:.1f} GFLOP/s; matmul {mm32 / 1e9:.1f} "
+             f"GFLOP/s -> roofline fraction {out['roofline_fraction_fp32']:.2f}")
 
     # --- edit throughput
     thr = {}
@@ -250,5 +262,6 @@ def sequential_scale(model, tok, method, rounds: int, batch: int, *, retention_s
     import statistics
     tail = tr[1:] or tr
     med = statistics.median(tail)
-    return {"rounds": rounds, "batch": batch, "retention_sample": retention_sample, "per_round": per_round,
+    return {"rounds": rounds, "batch": batch, "retention_sample": retention_sample, "replay": method.replay,
+            "precision": method.precision, "per_round": per_round,
             "train_s_median": med, "train_s_max_dev": max(abs(x - med) for x in tail) / med}

@@ -61,7 +61,7 @@ class MEMoEMethod(_Strict):
     gate_mode: Literal["anchor", "always"] = Field(
         "anchor", description="'anchor': adapter silent on inputs without a known anchor; 'always': the paper's formula literally")
     expert_sees_anchor: bool = Field(True, description="experts also take the anchor embedding (beyond the paper)")
-    lr: float = 2e-2
+    lr: float = 3e-2
     weight_decay: float = 0.0
     steps: int = Field(80, ge=1, description="optimiser steps per round (cap; early stop usually ends sooner)")
     early_stop_loss: float = Field(0.05, ge=0.0, description="stop when the mean target NLL is below this")
@@ -76,7 +76,9 @@ class MEMoEMethod(_Strict):
     apply_from: Literal["all", "anchor"] = Field(
         "all", description="'anchor': the adapter acts only from the anchor's last token onward")
     template_tokens: int = Field(10, ge=1, description="length of each self-generated context prefix")
-    replay: int | None = Field(None, ge=0, description="sequential: earlier edits replayed per round (null = all)")
+    replay: int | None = Field(
+        100, ge=0, description="sequential: at most this many earlier edits (a seeded sample) replayed per round, so a "
+        "round costs the same in round 2 and round 200 (null = all)")
     ner_fallback: bool = Field(True, description="capitalised-span anchor when no known subject matches")
 
     @model_validator(mode="after")
