@@ -62,14 +62,15 @@ def preflight(cfg) -> dict:
 
 
 def summary_lines(results: dict) -> list[str]:
-    from flows.report import HEADLINE, fmt
+    from flows.report import COSTS, HEADLINE, fmt
 
     out = []
     if "methods" in results:
-        cols = [c for c in HEADLINE + ["avg"] if any(c in m["final"] for m in results["methods"].values())]
+        ms = {name: m["final"] | m.get("costs", {}) for name, m in results["methods"].items()}
+        cols = [c for c in HEADLINE + ["avg"] + COSTS if any(c in m for m in ms.values())]
         out.append("method".ljust(14) + "".join(c[:12].rjust(13) for c in cols))
-        for name, m in results["methods"].items():
-            out.append(name[:14].ljust(14) + "".join(fmt(m["final"].get(c)).rjust(13) for c in cols))
+        for name, m in ms.items():
+            out.append(name[:14].ljust(14) + "".join(fmt(m.get(c)).rjust(13) for c in cols))
         return out
     cols = [c for c in HEADLINE + ["avg"] if c in results["final"]]
     out.append("round  edits" + "".join(c[:12].rjust(13) for c in cols) + "   cached")

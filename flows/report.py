@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any
 
 HEADLINE = ["reliability", "generality", "locality", "portability", "generation_reliability"]
+COSTS = ["edit_s_per_100", "peak_memory_mb"]  # training seconds per 100 edits; peak memory while training (MiB)
 
 
 def summaries(table) -> dict[str, Any]:
@@ -23,7 +24,9 @@ def summaries(table) -> dict[str, Any]:
 
 
 def fmt(v: Any) -> str:
-    return f"{v:.3f}" if isinstance(v, float) else ("-" if v is None else str(v))
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+    return "-" if v is None else str(v)
 
 
 def markdown_table(rows: list[dict[str, Any]], cols: list[str], first: str) -> str:

@@ -181,7 +181,7 @@ def _run_rounds(ctx: Ctx, method, data: dict, base: dict, parent_run: str | None
     md, mc, ec = cfg.model.model_dump(mode="json"), method.model_dump(mode="json"), cfg.eval.model_dump(mode="json")
     prev, rounds, table_path = None, [], None
     n_rounds, batch = len(data["rounds"]), data["n_edits"] // len(data["rounds"])
-    train_compute = eval_compute = 0.0
+    train_compute = eval_compute = peak_mb = 0.0
     pfx = f"{label}." if label else ""
     for t in range(n_rounds):
         tr_res = ctx.call(steps.train_round, f"{pfx}train_round_{t}", "train", round_index=t,
@@ -192,6 +192,7 @@ def _run_rounds(ctx: Ctx, method, data: dict, base: dict, parent_run: str | None
                       seed=cfg.seed, model_cfg=md, store=str(ctx.store), threads=cfg.threads)
         prev, table_path = tr_res["state"], ev["table"]
         train_compute += tr_res["seconds"]
+        peak_mb = max(peak_mb, tr_res.get("peak_memory_mb") or 0.0)
         eval_compute += ev["seconds"]
         import polars as pl
 
@@ -223,7 +224,9 @@ def _run_rounds(ctx: Ctx, method, data: dict, base: dict, parent_run: str | None
 
     final = {k: v for k, v in report.summaries(pl.read_parquet(table_path)).items()
              if not isinstance(v, dict)}
-    return {"final": final, "rounds": rounds, "state": prev, "table": table_path,
+    costs = {"edit_s_per_100": round(100 * train_compute / max(1, data["n_edits"]), 2),
+             "peak_memory_mb": round(peak_mb, 1)}
+    return {"final": final, "rounds": rounds, "state": prev, "table": table_path, "costs": costs,
             "compute": {"train_compute": train_compute, "evaluate_compute": eval_compute}}
 
 
@@ -363,15 +366,15 @@ def compare(config: dict, out: str | None = None, runs_dir: str | None = None) -
             for k, v in res["compute"].items():
                 compute[k] = compute.get(k, 0.0) + v
             methods[label] = {"method": m.model_dump(mode="json"), "final": res["final"], "rounds": res["rounds"],
-                              "timings": tm}
+                              "timings": tm, "costs": res["costs"]}
             ctx.pending.append(track.submit(tracking, mrid, metrics={
-                "final." + k: v for k, v in _metric_dict(res["final"]).items()}, step=data["n_edits"],
+                "final." + k: v for k, v in _metric_dict(res["final"] | res["costs"]).items()}, step=data["n_edits"],
                 artifacts=[(res["state"], "adapter"), (res["table"], "per_edit")], end="FINISHED"))
-            table_rows.append({"method": label, **{k: res["final"].get(k) for k in
-                                                   report.HEADLINE + ["avg", "n_edits"]}})
+            table_rows.append({"method": label, **{k: res["final"].get(k) for k in report.HEADLINE + ["avg", "n_edits"]},
+                               **res["costs"]})
         import polars as pl
 
-        cols = [c for c in report.HEADLINE + ["avg"] if any(r.get(c) is not None for r in table_rows)]
+        cols = [c for c in report.HEADLINE + ["avg"] + report.COSTS if any(r.get(c) is not None for r in table_rows)]
         md_text = (f"# Comparison ({cfg.protocol.mode}, {data['n_edits']} edits, {Path(cfg.data.path).name}, "
                    f"{cfg.model.name})\n\n" + report.markdown_table(table_rows, cols, "method") + "\n")
         (ctx.out / "comparison.md").write_text(md_text)

@@ -276,10 +276,11 @@ class LayerCache:
                 h.remove()
         return cls(first, hidden[0], calls)
 
-    def run(self, model: nn.Module) -> torch.Tensor:
-        """Hidden states after the last decoder layer (before the final norm)."""
+    def run(self, model: nn.Module, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states after the last decoder layer (before the final norm); ``hidden`` replaces
+        the cached input of layer ``first`` (e.g. with an edit added to it)."""
         layers = decoder_layers(model)
-        h = self.hidden
+        h = self.hidden if hidden is None else hidden
         for i, (rest, kw) in zip(range(self.first, len(layers)), self.calls):
             out = layers[i](h, *rest, **kw)
             h = out[0] if isinstance(out, (tuple, list)) else out

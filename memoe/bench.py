@@ -62,6 +62,27 @@ class PeakRSS:
         self.peak = max(self.peak, _rss_mb())
 
 
+class PeakMemory(PeakRSS):
+    """Peak memory of a phase in MiB: the process's resident set on CPU; on CUDA the peak of
+    torch's allocated device memory (reset at entry)."""
+
+    def __init__(self, device, interval: float = 0.02):
+        super().__init__(interval)
+        self.cuda = torch.device(device).type == "cuda"
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+            return self
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            self.peak = torch.cuda.max_memory_allocated() / 2 ** 20
+            return
+        super().__exit__(*exc)
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()

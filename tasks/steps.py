@@ -265,6 +265,7 @@ def train_round(round_index: int, records: str, prev_state: str | None, method_c
     """Editor state after round t: load state t-1 (if any), edit on round t's records, save."""
     import polars as pl
 
+    from memoe.bench import PeakMemory
     from memoe.editors import make_editor
 
     model, tok = model_and_tokenizer(model_cfg, threads)
@@ -274,16 +275,18 @@ def train_round(round_index: int, records: str, prev_state: str | None, method_c
     try:
         if prev_state:
             editor.load(prev_state)
-        t0 = time.perf_counter()
-        stats = editor.edit(pl.read_parquet(records))
-        seconds = time.perf_counter() - t0
+        recs = pl.read_parquet(records)
+        with PeakMemory(editor.device) as mem:  # the process's peak while this round trains
+            t0 = time.perf_counter()
+            stats = editor.edit(recs)
+            seconds = time.perf_counter() - t0
         tmp = _tmp(store, "state")
         editor.save(tmp)
     finally:
         editor.remove()
     folder = publish_folder(tmp, Path(store) / "states")
     return {"state": str(folder), "stats": _jsonable(stats or {}), "seconds": seconds,
-            "edits_applied": int(getattr(editor, "edits_applied", 0))}
+            "edits_applied": int(getattr(editor, "edits_applied", 0)), "peak_memory_mb": mem.peak}
 
 
 # --------------------------------------------------------------------------- evaluate_round

@@ -261,3 +261,28 @@ def test_router_generation_kv_cache_matches_full_forward(method, tiny):
         tok.padding_side = side
     assert torch.equal(outs[0], outs[1])
     ed.remove()
+
+
+@pytest.mark.parametrize("first", [0, 2])
+def test_training_shortcuts_give_the_full_forward_loss(tiny, first):
+    """The editors' loss from cached lower layers + the LM head at target positions only equals the
+    target NLL of a full forward with logits everywhere (values and gradients)."""
+    from memoe.editors.common import body_hidden, edit_batch, head_nll, layer_cache, target_nll
+
+    model, tok = tiny
+    from memoe.models import decoder_layers
+
+    b = edit_batch(tok, [e[1] for e in EDITS], [e[2] for e in EDITS], "cpu")
+    w = next(decoder_layers(model)[-1].parameters())  # a weight above the cached layers
+    w.requires_grad_(True)
+    try:
+        ref = target_nll(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
+        g_ref = torch.autograd.grad(ref, w)[0]
+        cache = layer_cache(model, first, b)
+        assert (cache is None) == (first == 0)
+        got = head_nll(model, body_hidden(model, b, cache), b["labels"])
+        g_got = torch.autograd.grad(got, w)[0]
+    finally:
+        w.requires_grad_(False)
+    assert torch.allclose(ref, got, atol=1e-5)
+    assert torch.allclose(g_ref, g_got, atol=1e-5, rtol=1e-4)

@@ -8,6 +8,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from memoe.adapter import LayerCache, final_norm, supports_layer_cache
 from memoe.metrics import encode_pair
 
 
@@ -43,6 +44,32 @@ def target_nll(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mea
     if reduction == "none":
         return (loss * m).sum(1) / m.sum(1).clamp(min=1)
     return (loss * m).sum() / m.sum().clamp(min=1)
+
+
+def layer_cache(model, first: int, batch: dict[str, torch.Tensor]) -> LayerCache | None:
+    """A cache of the batch's inputs to decoder layer ``first`` (the layers below never change while
+    an editor trains something at or above ``first``); None where it would not help or is not exact."""
+    if first <= 0 or not supports_layer_cache(model):
+        return None
+    return LayerCache.capture(model, first, batch["input_ids"], batch["attention_mask"])
+
+
+def body_hidden(model, batch: dict[str, torch.Tensor], cache: LayerCache | None = None) -> torch.Tensor:
+    """Final-normed hidden states (B, T, d) of the batch: the whole body, or the layers from ``cache.first`` up."""
+    if cache is not None:
+        return final_norm(model)(cache.run(model))
+    return model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            use_cache=False).last_hidden_state
+
+
+def head_nll(model, h: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor | None = None,
+             cols: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+    """NLL of ``labels[rows, cols + 1]`` with the LM head applied only at positions (rows, cols) -
+    by default every position that predicts a target token - instead of at every token."""
+    if rows is None:
+        rows, cols = (labels[:, 1:] != -100).nonzero(as_tuple=True)
+    logits = model.get_output_embeddings()(h[rows, cols]).float()
+    return F.cross_entropy(logits, labels[rows, cols + 1], reduction=reduction)
 
 
 def edit_batches(tokenizer, records, batch_size: int | None, device) -> list[dict[str, torch.Tensor]]:

@@ -17,22 +17,14 @@ from typing import Any
 
 import polars as pl
 import torch
-import torch.nn.functional as F
 
 from memoe.editors.base import Editor, register
-from memoe.editors.common import edit_batches, target_nll
+from memoe.editors.common import body_hidden, edit_batches, head_nll, layer_cache
 from memoe.models import arch_of, mlp_of, num_layers
 
 
 def out_proj_of(model, layer: int) -> torch.nn.Module:
     return getattr(mlp_of(model, layer), arch_of(model).out_proj)
-
-
-def first_target_loss(logits: torch.Tensor, labels: torch.Tensor, last_prompt: torch.Tensor) -> torch.Tensor:
-    """NLL of the first target token, predicted at the last prompt token (FT-L's objective)."""
-    rows = torch.arange(logits.size(0), device=logits.device)
-    lg = logits[rows, last_prompt].float()
-    return F.cross_entropy(lg, labels[rows, last_prompt + 1])
 
 
 @register("ft-l", "ft-m")
@@ -55,6 +47,8 @@ class FTEditor(Editor):
         cfg, t0 = self.cfg, time.perf_counter()
         torch.manual_seed(self.seed + self.edits_applied)
         batches = edit_batches(self.tokenizer, records, cfg.batch_size, self.device)
+        # the layers below the trained one compute the same thing at every step: run them once
+        caches = [layer_cache(self.model, self.layer, b) for b in batches]
         start = self.weight.detach().clone()  # the constraint is relative to the weights of this call
         w = self.weight
         w.requires_grad_(True)
@@ -63,13 +57,14 @@ class FTEditor(Editor):
         try:
             for step in range(cfg.steps):
                 tot = 0.0
-                for b in batches:
+                for b, cache in zip(batches, caches):
                     opt.zero_grad(set_to_none=True)
-                    logits = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-                    if self.name == "ft-l":
-                        loss = first_target_loss(logits, b["labels"], b["last_prompt"])
+                    h = body_hidden(self.model, b, cache)
+                    if self.name == "ft-l":  # the first target token, predicted at the last prompt token
+                        rows = torch.arange(h.shape[0], device=h.device)
+                        loss = head_nll(self.model, h, b["labels"], rows, b["last_prompt"])
                     else:
-                        loss = target_nll(logits, b["labels"])
+                        loss = head_nll(self.model, h, b["labels"])
                     loss.backward()
                     opt.step()
                     if cfg.norm_constraint is not None:

@@ -27,7 +27,7 @@ import polars as pl
 import torch
 
 from memoe.editors.base import Editor, register
-from memoe.editors.common import edit_batch, target_nll
+from memoe.editors.common import body_hidden, edit_batch, head_nll, layer_cache
 from memoe.models import mlp_of, num_layers
 
 
@@ -177,9 +177,12 @@ class GraceEditor(Editor):
         fwd = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
         try:
             self._mode = "record"
-            with torch.no_grad():
+            with torch.no_grad():  # records the keys; the layers below the codebook's then run only once
                 self._key_pos = b["last_prompt"]
-                self.model.base_model(**fwd)
+                self._recorded = None
+                cache = layer_cache(self.model, self.layer, b)
+                if self._recorded is None:  # no cache, or the codebook's layer is the last one
+                    self.model.base_model(**fwd)
             keys, outs = self._recorded
             n_before = self.keys.shape[0]
             assign = self._codebook_update(keys, outs, targets)
@@ -190,8 +193,7 @@ class GraceEditor(Editor):
             for _ in range(cfg.steps):
                 opt.zero_grad(set_to_none=True)
                 self._key_pos = b["last_prompt"]
-                logits = self.model(**fwd).logits
-                loss = target_nll(logits, b["labels"])
+                loss = head_nll(self.model, body_hidden(self.model, b, cache), b["labels"])
                 loss.backward()
                 opt.step()
                 losses.append(float(loss.detach()))

@@ -15,7 +15,7 @@ import polars as pl
 import torch
 
 from memoe.editors.base import Editor, register
-from memoe.editors.common import edit_batches, target_nll
+from memoe.editors.common import body_hidden, edit_batches, head_nll
 from memoe.models import arch_of, num_layers
 
 
@@ -77,8 +77,7 @@ class LoRAEditor(Editor):
                 tot = 0.0
                 for b in batches:
                     opt.zero_grad(set_to_none=True)
-                    logits = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-                    loss = target_nll(logits, b["labels"])
+                    loss = head_nll(self.model, body_hidden(self.model, b), b["labels"])
                     loss.backward()
                     opt.step()
                     tot += float(loss.detach()) * len(b["input_ids"])

@@ -25,9 +25,10 @@ import polars as pl
 import torch
 import torch.nn.functional as F
 
+from memoe.adapter import final_norm
 from memoe.corpus import layer_stats
 from memoe.editors.base import Editor, register
-from memoe.editors.common import edit_batch, target_nll
+from memoe.editors.common import body_hidden, edit_batch, layer_cache
 from memoe.models import arch_of, decoder_layers, mlp_of, num_layers
 
 
@@ -131,8 +132,9 @@ class MemitEditor(Editor):
             hid = hid.index_put((rows, ix), hid[rows, ix] + d.to(hid.dtype))
             return (hid, *output[1:]) if isinstance(output, tuple) else hid
 
-        hook = decoder_layers(self.model)[L].register_forward_hook(add_delta)
-        # one forward over edit rows and KL rows (both padded right to the same length)
+        # one forward over edit rows and KL rows (both padded right to the same length); the layers up
+        # to L do not change while delta is optimised: they run once, then each step adds delta to
+        # layer L's output and runs only the layers above (the LM head only where the loss reads it)
         T = max(b["input_ids"].shape[1], kl["input_ids"].shape[1])
 
         def padto(x, v):
@@ -147,12 +149,25 @@ class MemitEditor(Editor):
         max_norm = cfg.clamp_norm_factor * h0.norm(dim=1, keepdim=True)
         init_kl = None
         losses = []
+        rows_all = torch.arange(2 * n, device=self.device)
+        cache = layer_cache(self.model, L + 1, {"input_ids": ids, "attention_mask": mask}) \
+            if L + 1 < len(decoder_layers(self.model)) else None
+        hook = None if cache is not None else decoder_layers(self.model)[L].register_forward_hook(add_delta)
+        t_rows, t_cols = (labels[:, 1:] != -100).nonzero(as_tuple=True)
+        head = self.model.get_output_embeddings()
         try:
             for _ in range(cfg.v_steps):
                 opt.zero_grad(set_to_none=True)
-                logits = self.model(input_ids=ids, attention_mask=mask).logits
-                nll = target_nll(logits[:n], labels, reduction="none")  # per edit
-                kl_lp = torch.log_softmax(logits[n:][torch.arange(n, device=self.device), kl_idx].float(), -1)
+                if cache is not None:
+                    h_in = cache.hidden.index_put((rows_all, idx_all), cache.hidden[rows_all, idx_all]
+                                                  + torch.cat([delta, delta]).to(cache.hidden.dtype))
+                    h = final_norm(self.model)(cache.run(self.model, h_in))
+                else:
+                    h = body_hidden(self.model, {"input_ids": ids, "attention_mask": mask})
+                tok_nll = F.cross_entropy(head(h[t_rows, t_cols]).float(), labels[t_rows, t_cols + 1], reduction="none")
+                nll = torch.zeros(n, device=self.device).index_add(0, t_rows, tok_nll) \
+                    / torch.bincount(t_rows, minlength=n).clamp(min=1)  # per edit
+                kl_lp = torch.log_softmax(head(h[n:][torch.arange(n, device=self.device), kl_idx]).float(), -1)
                 if init_kl is None:
                     init_kl = kl_lp.detach().clone()
                 kl_loss = F.kl_div(init_kl, kl_lp, log_target=True, reduction="none").sum(-1)  # KL(now || init)
@@ -168,7 +183,8 @@ class MemitEditor(Editor):
                     nrm = delta.norm(dim=1, keepdim=True)
                     delta.mul_(torch.where(nrm > max_norm, max_norm / nrm, torch.ones_like(nrm)))
         finally:
-            hook.remove()
+            if hook is not None:
+                hook.remove()
         return (h0 + delta.detach()).double(), {"z_loss_first": losses[0], "z_loss_last": losses[-1],
                                                  "z_steps": len(losses)}
 

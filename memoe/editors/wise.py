@@ -24,7 +24,7 @@ import torch
 
 from memoe.corpus import token_chunks
 from memoe.editors.base import Editor, register
-from memoe.editors.common import edit_batch, target_nll
+from memoe.editors.common import body_hidden, edit_batch, head_nll, layer_cache
 from memoe.editors.grace import _past_length
 from memoe.models import arch_of, mlp_of, num_layers
 
@@ -46,7 +46,7 @@ class WiseEditor(Editor):
         self._use: torch.Tensor | None = None  # per row: side memory on?
         self._mode = "infer"  # "infer" | "train"
         self._scores: torch.Tensor | None = None
-        self._irr: list[list[int]] | None = None
+        self._irr: torch.Tensor | None = None  # projection inputs on the unrelated chunks
         self._hooks = [model.base_model.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
                        self.proj.register_forward_hook(self._proj_hook)]
 
@@ -93,41 +93,62 @@ class WiseEditor(Editor):
     def route(self, prompts: list[str]) -> Iterator[None]:
         yield
 
-    def _irrelevant(self, n: int, step: int) -> torch.Tensor:
+    def _irrelevant_acts(self) -> torch.Tensor:
+        """Inputs of the edited projection on the fixed pool of unrelated corpus chunks (chunks, len, m),
+        computed once: they do not depend on the side memory, so each step's activation scores of the
+        sampled irrelevant chunks are one small matmul with D, not a forward pass."""
         if self._irr is None:
-            self._irr = token_chunks(self.tokenizer, self.cfg.corpus, self.cfg.irr_chunks * self.cfg.irr_len,
-                                     self.cfg.irr_len)
+            chunks = token_chunks(self.tokenizer, self.cfg.corpus, self.cfg.irr_chunks * self.cfg.irr_len,
+                                  self.cfg.irr_len)
+            acts = []
+
+            class _Got(Exception):
+                pass
+
+            def grab(module, args):
+                acts.append(args[0].detach())
+                raise _Got
+
+            h = self.proj.register_forward_pre_hook(grab)
+            try:
+                ids = torch.tensor(chunks, device=self.device)
+                with torch.no_grad():
+                    for i in range(0, len(ids), 64):
+                        try:
+                            self.model.base_model(input_ids=ids[i:i + 64], use_cache=False)
+                        except _Got:
+                            pass
+            finally:
+                h.remove()
+            self._irr = torch.cat(acts)
+        return self._irr
+
+    def _irrelevant_scores(self, D: torch.Tensor, n: int, step: int) -> torch.Tensor:
+        acts = self._irrelevant_acts()
         g = torch.Generator().manual_seed(self.seed * 1000 + step)
-        pick = torch.randint(len(self._irr), (n,), generator=g).tolist()
-        return torch.tensor([self._irr[i] for i in pick], device=self.device)
+        pick = torch.randint(len(acts), (n,), generator=g).to(acts.device)
+        return self._delta_out(acts[pick], D).float().norm(dim=-1).mean(1)
 
     def edit(self, records: pl.DataFrame) -> dict[str, Any]:
         cfg, t0 = self.cfg, time.perf_counter()
         torch.manual_seed(self.seed + self.edits_applied)
         prompts, targets = records["prompt"].to_list(), records["target_new"].to_list()
         b = edit_batch(self.tokenizer, prompts, targets, self.device)
-        n, T = b["input_ids"].shape
+        n = b["input_ids"].shape[0]
         g = torch.Generator().manual_seed(self.seed + 7919 * self.edits_applied)
         gmask = (torch.rand(self.D.shape, generator=g) < cfg.mask_ratio).to(self.D)
         D = self.D.clone().requires_grad_(True)
         opt = torch.optim.SGD([D], lr=cfg.lr, weight_decay=cfg.weight_decay)
-        pad = self.tokenizer.pad_token_id or 0
-        L = max(T, cfg.irr_len)
         losses = []
+        cache = layer_cache(self.model, self.layer, b)  # layers below the side memory run once
         self._mode, self._D_train = "train", D
         try:
             for step in range(cfg.steps):
-                irr = self._irrelevant(n, self.edits_applied + step)
-                ids = torch.full((2 * n, L), pad, dtype=torch.long, device=self.device)
-                mask = torch.zeros((2 * n, L), dtype=torch.long, device=self.device)
-                ids[:n, :T], mask[:n, :T] = b["input_ids"], b["attention_mask"]
-                ids[n:, :cfg.irr_len], mask[n:, :cfg.irr_len] = irr, 1
-                labels = torch.full((n, L), -100, dtype=torch.long, device=self.device)
-                labels[:, :T] = b["labels"]
                 opt.zero_grad(set_to_none=True)
-                logits = self.model(input_ids=ids, attention_mask=mask).logits
-                nll = target_nll(logits[:n], labels)
-                s_e, s_i = self._scores[:n], self._scores[n:]
+                self._mask = b["attention_mask"].float()
+                nll = head_nll(self.model, body_hidden(self.model, b, cache), b["labels"])
+                s_e = self._scores
+                s_i = self._irrelevant_scores(D, n, self.edits_applied + step)
                 act = (torch.relu(s_i - cfg.irr_margin) + torch.relu(cfg.edit_margin - s_e)
                        + torch.relu(cfg.gap - (s_e - s_i))).mean()
                 loss = nll + act
@@ -143,8 +164,7 @@ class WiseEditor(Editor):
             with torch.no_grad():
                 self.model.base_model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False)
                 s_edit = float(self._scores.min())
-                self.model.base_model(input_ids=irr, use_cache=False)
-                s_irr = float(self._scores.max())
+                s_irr = float(self._irrelevant_scores(self.D, n, self.edits_applied + cfg.steps).max())
         finally:
             self._mode, self._D_train, self._pending, self._use = "infer", None, False, None
         self.eps = torch.minimum(self.eps, torch.tensor(cfg.act_ratio * s_edit))
