@@ -68,7 +68,8 @@ def summary_lines(results: dict) -> list[str]:
     if "methods" in results:
         ms = {name: m["final"] | m.get("costs", {}) for name, m in results["methods"].items()}
         cols = [c for c in HEADLINE + ["avg"] + COSTS if any(c in m for m in ms.values())]
-        out.append("method".ljust(14) + "".join(c[:12].rjust(13) for c in cols))
+        label = {"edit_s_per_100": "s/100 edits", "peak_memory_mb": "peak MiB"}
+        out.append("method".ljust(14) + "".join(label.get(c, c)[:12].rjust(13) for c in cols))
         for name, m in ms.items():
             out.append(name[:14].ljust(14) + "".join(fmt(m.get(c)).rjust(13) for c in cols))
         return out

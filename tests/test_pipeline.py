@@ -207,7 +207,7 @@ def test_compare_writes_table_parquet_and_plot(tmp_path, tiny_dir):
         assert m["costs"]["edit_s_per_100"] > 0 and m["costs"]["peak_memory_mb"] > 100  # the process holds a model
     table = (out / "comparison.md").read_text()
     assert table.count("|") > 10 and "edit_s_per_100" in table and "peak_memory_mb" in table
-    assert "edit_s_per_100" in p.stdout  # `memoe run` prints the table with the costs
+    assert "s/100 edits" in p.stdout and "peak MiB" in p.stdout  # `memoe run` prints the table with the costs
     assert (out / "comparison.parquet").exists() and (out / "comparison.png").stat().st_size > 1000
     assert res["mlflow"]["run_id"] is None and not (tmp_path / "runs" / "mlflow.db").exists()
 
