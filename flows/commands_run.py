@@ -61,6 +61,29 @@ def preflight(cfg) -> dict:
     return {"n_available": df.height, "n_skipped": report.n_skipped, "rounds": rounds}
 
 
+def start_local_prefect() -> None:
+    """With no PREFECT_API_URL, start this process's temporary Prefect server now, one process at a
+    time per PREFECT_HOME: two studies started together against a fresh Prefect home would otherwise
+    both create its database and one of them fails ("index ... already exists"). The flow then uses
+    the same server (Prefect keeps one per process)."""
+    import fcntl
+
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME, PREFECT_SERVER_EPHEMERAL_ENABLED
+
+    if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    home = Path(PREFECT_HOME.value())
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / "memoe-server-start.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            SubprocessASGIServer().start()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def summary_lines(results: dict) -> list[str]:
     from flows.report import COSTS, HEADLINE, fmt
 
@@ -100,6 +123,7 @@ def run(args) -> int:
     from flows.study import flow_for
 
     fl = flow_for(cfg)
+    start_local_prefect()
     print(f"memoe run: {fl.name}, {info['rounds']} round(s) x {cfg.edits_per_round()} edits, "
           f"method(s) {', '.join(m.name for m in (cfg.methods or [cfg.method]))}, model {cfg.model.name}, "
           f"config {config_hash(cfg)}", flush=True)
