@@ -19,6 +19,7 @@ def add_arguments(p):
     p.add_argument("--model", default="embedded:smollm2-135m")
     p.add_argument("--device", default="auto")
     p.add_argument("--skip-scale", action="store_true", help="skip the sequential scale study")
+    p.add_argument("--scale-steps", type=int, default=40, help="optimiser steps per round of the scale study")
     p.add_argument("--skip-overhead", action="store_true", help="skip the orchestration-overhead study")
 
 
@@ -69,7 +70,8 @@ def run(args) -> int:
     def scale():
         model, tok = load_model(args.model, args.device)
         rounds, batch = (4, 25) if args.quick else ((100, 100) if gpu else (20, 100))
-        return sequential_scale(model, tok, MEMoEMethod(), rounds, batch)
+        # a fixed number of steps per round (no early stop): the round's cost, not its convergence
+        return sequential_scale(model, tok, MEMoEMethod(steps=args.scale_steps, early_stop_loss=0.0), rounds, batch)
 
     t0 = time.perf_counter()
     res = run_bench(quick=args.quick, model_name=args.model, device=args.device,
@@ -92,6 +94,11 @@ def run(args) -> int:
     for n, v in res["edit_throughput"].items():
         print(f"edit {n:>5} edits     {v['seconds']:.1f} s ({v['edits_per_s']:.2f} edits/s)")
     print(f"peak RSS (MiB)      " + ", ".join(f"{k} {v:.0f}" for k, v in res["peak_rss_mb"].items()))
+    if "scale" in res:
+        sc, last = res["scale"], res["scale"]["per_round"][-1]
+        print(f"scale {sc['rounds']} x {sc['batch']} edits: training per round median {sc['train_s_median']:.1f} s, "
+              f"largest deviation {sc['train_s_max_dev']:.1%} (rounds 2-{sc['rounds']}); after {last['edits_so_far']} "
+              f"edits Rel {last['reliability']:.2f} Gen {last['generality']:.2f} Loc {last['locality']:.2f}")
     if args.mlflow:
         import mlflow
 

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import gc
 import os
@@ -20,6 +21,7 @@ from typing import Any, Callable
 
 import polars as pl
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from memoe.config import FTMethod, MEMoEMethod, resolve_path
@@ -94,8 +96,9 @@ def records(name: str, n: int, offset: int = 0) -> pl.DataFrame:
     return df.slice(offset, n)
 
 
-def mixed_records(n: int) -> pl.DataFrame:
-    """n real edits: ZsRE first, then CounterFact (for studies larger than one file)."""
+def mixed_records(n: int, seed: int = 0) -> pl.DataFrame:
+    """n real edits for studies larger than one file: ZsRE, then CounterFact, shuffled (seeded) so
+    that every round of a study draws the same mix of prompt lengths."""
     parts, left = [], n
     for name in ("zsre", "counterfact", "counterfact-val"):
         if left <= 0:
@@ -103,7 +106,7 @@ def mixed_records(n: int) -> pl.DataFrame:
         df = records(name, left)
         parts.append(df.with_columns((pl.lit(name + ":") + pl.col("id")).alias("id")))
         left -= df.height
-    return pl.concat(parts)
+    return pl.concat(parts).sample(fraction=1.0, shuffle=True, seed=seed)
 
 
 def timed_edit(model, tok, method, recs, seed=0) -> tuple[Any, dict]:
@@ -137,6 +140,63 @@ def step_flops(model, tok, method, recs) -> float:
     return float(fc1.get_total_flops() - fc0.get_total_flops())
 
 
+class MatmulShapes(TorchDispatchMode):
+    """Records every matrix multiply a block of code runs (op, operand shapes / strides, dtype),
+    after autocast, so the same multiplies can be replayed alone (``replay_matmuls``)."""
+    OPS = {torch.ops.aten.mm.default: (0, 1), torch.ops.aten.bmm.default: (0, 1),
+           torch.ops.aten.addmm.default: (1, 2), torch.ops.aten.baddbmm.default: (1, 2)}
+
+    def __init__(self):
+        super().__init__()
+        self.calls: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.OPS:
+            i, j = self.OPS[func]
+            a, b = args[i], args[j]
+            self.calls[(tuple(a.shape), tuple(a.stride()), tuple(b.shape), tuple(b.stride()), a.dtype)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _mm_flops(key) -> int:
+    a, _, b, _, _ = key
+    batch = a[0] if len(a) == 3 else 1
+    return 2 * batch * a[-2] * a[-1] * b[-1]
+
+
+def replay_matmuls(calls: collections.Counter, device, repeats: int = 5) -> tuple[float, float]:
+    """(FLOPs, seconds) of the recorded multiplies run alone as plain matmuls on operands of the same
+    shapes, strides and dtype (best of ``repeats`` passes over all of them)."""
+    ops = []
+    for key, n in calls.items():
+        a_shape, a_stride, b_shape, b_stride, dtype = key
+        mk = lambda shape, stride: torch.empty_strided(shape, stride, dtype=dtype, device=device).normal_()
+        ops.append((mk(a_shape, a_stride), mk(b_shape, b_stride), n))
+    flops = sum(_mm_flops(k) * n for k, n in calls.items())
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device); t0 = time.perf_counter()
+        for a, b, n in ops:
+            for _ in range(n):
+                torch.matmul(a, b)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return float(flops), best
+
+
+def step_matmuls(model, tok, method, recs) -> collections.Counter:
+    """The matrix multiplies of one training step: those of an edit with 2 steps minus those of
+    an edit with 1 step (set-up and the layer cache's capture cancel out)."""
+    out = []
+    for steps in (2, 1):
+        m = method.model_copy(update=dict(steps=steps, early_stop_loss=0.0))
+        rec = MatmulShapes()
+        with rec:
+            e = make_editor(model, tok, m); e.edit(recs); e.remove()
+        out.append(rec.calls)
+    return out[0] - out[1]
+
+
 def matmul_flops_per_s(m: int, k: int, n: int, device, dtype=torch.float32, seconds: float = 2.0) -> float:
     """Achieved FLOP/s of a plain (m x k) @ (k x n) matmul on this machine, best of repeated runs."""
     a = torch.randn(m, k, device=device, dtype=dtype)
@@ -155,6 +215,30 @@ def matmul_flops_per_s(m: int, k: int, n: int, device, dtype=torch.float32, seco
 
 def _say(msg: str):
     print(f"[bench] {msg}", flush=True)
+
+
+def _roofline(model, tok, method, recs, flops: float, step_s: float, dtype, device) -> tuple[dict, float]:
+    """The training step's FLOP/s against the same step's matrix multiplies run alone (same shapes,
+    strides, dtype, count): the fraction of the attainable matmul speed the whole step reaches.
+    Also against one large matmul (all the step's tokens through the MLP's up projection)."""
+    calls = step_matmuls(model, tok, method, recs)
+    mm_flops, mm_s = replay_matmuls(calls, device)
+    ntok = int(sum(len(tok(p + " " + t).input_ids) for p, t in zip(recs["prompt"], recs["target_new"])))
+    h = model.config.hidden_size
+    inter = getattr(model.config, "intermediate_size", 4 * h)
+    peak = matmul_flops_per_s(ntok, h, inter, device, dtype=dtype)
+    prec = str(dtype).replace("torch.", "")
+    fig = {"precision": prec, "step_flops": flops, "step_s": step_s, "step_flop_s": flops / step_s,
+           "matmul_calls": sum(calls.values()), "matmul_shapes": len(calls), "matmul_flops": mm_flops,
+           "matmul_s": mm_s, "matmul_flop_s": mm_flops / mm_s,
+           "peak_matmul_shape": [ntok, h, inter], "peak_matmul_flop_s": peak,
+           "fraction_of_peak_matmul": flops / step_s / peak}
+    frac = (flops / step_s) / (mm_flops / mm_s)
+    _say(f"training step ({prec}): {flops / 1e9:.1f} GFLOP in {step_s:.3f}s = {flops / step_s / 1e9:.1f} GFLOP/s; "
+         f"its {fig['matmul_calls']} matmuls ({len(calls)} shapes, {mm_flops / 1e9:.1f} GFLOP) alone: {mm_s:.3f}s = "
+         f"{mm_flops / mm_s / 1e9:.1f} GFLOP/s -> roofline fraction {frac:.2f}; one [{ntok}x{h}]@[{h}x{inter}] "
+         f"matmul {peak / 1e9:.1f} GFLOP/s -> {fig['fraction_of_peak_matmul']:.2f} of it")
+    return fig, frac
 
 
 def run_bench(quick: bool = True, model_name: str = "embedded:smollm2-135m", device: str = "auto",
@@ -185,27 +269,16 @@ def run_bench(quick: bool = True, model_name: str = "embedded:smollm2-135m", dev
     out["cached_step_ratio"] = t_c / t_u
     _say(f"training step on {n_main} edits: cached {t_c:.3f}s, uncached {t_u:.3f}s "
          f"(ratio {t_c / t_u:.2f}); FT-M {t_ft:.3f}s")
-    flops = step_flops(model, tok, method.model_copy(update=dict(layer_cache=True)), step_recs)
-    ntok = int(sum(len(tok(p + " " + t).input_ids) for p, t in zip(step_recs["prompt"], step_recs["target_new"])))
-    h = model.config.hidden_size
-    inter = getattr(model.config, "intermediate_size", 4 * h)
+    cached = method.model_copy(update=dict(layer_cache=True))
+    flops = step_flops(model, tok, cached, step_recs)
     train_dtype = resolve_precision(method.precision, dev) or torch.float32
-    mm = matmul_flops_per_s(ntok, h, inter, dev, dtype=train_dtype)
-    out["flops"] = {"step_flops": flops, "step_flop_s": flops / t_c, "matmul_flop_s": mm,
-                    "matmul_shape": [ntok, h, inter], "precision": str(train_dtype).replace("torch.", "")}
-    out["roofline_fraction"] = flops / t_c / mm
-    _say(f"training step ({out['flops']['precision']}): {flops / 1e9:.1f} GFLOP in {t_c:.3f}s = "
-         f"{flops / t_c / 1e9:.1f} GFLOP/s; matmul [{ntok}x{h}]@[{h}x{inter}]: {mm / 1e9:.1f} GFLOP/s "
-         f"-> roofline fraction {out['roofline_fraction']:.2f}")
-    if train_dtype != torch.float32:  # the same step and matmul in fp32, for comparison across machines
-        t_32 = step_time(model, tok, method.model_copy(update=dict(layer_cache=True, precision="float32")),
-                         step_recs, steps)
-        mm32 = matmul_flops_per_s(ntok, h, inter, dev, dtype=torch.float32)
+    out["flops"], out["roofline_fraction"] = _roofline(model, tok, cached, step_recs, flops, t_c, train_dtype, dev)
+    if train_dtype != torch.float32:  # the same step in fp32, for comparison across machines
+        fp32 = cached.model_copy(update=dict(precision="float32"))
+        t_32 = step_time(model, tok, fp32, step_recs, steps)
         out["train_step"]["cached_fp32_s"] = t_32
-        out["flops"].update(step_flop_s_fp32=flops / t_32, matmul_flop_s_fp32=mm32)
-        out["roofline_fraction_fp32"] = flops / t_32 / mm32
-        _say(f"training step (float32): {t_32:.3f}s = {flops / t_32 / 1e9:.1f} GFLOP/s; matmul {mm32 / 1e9:.1f} "
-             f"GFLOP/s -> roofline fraction {out['roofline_fraction_fp32']:.2f}")
+        out["flops_fp32"], out["roofline_fraction_fp32"] = _roofline(model, tok, fp32, step_recs, flops, t_32,
+                                                                     torch.float32, dev)
 
     # --- edit throughput
     thr = {}
@@ -254,7 +327,9 @@ def sequential_scale(model, tok, method, rounds: int, batch: int, *, retention_s
                      seed: int = 0) -> dict[str, Any]:
     """A sequential study of rounds x batch real edits: time per round (training, evaluation) and
     Rel / Gen / Loc over rounds. Earlier edits are scored on a seeded sample of at most
-    ``retention_sample`` (logged), so evaluation grows no faster than the edits so far."""
+    ``retention_sample`` (logged), so evaluation grows no faster than the edits so far. Give the
+    method a fixed step count (``early_stop_loss=0``) to measure the cost of a round rather than
+    how soon it converges."""
     recs = mixed_records(rounds * batch)
     base = locality_predictions(model, tok, recs)
     ed = make_editor(model, tok, method, seed=seed)
@@ -284,5 +359,6 @@ def sequential_scale(model, tok, method, rounds: int, batch: int, *, retention_s
     tail = tr[1:] or tr
     med = statistics.median(tail)
     return {"rounds": rounds, "batch": batch, "retention_sample": retention_sample, "replay": method.replay,
-            "precision": method.precision, "per_round": per_round,
+            "precision": method.precision, "steps": method.steps, "early_stop_loss": method.early_stop_loss,
+            "per_round": per_round,
             "train_s_median": med, "train_s_max_dev": max(abs(x - med) for x in tail) / med}

@@ -50,7 +50,7 @@ class MEMoEMethod(_Strict):
     ``gate_mode=anchor`` (silent on inputs without a known edited subject; the paper's literal
     formula is ``always``) and ``expert_sees_anchor`` (experts take the anchor embedding too)."""
     name: Literal["memoe"] = "memoe"
-    layers: list[int] = Field(default_factory=lambda: [15], description="decoder layer(s) whose MLP gets the adapter")
+    layers: list[int] = Field(default_factory=lambda: [20], description="decoder layer(s) whose MLP gets the adapter")
     num_experts: int = Field(4, ge=1)
     top_k: int = Field(1, ge=1)
     expert_form: Literal["lowrank", "ffn"] = "lowrank"

@@ -140,3 +140,27 @@ def test_layer_cache_recomputes_only_upper_layers(tokenizer):
     assert calls == [2, 3]
     full = model.model(**enc).last_hidden_state
     assert torch.allclose(model.model.norm(h), full, atol=1e-5)
+
+
+def test_cached_training_step_runs_only_layers_above_l(tokenizer):
+    """The adapter only adds to layer l's MLP output: a cached step runs layers l+1.. only, and
+    its loss equals the full forward's."""
+    model = tiny_model("llama", len(tokenizer))
+    ed = MEMoEEditor(model, tokenizer, MEMoEMethod(layers=[1], rank=4, router_noise=0.0))
+    _perturb(ed)
+    recs = _records(["The capital of Danielle Darrieux is"], ["Paris"], ["Danielle Darrieux"])
+    ed.extractor.add(recs["subject"])
+    batch, ctx, cache = ed._prepare(ed._rows(recs))
+    calls = []
+    hs = [model.model.layers[i].register_forward_hook(lambda m, a, o, i=i: calls.append(i)) for i in range(4)]
+    with torch.no_grad():
+        a = ed._loss(batch, ctx, cache)
+    for h in hs:
+        h.remove()
+    assert calls == [2, 3]
+    with torch.no_grad():
+        b = ed._loss(batch, ctx, None)
+    assert torch.allclose(a, b, atol=1e-5)
+    ed.remove()
+    with torch.no_grad():  # the adapter's term is really in the cached loss
+        assert abs(ed._loss(batch, ctx, None).item() - a.item()) > 1e-3

@@ -22,8 +22,20 @@ from memoe.anchors import Anchor, AnchorExtractor, anchor_embeddings, anchor_end
 from memoe.editors.base import Editor, register
 from memoe.editors.common import edit_batch, length_buckets, resolve_precision, training_precision
 from memoe.metrics import encode_pair
+from memoe.models import decoder_layers, mlp_of
 
 ROME_STARTS = ["The", "Therefore", "Because", "I", "You"]
+
+
+def _cast_floats(obj, dtype: torch.dtype):
+    """Floating tensors inside nested tuples / lists / dicts cast to ``dtype``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(dtype) if obj.is_floating_point() else obj
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_cast_floats(x, dtype) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _cast_floats(v, dtype) for k, v in obj.items()}
+    return obj
 
 
 @register("memoe")
@@ -48,6 +60,7 @@ class MEMoEEditor(Editor):
         self.templates: list[str] | None = None
         self.rounds = 0
         self.uses_layer_cache = bool(cfg.layer_cache) and supports_layer_cache(model)
+        self._head_weight: torch.Tensor | None = None  # the LM head in the training dtype, while training
 
     # ------------------------------------------------------------------ routing
     def anchors_for(self, prompts: Sequence[str]) -> list[Anchor]:
@@ -118,20 +131,58 @@ class MEMoEEditor(Editor):
                 rows.append((tpl + p, t, s))
         return rows
 
-    def _loss(self, batch: dict, ctx: dict, cache: LayerCache | None, reduction: str = "mean") -> torch.Tensor:
+    def _loss(self, batch: dict, ctx: dict, cache: tuple | None, reduction: str = "mean") -> torch.Tensor:
         labels = batch["labels"]
         rows, cols = (labels[:, 1:] != -100).nonzero(as_tuple=True)
         st = self.adapter.state
         with self._set(ctx):
             if cache is not None:
                 st.attention_mask, st.past = None, 0  # right-padded rows, no KV cache
-                h = cache.run(self.model)
+                cache, mlp_in = cache
+                if mlp_in is not None:  # layer l's output without the adapter + the adapter's term
+                    first = self.adapter.layer_ids[0]
+                    h = cache.run(self.model, hidden=self.adapter._hook(first)(None, (mlp_in,), cache.hidden))
+                else:
+                    h = cache.run(self.model)
                 h = final_norm(self.model)(h[rows, cols])
             else:
                 h = self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                           use_cache=False).last_hidden_state[rows, cols]
-        logits = self.model.get_output_embeddings()(h).float()
-        return torch.nn.functional.cross_entropy(logits, labels[rows, cols + 1], reduction=reduction)
+        return torch.nn.functional.cross_entropy(self._logits(h), labels[rows, cols + 1], reduction=reduction)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """fp32 logits; under mixed precision with the LM head in the training dtype, cast once per
+        round (autocast would re-cast the frozen vocab x d matrix at every call)."""
+        head = self.model.get_output_embeddings()
+        w = self._head_weight
+        if w is None or getattr(head, "bias", None) is not None:
+            return head(h).float()
+        return torch.nn.functional.linear(h.to(w.dtype), w).float()
+
+    def _capture(self, batch: dict) -> tuple[LayerCache, torch.Tensor | None]:
+        """The layer cache of a batch, and the input of layer l's MLP. The adapter only adds a term
+        to that MLP's output, so layer l itself computes the same thing at every step too: the
+        cache holds layer l's output with the adapter switched off (its input to layer l+1), and
+        each step adds the adapter's term for the cached MLP input and runs layers l+1.. only."""
+        first = self.adapter.layer_ids[0]
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        if first + 1 >= len(decoder_layers(self.model)):  # the last layer: cache the layers below it
+            return LayerCache.capture(self.model, first, ids, mask), None
+        kept = {}
+
+        def keep(module, args, output):  # returns None: the output is left as it is
+            kept["x"] = args[0].detach()
+
+        handle = mlp_of(self.model, first).register_forward_hook(keep)
+        silent = dict(anchor=None, gate=torch.zeros(ids.shape[0], device=self.device), start=None)
+        try:
+            with self._set(silent):
+                cache = LayerCache.capture(self.model, first + 1, ids, mask)
+        finally:
+            handle.remove()
+        if torch.is_autocast_enabled(self.device.type):  # rotary tables and mask in the autocast dtype:
+            cache.calls = _cast_floats(cache.calls, torch.get_autocast_dtype(self.device.type))  # no fp32 detours
+        return cache, kept["x"]
 
     def _prepare(self, rows: Sequence[tuple[str, str, str]]):
         prompts, targets, subjects = zip(*rows)
@@ -141,19 +192,14 @@ class MEMoEEditor(Editor):
         ctx = self._context(list(prompts), anchors)
         if self.cfg.gate_mode == "anchor":
             ctx["gate"] = torch.ones_like(ctx["gate"])
-        cache = None
-        if self.uses_layer_cache:
-            cache = LayerCache.capture(self.model, self.adapter.layer_ids[0], batch["input_ids"], batch["attention_mask"])
-        return batch, ctx, cache
+        return batch, ctx, self._capture(batch) if self.uses_layer_cache else None
 
     def train_loss(self, records_or_rows, use_cache: bool | None = None) -> torch.Tensor:
         """The training loss of the current adapter on some edits (tests compare cached/uncached)."""
         rows = records_or_rows if isinstance(records_or_rows, list) else self._rows(records_or_rows)
         batch, ctx, _ = self._prepare(rows)
-        cache = None
-        if use_cache if use_cache is not None else self.uses_layer_cache:
-            cache = LayerCache.capture(self.model, self.adapter.layer_ids[0], batch["input_ids"], batch["attention_mask"])
-        return self._loss(batch, ctx, cache)
+        use = use_cache if use_cache is not None else self.uses_layer_cache
+        return self._loss(batch, ctx, self._capture(batch) if use else None)
 
     @staticmethod
     def _rows(records: pl.DataFrame) -> list[tuple[str, str, str]]:
@@ -171,8 +217,9 @@ class MEMoEEditor(Editor):
         rows = self._examples(new + old)
         bs = cfg.batch_size * (1 + len(self.context_templates())) if cfg.batch_size else len(rows)
         dtype = resolve_precision(cfg.precision, self.device)
-        steps_data = []  # per optimiser step: [(batch, ctx, cache, n_target_tokens)] of similar-length rows
+        # the frozen weights are cast to the training dtype once for the whole round
         with training_precision(self.model, dtype):
+            steps_data = []  # per optimiser step: [(batch, ctx, cache, n_target_tokens)] of similar-length rows
             for i in range(0, len(rows), bs):
                 chunk = rows[i:i + bs]
                 lengths = [len(encode_pair(self.tokenizer, p, t)[0]) for p, t, _ in chunk]
@@ -182,40 +229,43 @@ class MEMoEEditor(Editor):
                     batch, ctx, cache = self._prepare([chunk[j] for j in g])
                     parts.append((batch, ctx, cache, int((batch["labels"][:, 1:] != -100).sum())))
                 steps_data.append(parts)
-        t_prep = time.perf_counter() - t0
+            t_prep = time.perf_counter() - t0
 
-        params = [p for p in self.adapter.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.adapter.set_generator(self.seed * 7919 + self.rounds)
-        self.adapter.train()
-        losses: list[float] = []
-        step = 0
-        try:
-            with torch.enable_grad(), training_precision(self.model, dtype):
-                for step in range(1, cfg.steps + 1):
-                    nll, ntok = 0.0, 0
-                    for parts in steps_data:
-                        opt.zero_grad(set_to_none=True)
-                        n_all = sum(p[3] for p in parts)
-                        rows_all = sum(p[0]["labels"].shape[0] for p in parts)
-                        for batch, ctx, cache, n in parts:  # gradient of the step's mean target NLL
-                            loss_sum = self._loss(batch, ctx, cache, reduction="sum")
-                            total = loss_sum / n_all
-                            if cfg.load_balance > 0:
-                                lb = self.adapter.load_balance_loss().to(loss_sum.device)
-                                total = total + cfg.load_balance * lb * (batch["labels"].shape[0] / rows_all)
-                            else:
-                                self.adapter.load_stats = {}
-                            total.backward()
-                            nll += float(loss_sum.detach())
-                        ntok += n_all
-                        opt.step()
-                    losses.append(nll / ntok)
-                    if losses[-1] < cfg.early_stop_loss:
-                        break
-        finally:
-            self.adapter.eval()
-            self.adapter.load_stats = {}
+            params = [p for p in self.adapter.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            self.adapter.set_generator(self.seed * 7919 + self.rounds)
+            self.adapter.train()
+            losses: list[float] = []
+            step = 0
+            if dtype is not None:
+                self._head_weight = self.model.get_output_embeddings().weight.detach().to(dtype)
+            try:
+                with torch.enable_grad():
+                    for step in range(1, cfg.steps + 1):
+                        nll, ntok = 0.0, 0
+                        for parts in steps_data:
+                            opt.zero_grad(set_to_none=True)
+                            n_all = sum(p[3] for p in parts)
+                            rows_all = sum(p[0]["labels"].shape[0] for p in parts)
+                            for batch, ctx, cache, n in parts:  # gradient of the step's mean target NLL
+                                loss_sum = self._loss(batch, ctx, cache, reduction="sum")
+                                total = loss_sum / n_all
+                                if cfg.load_balance > 0:
+                                    lb = self.adapter.load_balance_loss().to(loss_sum.device)
+                                    total = total + cfg.load_balance * lb * (batch["labels"].shape[0] / rows_all)
+                                else:
+                                    self.adapter.load_stats = {}
+                                total.backward()
+                                nll += float(loss_sum.detach())
+                            ntok += n_all
+                            opt.step()
+                        losses.append(nll / ntok)
+                        if losses[-1] < cfg.early_stop_loss:
+                            break
+            finally:
+                self.adapter.eval()
+                self.adapter.load_stats = {}
+                self._head_weight = None
         self.history.extend(new)
         self.rounds += 1
         self.edits_applied += len(new)
