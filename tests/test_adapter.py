@@ -142,10 +142,11 @@ def test_layer_cache_recomputes_only_upper_layers(tokenizer):
     assert torch.allclose(model.model.norm(h), full, atol=1e-5)
 
 
-def test_cached_training_step_runs_only_layers_above_l(tokenizer):
+@pytest.mark.parametrize("kind,ran", [("llama", [2, 3]), ("gemma2", [1, 2, 3])])
+def test_cached_training_step_runs_only_layers_above_l(tokenizer, kind, ran):
     """The adapter only adds to layer l's MLP output: a cached step runs layers l+1.. only, and
-    its loss equals the full forward's."""
-    model = tiny_model("llama", len(tokenizer))
+    its loss equals the full forward's. Where a norm follows the MLP (Gemma 2/3) layer l runs too."""
+    model = tiny_model(kind, len(tokenizer))
     ed = MEMoEEditor(model, tokenizer, MEMoEMethod(layers=[1], rank=4, router_noise=0.0))
     _perturb(ed)
     recs = _records(["The capital of Danielle Darrieux is"], ["Paris"], ["Danielle Darrieux"])
@@ -157,7 +158,7 @@ def test_cached_training_step_runs_only_layers_above_l(tokenizer):
         a = ed._loss(batch, ctx, cache)
     for h in hs:
         h.remove()
-    assert calls == [2, 3]
+    assert calls == ran
     with torch.no_grad():
         b = ed._loss(batch, ctx, None)
     assert torch.allclose(a, b, atol=1e-5)

@@ -166,7 +166,10 @@ class MEMoEEditor(Editor):
         each step adds the adapter's term for the cached MLP input and runs layers l+1.. only."""
         first = self.adapter.layer_ids[0]
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        if first + 1 >= len(decoder_layers(self.model)):  # the last layer: cache the layers below it
+        layers = decoder_layers(self.model)
+        # the last layer, or a norm after the MLP (Gemma 2/3: the adapter's term is not additive on
+        # the layer's output): cache the layers below l only
+        if first + 1 >= len(layers) or hasattr(layers[first], "post_feedforward_layernorm"):
             return LayerCache.capture(self.model, first, ids, mask), None
         kept = {}
 
