@@ -141,7 +141,10 @@ class MEMoEEditor(Editor):
                 cache, mlp_in = cache
                 if mlp_in is not None:  # layer l's output without the adapter + the adapter's term
                     first = self.adapter.layer_ids[0]
-                    h = cache.run(self.model, hidden=self.adapter._hook(first)(None, (mlp_in,), cache.hidden))
+                    hidden = self.adapter._hook(first)(None, (mlp_in,), cache.hidden)
+                    if torch.is_autocast_enabled(hidden.device.type):  # layers above l in the autocast
+                        hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))  # dtype, no casts
+                    h = cache.run(self.model, hidden=hidden)
                 else:
                     h = cache.run(self.model)
                 h = final_norm(self.model)(h[rows, cols])
