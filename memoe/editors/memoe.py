@@ -203,9 +203,11 @@ class MEMoEEditor(Editor):
     def train_loss(self, records_or_rows, use_cache: bool | None = None) -> torch.Tensor:
         """The training loss of the current adapter on some edits (tests compare cached/uncached)."""
         rows = records_or_rows if isinstance(records_or_rows, list) else self._rows(records_or_rows)
-        batch, ctx, _ = self._prepare(rows)
+        batch, ctx, cache = self._prepare(rows)  # captured there when the editor uses the cache
         use = use_cache if use_cache is not None else self.uses_layer_cache
-        return self._loss(batch, ctx, self._capture(batch) if use else None)
+        if use and cache is None:
+            cache = self._capture(batch)
+        return self._loss(batch, ctx, cache if use else None)
 
     @staticmethod
     def _rows(records: pl.DataFrame) -> list[tuple[str, str, str]]:
