@@ -15,6 +15,7 @@ import gc
 import os
 import platform
 import resource
+import statistics
 import threading
 import time
 from typing import Any, Callable
@@ -121,10 +122,16 @@ def timed_edit(model, tok, method, recs, seed=0) -> tuple[Any, dict]:
 
 
 def step_time(model, tok, method, recs, steps: int) -> float:
-    """Seconds per optimiser step: (edit with `steps` steps - edit with 1 step) / (steps - 1)."""
+    """Seconds per optimiser step. Editors that time their steps (MEMoE: ``step_times``): the median
+    of steps 2.. of one edit; others: (edit with `steps` steps - edit with 1 step) / (steps - 1).
+    Every editor made here is removed again: the model is left unedited."""
     fixed = dict(early_stop_loss=0.0)
-    _, a = timed_edit(model, tok, method.model_copy(update=dict(fixed, steps=1)), recs)
     ed, b = timed_edit(model, tok, method.model_copy(update=dict(fixed, steps=steps)), recs)
+    times = list(getattr(ed, "step_times", None) or [])
+    ed.remove()
+    if len(times) >= 2:
+        return statistics.median(times[1:])
+    ed, a = timed_edit(model, tok, method.model_copy(update=dict(fixed, steps=1)), recs)
     ed.remove()
     return (b["wall_s"] - a["wall_s"]) / (steps - 1)
 
@@ -217,26 +224,38 @@ def _say(msg: str):
     print(f"[bench] {msg}", flush=True)
 
 
-def _roofline(model, tok, method, recs, flops: float, step_s: float, dtype, device) -> tuple[dict, float]:
+def _roofline(model, tok, method, recs, flops: float, dtype, device, steps: int, rounds: int = 3) -> tuple[dict, float]:
     """The training step's FLOP/s against the same step's matrix multiplies run alone (same shapes,
     strides, dtype, count): the fraction of the attainable matmul speed the whole step reaches.
-    Also against one large matmul (all the step's tokens through the MLP's up projection)."""
+    Step and replay are measured in turns (``rounds`` times), so that both see the machine in the
+    same state (on a shared host the matmul speed can change by 2x within minutes); the fraction
+    is the median of the rounds'. Also against one large matmul (all the step's tokens through
+    the MLP's up projection)."""
     calls = step_matmuls(model, tok, method, recs)
-    mm_flops, mm_s = replay_matmuls(calls, device)
+    step_s, mm_s, fracs = [], [], []
+    mm_flops = 0.0
+    for _ in range(rounds):
+        step_s.append(step_time(model, tok, method, recs, steps))
+        mm_flops, t = replay_matmuls(calls, device, repeats=3)
+        mm_s.append(t)
+        fracs.append((flops / step_s[-1]) / (mm_flops / t))
+    frac = statistics.median(fracs)
+    st, mt = statistics.median(step_s), statistics.median(mm_s)
     ntok = int(sum(len(tok(p + " " + t).input_ids) for p, t in zip(recs["prompt"], recs["target_new"])))
     h = model.config.hidden_size
     inter = getattr(model.config, "intermediate_size", 4 * h)
     peak = matmul_flops_per_s(ntok, h, inter, device, dtype=dtype)
     prec = str(dtype).replace("torch.", "")
-    fig = {"precision": prec, "step_flops": flops, "step_s": step_s, "step_flop_s": flops / step_s,
+    fig = {"precision": prec, "step_flops": flops, "step_s": st, "step_flop_s": flops / st,
            "matmul_calls": sum(calls.values()), "matmul_shapes": len(calls), "matmul_flops": mm_flops,
-           "matmul_s": mm_s, "matmul_flop_s": mm_flops / mm_s,
+           "matmul_s": mt, "matmul_flop_s": mm_flops / mt, "rounds": {"step_s": step_s, "matmul_s": mm_s,
+                                                                      "fraction": fracs},
            "peak_matmul_shape": [ntok, h, inter], "peak_matmul_flop_s": peak,
-           "fraction_of_peak_matmul": flops / step_s / peak}
-    frac = (flops / step_s) / (mm_flops / mm_s)
-    _say(f"training step ({prec}): {flops / 1e9:.1f} GFLOP in {step_s:.3f}s = {flops / step_s / 1e9:.1f} GFLOP/s; "
-         f"its {fig['matmul_calls']} matmuls ({len(calls)} shapes, {mm_flops / 1e9:.1f} GFLOP) alone: {mm_s:.3f}s = "
-         f"{mm_flops / mm_s / 1e9:.1f} GFLOP/s -> roofline fraction {frac:.2f}; one [{ntok}x{h}]@[{h}x{inter}] "
+           "fraction_of_peak_matmul": flops / st / peak}
+    _say(f"training step ({prec}): {flops / 1e9:.1f} GFLOP in {st:.3f}s = {flops / st / 1e9:.1f} GFLOP/s; "
+         f"its {fig['matmul_calls']} matmuls ({len(calls)} shapes, {mm_flops / 1e9:.1f} GFLOP) alone: {mt:.3f}s = "
+         f"{mm_flops / mt / 1e9:.1f} GFLOP/s -> roofline fraction {frac:.2f} (rounds: "
+         f"{', '.join(f'{x:.2f}' for x in fracs)}); one [{ntok}x{h}]@[{h}x{inter}] "
          f"matmul {peak / 1e9:.1f} GFLOP/s -> {fig['fraction_of_peak_matmul']:.2f} of it")
     return fig, frac
 
@@ -272,13 +291,12 @@ def run_bench(quick: bool = True, model_name: str = "embedded:smollm2-135m", dev
     cached = method.model_copy(update=dict(layer_cache=True))
     flops = step_flops(model, tok, cached, step_recs)
     train_dtype = resolve_precision(method.precision, dev) or torch.float32
-    out["flops"], out["roofline_fraction"] = _roofline(model, tok, cached, step_recs, flops, t_c, train_dtype, dev)
+    out["flops"], out["roofline_fraction"] = _roofline(model, tok, cached, step_recs, flops, train_dtype, dev, steps)
     if train_dtype != torch.float32:  # the same step in fp32, for comparison across machines
         fp32 = cached.model_copy(update=dict(precision="float32"))
-        t_32 = step_time(model, tok, fp32, step_recs, steps)
-        out["train_step"]["cached_fp32_s"] = t_32
-        out["flops_fp32"], out["roofline_fraction_fp32"] = _roofline(model, tok, fp32, step_recs, flops, t_32,
-                                                                     torch.float32, dev)
+        out["flops_fp32"], out["roofline_fraction_fp32"] = _roofline(model, tok, fp32, step_recs, flops,
+                                                                     torch.float32, dev, steps)
+        out["train_step"]["cached_fp32_s"] = out["flops_fp32"]["step_s"]
 
     # --- edit throughput
     thr = {}

@@ -41,3 +41,38 @@ def test_recorded_step_difference_cancels_set_up():
         torch.randn(4, 16) @ w
     diff = a.calls - b.calls
     assert list(diff.values()) == [1] and next(iter(diff))[0] == (16, 16)
+
+
+def test_step_time_leaves_the_model_unedited(tokenizer):
+    """Timing a method's step edits the model; the benchmark must put it back, or every later
+    figure (throughput, evaluation, the scale study) is measured on an edited model."""
+    from memoe.bench import step_time
+    from memoe.config import FTMethod, MEMoEMethod
+
+    from .conftest import tiny_model
+    from .test_memoe_editor import _recs
+
+    model = tiny_model("llama", len(tokenizer))
+    probe = tokenizer(["The mother tongue of Danielle Darrieux is"], return_tensors="pt")
+    before = model(**probe).logits
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    n_hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    memoe = MEMoEMethod(layers=[2], rank=8, lr=5e-2, precision="float32")
+    for method in (memoe, FTMethod(name="ft-m", layer=2, lr=1e-2)):
+        assert step_time(model, tokenizer, method, _recs(), steps=3) > 0
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == n_hooks
+    assert torch.equal(model(**probe).logits, before)
+
+
+def test_memoe_edit_times_each_step(tokenizer):
+    from memoe.config import MEMoEMethod
+    from memoe.editors import make_editor
+
+    from .conftest import tiny_model
+    from .test_memoe_editor import _recs
+
+    ed = make_editor(tiny_model("llama", len(tokenizer)), tokenizer,
+                     MEMoEMethod(layers=[2], rank=8, steps=4, early_stop_loss=0.0, precision="float32"))
+    stats = ed.edit(_recs())
+    assert stats["steps"] == 4 and len(ed.step_times) == 4 and all(t > 0 for t in ed.step_times)

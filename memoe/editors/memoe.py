@@ -61,6 +61,7 @@ class MEMoEEditor(Editor):
         self.rounds = 0
         self.uses_layer_cache = bool(cfg.layer_cache) and supports_layer_cache(model)
         self._head_weight: torch.Tensor | None = None  # the LM head in the training dtype, while training
+        self.step_times: list[float] = []  # seconds of each optimiser step of the last edit() (benchmarks)
 
     # ------------------------------------------------------------------ routing
     def anchors_for(self, prompts: Sequence[str]) -> list[Anchor]:
@@ -244,12 +245,14 @@ class MEMoEEditor(Editor):
             self.adapter.set_generator(self.seed * 7919 + self.rounds)
             self.adapter.train()
             losses: list[float] = []
+            self.step_times = []
             step = 0
             if dtype is not None:
                 self._head_weight = self.model.get_output_embeddings().weight.detach().to(dtype)
             try:
                 with torch.enable_grad():
                     for step in range(1, cfg.steps + 1):
+                        t_step = time.perf_counter()
                         nll, ntok = 0.0, 0
                         for parts in steps_data:
                             opt.zero_grad(set_to_none=True)
@@ -267,7 +270,8 @@ class MEMoEEditor(Editor):
                                 nll += float(loss_sum.detach())
                             ntok += n_all
                             opt.step()
-                        losses.append(nll / ntok)
+                        losses.append(nll / ntok)  # float(loss) above waits for the device
+                        self.step_times.append(time.perf_counter() - t_step)
                         if losses[-1] < cfg.early_stop_loss:
                             break
             finally:
