@@ -40,6 +40,7 @@ def orchestration_overhead(n_edits: int, rounds: int, out: Path, model_load_s: f
     timed inside the tasks) + one model load (timed in this process); the rest of the command's
     wall time (process start, imports, Prefect server and task machinery, MLflow, hashing for
     cache keys, file I/O) is counted as orchestration and tracking."""
+    import resource
     import subprocess
     import sys
 
@@ -53,7 +54,8 @@ def orchestration_overhead(n_edits: int, rounds: int, out: Path, model_load_s: f
     t = json.loads((out / "results.json").read_text())["timings"]
     library = sum(t.get(k, 0.0) for k in ("train_compute", "evaluate_compute", "locality_base_compute")) + model_load_s
     return {"n_edits": n_edits, "rounds": rounds, "wall_s": wall, "timings": t, "library_s": library,
-            "orchestration_s": wall - library, "orchestration_share": (wall - library) / wall}
+            "orchestration_s": wall - library, "orchestration_share": (wall - library) / wall,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}  # the study's process
 
 
 def run(args) -> int:

@@ -337,7 +337,9 @@ def run_bench(quick: bool = True, model_name: str = "embedded:smollm2-135m", dev
     out["edit_throughput"] = thr
     out["peak_rss_mb"] = rss
     if scale is not None:
-        out["scale"] = scale()
+        with PeakRSS() as p:
+            out["scale"] = scale()
+        rss["scale_study"] = p.peak
     return out
 
 
@@ -364,8 +366,10 @@ def sequential_scale(model, tok, method, rounds: int, batch: int, *, retention_s
         m = summarize(evaluate(model, tok, sample, base.filter(pl.col("id").is_in(sample["id"].implode())),
                                editor=ed, generation=False))
         eval_s = time.perf_counter() - t0
+        steps = list(getattr(ed, "step_times", None) or [])
         per_round.append({"round": t + 1, "edits_so_far": (t + 1) * batch, "train_s": train_s, "eval_s": eval_s,
                           "scored": sample.height, "steps": (st or {}).get("steps"),
+                          "step_s_median": statistics.median(steps) if steps else None,
                           **{k: m.get(k) for k in ("reliability", "generality", "locality")}})
         _say(f"round {t + 1}/{rounds}: train {train_s:.1f}s eval {eval_s:.1f}s on {sample.height} "
              f"Rel {m.get('reliability', float('nan')):.2f} Gen {m.get('generality', float('nan')):.2f} "
@@ -373,7 +377,6 @@ def sequential_scale(model, tok, method, rounds: int, batch: int, *, retention_s
     ed.remove()
     tr = [r["train_s"] for r in per_round]
     # flatness: spread of the per-round training time after the first round, relative to its median
-    import statistics
     tail = tr[1:] or tr
     med = statistics.median(tail)
     return {"rounds": rounds, "batch": batch, "retention_sample": retention_sample, "replay": method.replay,
