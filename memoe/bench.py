@@ -366,10 +366,10 @@ def sequential_scale(model, tok, method, rounds: int, batch: int, *, retention_s
         m = summarize(evaluate(model, tok, sample, base.filter(pl.col("id").is_in(sample["id"].implode())),
                                editor=ed, generation=False))
         eval_s = time.perf_counter() - t0
-        steps = list(getattr(ed, "step_times", None) or [])
+        times = list(getattr(ed, "step_times", None) or [])
         per_round.append({"round": t + 1, "edits_so_far": (t + 1) * batch, "train_s": train_s, "eval_s": eval_s,
                           "scored": sample.height, "steps": (st or {}).get("steps"),
-                          "step_s_median": statistics.median(steps) if steps else None,
+                          "step_s_median": statistics.median(times) if times else None,
                           **{k: m.get(k) for k in ("reliability", "generality", "locality")}})
         _say(f"round {t + 1}/{rounds}: train {train_s:.1f}s eval {eval_s:.1f}s on {sample.height} "
              f"Rel {m.get('reliability', float('nan')):.2f} Gen {m.get('generality', float('nan')):.2f} "
