@@ -12,7 +12,10 @@ import sys
 for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                "MLFLOW_ENABLE_TELEMETRY": "false", "TOKENIZERS_PARALLELISM": "false",
-               "TRANSFORMERS_VERBOSITY": "error"}.items():
+               "TRANSFORMERS_VERBOSITY": "error",
+               # Prefect gives its temporary server 20 s to create a fresh database and answer; a busy
+               # 2-core machine can take longer (CI saw it time out), and waiting costs nothing when fast.
+               "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}.items():
     os.environ.setdefault(_k, _v)
 
 # name -> (module, help). A module defines add_arguments(parser) and run(args) -> int.
