@@ -343,66 +343,19 @@ def run_bench(quick: bool = True, model_name: str = "embedded:smollm2-135m", dev
     return out
 
 
-class ReferenceWork:
-    """A fixed piece of the training step's own work, timed on demand: forward + backward of the
-    decoder layers above the adapter on one fixed batch, in the training dtype. Timed next to each
-    round of a study, it tells how fast the machine is running this kind of work at that moment
-    (on a shared host it changes by 2x within minutes), so a round's time can be read relative to
-    it. It runs no editor and touches no adapter: the layers it runs carry no hooks."""
-
-    def __init__(self, model, tok, method, recs: pl.DataFrame, reps: int = 3):
-        from memoe.adapter import LayerCache
-        from memoe.editors.common import edit_batch
-        from memoe.models import decoder_layers
-
-        n_layers = len(decoder_layers(model))
-        self.model, self.reps = model, reps
-        self.first = min(max(method.layers) + 1, n_layers - 1)
-        self.dtype = resolve_precision(method.precision, next(model.parameters()).device)
-        batch = edit_batch(tok, recs["prompt"].to_list(), recs["target_new"].to_list(),
-                           next(model.parameters()).device)
-        self.cache = LayerCache.capture(model, self.first, batch["input_ids"], batch["attention_mask"])
-        if self.dtype is not None:  # as the editor's step runs them: rotary tables and mask in that dtype
-            from memoe.editors.memoe import _cast_floats
-            self.cache.calls = _cast_floats(self.cache.calls, self.dtype)
-
-    def seconds(self) -> float:
-        """Median seconds of ``reps`` forward + backward passes."""
-        from memoe.editors.common import training_precision
-
-        times = []
-        with training_precision(self.model, self.dtype), torch.enable_grad():
-            x = self.cache.hidden.to(self.dtype or self.cache.hidden.dtype)
-            for _ in range(self.reps + 1):  # the first is a warm-up
-                h = x.detach().requires_grad_()
-                _sync(h.device); t0 = time.perf_counter()
-                self.cache.run(self.model, hidden=h).float().pow(2).mean().backward()
-                _sync(h.device); times.append(time.perf_counter() - t0)
-        return statistics.median(times[1:])
-
-
-def _max_dev(xs: list[float]) -> tuple[float, float]:
-    med = statistics.median(xs)
-    return med, max(abs(x - med) for x in xs) / med
-
-
-def sequential_scale(model, tok, method, rounds: int, batch: int, *, recs: pl.DataFrame | None = None,
-                     retention_sample: int | None = 200, seed: int = 0) -> dict[str, Any]:
+def sequential_scale(model, tok, method, rounds: int, batch: int, *, retention_sample: int | None = 200,
+                     seed: int = 0) -> dict[str, Any]:
     """A sequential study of rounds x batch real edits: time per round (training, evaluation) and
     Rel / Gen / Loc over rounds. Earlier edits are scored on a seeded sample of at most
     ``retention_sample`` (logged), so evaluation grows no faster than the edits so far. Give the
     method a fixed step count (``early_stop_loss=0``) to measure the cost of a round rather than
-    how soon it converges. Before each round a fixed reference workload (``ReferenceWork``) is
-    timed: ``train_rel`` = the round's training time / that time, flat when the round's cost is,
-    whatever the host's speed did meanwhile."""
-    recs = mixed_records(rounds * batch) if recs is None else recs.head(rounds * batch)
+    how soon it converges."""
+    recs = mixed_records(rounds * batch)
     base = locality_predictions(model, tok, recs)
-    ref = ReferenceWork(model, tok, method, recs.head(batch))
     ed = make_editor(model, tok, method, seed=seed)
     per_round = []
     for t in range(rounds):
         cur = recs.slice(t * batch, batch)
-        ref_s = ref.seconds()
         t0 = time.perf_counter()
         st = ed.edit(cur)
         train_s = time.perf_counter() - t0
@@ -417,20 +370,16 @@ def sequential_scale(model, tok, method, rounds: int, batch: int, *, recs: pl.Da
         per_round.append({"round": t + 1, "edits_so_far": (t + 1) * batch, "train_s": train_s, "eval_s": eval_s,
                           "scored": sample.height, "steps": (st or {}).get("steps"),
                           "step_s_median": statistics.median(times) if times else None,
-                          "reference_s": ref_s, "train_rel": train_s / ref_s,
                           **{k: m.get(k) for k in ("reliability", "generality", "locality")}})
-        _say(f"round {t + 1}/{rounds}: train {train_s:.1f}s ({train_s / ref_s:.0f}x reference {ref_s:.3f}s) "
-             f"eval {eval_s:.1f}s on {sample.height} "
+        _say(f"round {t + 1}/{rounds}: train {train_s:.1f}s eval {eval_s:.1f}s on {sample.height} "
              f"Rel {m.get('reliability', float('nan')):.2f} Gen {m.get('generality', float('nan')):.2f} "
              f"Loc {m.get('locality', float('nan')):.2f}")
     ed.remove()
-    # flatness: spread after the first round (which has nothing to replay), relative to the median;
-    # of the training time itself, and of the training time in units of the reference workload
-    tail = per_round[1:] or per_round
-    med, dev = _max_dev([r["train_s"] for r in tail])
-    rel_med, rel_dev = _max_dev([r["train_rel"] for r in tail])
+    tr = [r["train_s"] for r in per_round]
+    # flatness: spread of the per-round training time after the first round, relative to its median
+    tail = tr[1:] or tr
+    med = statistics.median(tail)
     return {"rounds": rounds, "batch": batch, "retention_sample": retention_sample, "replay": method.replay,
             "precision": method.precision, "steps": method.steps, "early_stop_loss": method.early_stop_loss,
-            "reference": {"layers_from": ref.first, "rows": ref.cache.hidden.shape[0], "reps": ref.reps},
-            "per_round": per_round, "train_s_median": med, "train_s_max_dev": dev,
-            "train_rel_median": rel_med, "train_rel_max_dev": rel_dev}
+            "per_round": per_round,
+            "train_s_median": med, "train_s_max_dev": max(abs(x - med) for x in tail) / med}

@@ -76,35 +76,3 @@ def test_memoe_edit_times_each_step(tokenizer):
                      MEMoEMethod(layers=[2], rank=8, steps=4, early_stop_loss=0.0, precision="float32"))
     stats = ed.edit(_recs())
     assert stats["steps"] == 4 and len(ed.step_times) == 4 and all(t > 0 for t in ed.step_times)
-
-
-def test_scale_study_times_a_reference_workload_without_touching_the_study(tokenizer, monkeypatch):
-    """Each round of the scale study is timed next to a fixed reference workload (the layers above
-    the adapter, forward + backward): the study's results must be the same with or without it, and
-    the model is left unedited."""
-    import memoe.bench as bench
-    from memoe.config import MEMoEMethod
-
-    from .conftest import tiny_model
-    from .test_adapter import _records
-
-    recs = _records(["The mother tongue of Danielle Darrieux is", "Homer's most famous poem is",
-                     "The capital of Norway is", "Paris is located in"],
-                    ["Klingon", "Blue Lagoon", "Bergen", "Peru"], ["Danielle Darrieux", "Homer", "Norway", "Paris"])
-    model = tiny_model("llama", len(tokenizer))
-    probe = tokenizer(["The capital of Norway is"], return_tensors="pt")
-    before = model(**probe).logits
-    n_hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-    method = MEMoEMethod(layers=[1], rank=8, lr=5e-2, steps=6, early_stop_loss=0.0, precision="float32")
-    res = bench.sequential_scale(model, tokenizer, method, rounds=2, batch=2, recs=recs, retention_sample=3)
-    rounds = res["per_round"]
-    assert [r["scored"] for r in rounds] == [2, 3] and res["reference"]["layers_from"] == 2
-    assert all(r["reference_s"] > 0 and r["train_rel"] == r["train_s"] / r["reference_s"] for r in rounds)
-    assert res["train_rel_max_dev"] >= 0 and rounds[-1]["reliability"] > 0.5  # the edits took
-    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == n_hooks
-    assert torch.equal(model(**probe).logits, before)
-
-    monkeypatch.setattr(bench.ReferenceWork, "seconds", lambda self: 1.0)
-    again = bench.sequential_scale(model, tokenizer, method, rounds=2, batch=2, recs=recs, retention_sample=3)
-    keys = ("reliability", "generality", "locality", "steps", "scored")
-    assert [{k: r[k] for k in keys} for r in again["per_round"]] == [{k: r[k] for k in keys} for r in rounds]
