@@ -76,3 +76,26 @@ def test_memoe_edit_times_each_step(tokenizer):
                      MEMoEMethod(layers=[2], rank=8, steps=4, early_stop_loss=0.0, precision="float32"))
     stats = ed.edit(_recs())
     assert stats["steps"] == 4 and len(ed.step_times) == 4 and all(t > 0 for t in ed.step_times)
+
+
+def test_scale_study_samples_earlier_edits_and_leaves_the_model_unedited(tokenizer):
+    from memoe.bench import sequential_scale
+    from memoe.config import MEMoEMethod
+
+    from .conftest import tiny_model
+    from .test_adapter import _records
+
+    recs = _records(["The mother tongue of Danielle Darrieux is", "Homer's most famous poem is",
+                     "The capital of Norway is", "Paris is located in"],
+                    ["Klingon", "Blue Lagoon", "Bergen", "Peru"], ["Danielle Darrieux", "Homer", "Norway", "Paris"])
+    model = tiny_model("llama", len(tokenizer))
+    probe = tokenizer(["The capital of Norway is"], return_tensors="pt")
+    before = model(**probe).logits
+    n_hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    method = MEMoEMethod(layers=[1], rank=8, lr=5e-2, steps=6, early_stop_loss=0.0, precision="float32")
+    res = sequential_scale(model, tokenizer, method, rounds=2, batch=2, recs=recs, retention_sample=3)
+    rounds = res["per_round"]
+    assert [r["scored"] for r in rounds] == [2, 3] and [r["steps"] for r in rounds] == [6, 6]
+    assert rounds[-1]["reliability"] > 0.5 and res["train_s_max_dev"] >= 0  # the edits took
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == n_hooks
+    assert torch.equal(model(**probe).logits, before)
