@@ -376,10 +376,17 @@ def sequential_scale(model, tok, method, rounds: int, batch: int, *, recs: pl.Da
              f"Loc {m.get('locality', float('nan')):.2f}")
     ed.remove()
     tr = [r["train_s"] for r in per_round]
-    # flatness: spread of the per-round training time after the first round, relative to its median
-    tail = tr[1:] or tr
-    med = statistics.median(tail)
     return {"rounds": rounds, "batch": batch, "retention_sample": retention_sample, "replay": method.replay,
             "precision": method.precision, "steps": method.steps, "early_stop_loss": method.early_stop_loss,
-            "per_round": per_round,
-            "train_s_median": med, "train_s_max_dev": max(abs(x - med) for x in tail) / med}
+            "per_round": per_round, **flatness(tr[1:] or tr, "train_s")}
+
+
+def flatness(times: list[float], name: str) -> dict[str, float]:
+    """Median of per-round times, the largest deviation from it (a share of it), and the
+    least-squares slope against the round, a share of the median per round: a host's noise spreads
+    the times, growth with the edits so far tilts them. (Rounds after the first: it has nothing to
+    replay.)"""
+    med = statistics.median(times)
+    slope = statistics.linear_regression(range(len(times)), times).slope / med if len(times) > 1 else 0.0
+    return {f"{name}_median": med, f"{name}_max_dev": max(abs(x - med) for x in times) / med,
+            f"{name}_slope_per_round": slope}

@@ -96,6 +96,17 @@ def test_scale_study_samples_earlier_edits_and_leaves_the_model_unedited(tokeniz
     res = sequential_scale(model, tokenizer, method, rounds=2, batch=2, recs=recs, retention_sample=3)
     rounds = res["per_round"]
     assert [r["scored"] for r in rounds] == [2, 3] and [r["steps"] for r in rounds] == [6, 6]
-    assert rounds[-1]["reliability"] > 0.5 and res["train_s_max_dev"] >= 0  # the edits took
+    assert rounds[-1]["reliability"] > 0.5  # the edits took
+    assert res["train_s_median"] == rounds[1]["train_s"] and res["train_s_max_dev"] == 0  # one round after the first
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == n_hooks
     assert torch.equal(model(**probe).logits, before)
+
+
+def test_flatness_figures():
+    from memoe.bench import flatness
+
+    assert flatness([10.0, 10.0, 10.0], "t") == {"t_median": 10.0, "t_max_dev": 0.0, "t_slope_per_round": 0.0}
+    f = flatness([10.0, 11.0, 12.0], "t")
+    assert f["t_median"] == 11.0 and abs(f["t_max_dev"] - 1 / 11) < 1e-12 and abs(f["t_slope_per_round"] - 1 / 11) < 1e-12
+    noisy = flatness([10.0, 14.0, 10.0, 14.0, 10.0], "t")  # spread without growth
+    assert noisy["t_max_dev"] > 0.15 and abs(noisy["t_slope_per_round"]) < 0.01
