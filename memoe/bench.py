@@ -375,7 +375,7 @@ def sequential_scale(model, tok, method, rounds: int, batch: int, *, recs: pl.Da
              f"Rel {m.get('reliability', float('nan')):.2f} Gen {m.get('generality', float('nan')):.2f} "
              f"Loc {m.get('locality', float('nan')):.2f}")
     ed.remove()
-    tr = [r["train_s"] for r in per_round]
+    tr = [r["train_s"] for r in per_round]  # flatness over the rounds after the first (nothing to replay there)
     return {"rounds": rounds, "batch": batch, "retention_sample": retention_sample, "replay": method.replay,
             "precision": method.precision, "steps": method.steps, "early_stop_loss": method.early_stop_loss,
             "per_round": per_round, **flatness(tr[1:] or tr, "train_s")}
@@ -384,8 +384,7 @@ def sequential_scale(model, tok, method, rounds: int, batch: int, *, recs: pl.Da
 def flatness(times: list[float], name: str) -> dict[str, float]:
     """Median of per-round times, the largest deviation from it (a share of it), and the
     least-squares slope against the round, a share of the median per round: a host's noise spreads
-    the times, growth with the edits so far tilts them. (Rounds after the first: it has nothing to
-    replay.)"""
+    the times, growth with the edits so far tilts them."""
     med = statistics.median(times)
     slope = statistics.linear_regression(range(len(times)), times).slope / med if len(times) > 1 else 0.0
     return {f"{name}_median": med, f"{name}_max_dev": max(abs(x - med) for x in times) / med,
