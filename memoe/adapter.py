@@ -11,6 +11,8 @@ Per-row routing context (``RouteState``: anchor vector, anchor gate, first activ
 set by the caller before a forward or ``generate`` call and persists across generation steps:
 with a KV cache, later steps have one token per row and every such token is after the anchor.
 Left padding is read from the ``attention_mask`` the body receives (a pre-hook on the body).
+Packed batches (several rows per sequence, for training) give the context per token instead:
+``anchor`` (B, T, d_a) and ``active`` (B, T).
 
 This module knows nothing about the editor or about how anchors are found.
 """
@@ -28,16 +30,17 @@ from memoe.models import arch_of, decoder_layers, mlp_of
 @dataclass
 class RouteState:
     """Per-row routing context shared by the adapter layers of one model."""
-    anchor: torch.Tensor | None = None  # (B, d_a) anchor embeddings (zeros: no anchor)
+    anchor: torch.Tensor | None = None  # (B, d_a) anchor embeddings (zeros: no anchor); (B, T, d_a) per token
     gate: torch.Tensor | None = None  # (B,) 1.0 where the adapter acts on the row, 0.0 where silent
     start: torch.Tensor | None = None  # (B,) first active token index in the unpadded row (0: all)
+    active: torch.Tensor | None = None  # (B, T) bool: where the adapter acts, given per token (packed rows)
     attention_mask: torch.Tensor | None = None  # captured from the body's forward call (2-D)
     past: int = 0  # tokens already in the KV cache at the body's forward call
     record: list | None = None  # when a list: each hook call appends routing info (diagnostics)
     default_gate: float = 0.0  # gate for a forward call made without any route context
 
     def clear(self) -> None:
-        self.anchor = self.gate = self.start = None
+        self.anchor = self.gate = self.start = self.active = None
 
 
 class MoELayer(nn.Module):
@@ -153,6 +156,10 @@ class MEMoEAdapter(nn.Module):
     def _active(self, B: int, T: int, device) -> torch.Tensor:
         """(B, T) bool: where the adapter acts."""
         st = self.state
+        if st.active is not None:
+            if tuple(st.active.shape) != (B, T):
+                raise RuntimeError(f"route context is for {tuple(st.active.shape)} tokens but the batch has {(B, T)}")
+            return st.active.to(device)
         if st.gate is None:
             return torch.full((B, T), st.default_gate > 0, dtype=torch.bool, device=device)
         if st.gate.shape[0] != B:
@@ -181,6 +188,8 @@ class MEMoEAdapter(nn.Module):
                 return output
             if st.anchor is None:
                 a = torch.zeros(B, T, self.moe[str(layer)].d_anchor, dtype=x.dtype, device=x.device)
+            elif st.anchor.dim() == 3:  # per token (packed rows)
+                a = st.anchor.to(device=x.device, dtype=x.dtype)
             else:
                 a = st.anchor.to(device=x.device, dtype=x.dtype)[:, None, :].expand(B, T, -1)
             moe = self.moe[str(layer)]
@@ -248,7 +257,8 @@ class LayerCache:
 
     @classmethod
     @torch.no_grad()
-    def capture(cls, model: nn.Module, first: int, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> "LayerCache":
+    def capture(cls, model: nn.Module, first: int, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                position_ids: torch.Tensor | None = None) -> "LayerCache":
         layers = decoder_layers(model)
         calls: list = []
         hidden: list = []
@@ -268,7 +278,7 @@ class LayerCache:
         for i in range(first, len(layers)):
             handles.append(layers[i].register_forward_pre_hook(pre(i), with_kwargs=True))
         try:
-            model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
         except _Stop:
             pass
         finally:

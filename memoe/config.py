@@ -71,7 +71,10 @@ class MEMoEMethod(_Strict):
     layer_cache: bool = Field(True, description="compute layers below l once per round")
     precision: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="training autocast: 'auto' = bf16 on GPUs and CPUs with bf16 matrix units (AMX), else fp32")
-    length_buckets: bool = Field(True, description="split each step's rows into groups of similar length (less padding)")
+    pack_tokens: int | None = Field(
+        64, ge=1, description="training rows packed end to end into sequences of this many tokens, one batch per "
+        "step (null: rows padded, in length buckets)")
+    length_buckets: bool = Field(True, description="without packing: split each step's rows into groups of similar length")
     expert_act: Literal["none", "gelu", "silu"] = Field("none", description="nonlinearity inside low-rank experts")
     apply_from: Literal["all", "anchor"] = Field(
         "all", description="'anchor': the adapter acts only from the anchor's last token onward")

@@ -24,7 +24,8 @@ def test_edit_changes_answer_and_leaves_unanchored_prompt(tokenizer):
     recs = _recs()
     before = teacher_forced(model, tokenizer, EDITS["prompts"], EDITS["targets"]).acc()
     loc_before = model(**tokenizer([LOC], return_tensors="pt")).logits
-    ed = make_editor(model, tokenizer, MEMoEMethod(**FAST))
+    # the tiny random model's targets need ~100 steps (at 60 the result hangs on the router noise draws)
+    ed = make_editor(model, tokenizer, MEMoEMethod(**{**FAST, "steps": 100}))
     assert isinstance(ed, MEMoEEditor)
     stats = ed.edit(recs)
     assert stats["loss_final"] < stats["loss_first"] and stats["layer_cache"]
@@ -136,7 +137,8 @@ def test_bucketed_step_has_the_same_gradient_as_one_padded_batch(tokenizer):
     for buckets in (True, False):
         torch.manual_seed(0)
         ed = MEMoEEditor(model, tokenizer, MEMoEMethod(**{**FAST, "steps": 1, "router_noise": 0.0, "load_balance": 0.0,
-                                                          "precision": "float32", "length_buckets": buckets}))
+                                                          "precision": "float32", "length_buckets": buckets,
+                                                          "pack_tokens": None}))
         with torch.no_grad():
             for p in ed.adapter.parameters():
                 p.add_(0.05 * torch.randn_like(p))
@@ -146,3 +148,74 @@ def test_bucketed_step_has_the_same_gradient_as_one_padded_batch(tokenizer):
         ed.remove()
     for k in grads[0]:
         assert torch.allclose(grads[0][k], grads[1][k], atol=1e-6), k
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("apply_from", ["all", "anchor"])
+def test_packed_rows_have_the_same_loss_and_gradient_as_padded_rows(tokenizer, kind, apply_from):
+    """Packed rows (several rows per sequence, positions restarting, each row seeing only itself;
+    the adapter's per-row anchor and start spread over the tokens) change the batch layout, not the
+    objective: the same loss and adapter gradient as right-padded rows, with and without the cache."""
+    model = tiny_model(kind, len(tokenizer))
+    recs = _records(EDITS["prompts"] + ["Paris is the capital of"], EDITS["targets"] + ["Narnia of the North"],
+                    EDITS["subjects"] + ["Paris"])
+    out = {}
+    for pack in (None, 21, 64):
+        torch.manual_seed(0)
+        ed = MEMoEEditor(model, tokenizer, MEMoEMethod(**{**FAST, "router_noise": 0.0, "apply_from": apply_from,
+                                                          "precision": "float32", "pack_tokens": pack}))
+        ed.extractor.add(recs["subject"])
+        with torch.no_grad():
+            for p in ed.adapter.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        for cached in (True, False):
+            ed.adapter.zero_grad()
+            loss = ed.train_loss(recs, use_cache=cached)
+            loss.backward()
+            out[pack, cached] = loss.detach(), {k: p.grad.clone() for k, p in ed.adapter.named_parameters()}
+        batch, _, _ = ed._prepare(ed._rows(recs))
+        assert ("row" in batch) == (pack is not None)
+        assert batch["input_ids"].shape[0] == {None: 3, 21: 2, 64: 1}[pack]  # rows of 13, 11, 10 tokens
+        ed.remove()
+    ref_loss, ref_grad = out[None, True]
+    for key, (loss, grad) in out.items():
+        assert torch.allclose(loss, ref_loss, atol=1e-5), key
+        for k, g in grad.items():
+            assert ref_grad[k].abs().max() > 0, k
+            assert torch.allclose(g, ref_grad[k], atol=1e-5, rtol=1e-4), (key, k)
+
+
+def test_packed_batch_layout(tokenizer):
+    from memoe.editors.common import packed_batch
+
+    prompts, targets = EDITS["prompts"] + ["Paris is the capital of"], EDITS["targets"] + ["Narnia of the North"]
+    b = packed_batch(tokenizer, prompts, targets, "cpu", capacity=16)
+    lengths = [len(tokenizer(p).input_ids) + len(tokenizer(" " + t, add_special_tokens=False).input_ids)
+               for p, t in zip(prompts, targets)]
+    assert b["input_ids"].shape[1] == max(16, max(lengths)) or b["input_ids"].shape[1] <= max(16, max(lengths))
+    for i, n in enumerate(lengths):  # every row once, whole, its positions from 0
+        where = (b["row"] == i).nonzero()
+        assert len(where) == n and len(set(where[:, 0].tolist())) == 1
+        assert b["position_ids"][b["row"] == i].tolist() == list(range(n))
+    assert b["attention_mask"] is None and bool((b["labels"][b["row"] < 0] == -100).all())
+    # a row's first token is never a label: no row is trained to predict from the row before it
+    starts = b["position_ids"] == 0
+    assert bool((b["labels"][starts] == -100).all())
+
+
+def test_packing_falls_back_to_padded_rows_where_the_model_mixes_them(tokenizer, monkeypatch):
+    import memoe.editors.memoe as mod
+
+    monkeypatch.setattr(mod, "packing_is_exact", lambda model: False)
+    model = tiny_model("llama", len(tokenizer))
+    ed = MEMoEEditor(model, tokenizer, MEMoEMethod(**{**FAST, "steps": 2}))
+    with pytest.warns(UserWarning, match="padded rows"):
+        stats = ed.edit(_recs())
+    assert stats["packed"] is False
+
+
+def test_packing_is_exact_on_the_tiny_architectures(tokenizer):
+    from memoe.editors.common import packing_is_exact
+
+    for kind in ("llama", "gpt2", "gemma2"):
+        assert packing_is_exact(tiny_model(kind, len(tokenizer))), kind

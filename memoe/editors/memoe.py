@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import random
 import time
+import warnings
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -20,7 +21,8 @@ import torch
 from memoe.adapter import LayerCache, MEMoEAdapter, final_norm, supports_layer_cache
 from memoe.anchors import Anchor, AnchorExtractor, anchor_embeddings, anchor_end_token, gold_anchor
 from memoe.editors.base import Editor, register
-from memoe.editors.common import edit_batch, length_buckets, resolve_precision, training_precision
+from memoe.editors.common import (edit_batch, length_buckets, packed_batch, packing_is_exact, resolve_precision,
+                                  training_precision)
 from memoe.metrics import encode_pair
 from memoe.models import decoder_layers, mlp_of
 
@@ -62,6 +64,7 @@ class MEMoEEditor(Editor):
         self.uses_layer_cache = bool(cfg.layer_cache) and supports_layer_cache(model)
         self._head_weight: torch.Tensor | None = None  # the LM head in the training dtype, while training
         self.step_times: list[float] = []  # seconds of each optimiser step of the last edit() (benchmarks)
+        self._warned_packing = False
 
     # ------------------------------------------------------------------ routing
     def anchors_for(self, prompts: Sequence[str]) -> list[Anchor]:
@@ -81,12 +84,12 @@ class MEMoEEditor(Editor):
     @contextlib.contextmanager
     def _set(self, ctx: dict[str, torch.Tensor | None]) -> Iterator[None]:
         st = self.adapter.state
-        old = (st.anchor, st.gate, st.start)
-        st.anchor, st.gate, st.start = ctx["anchor"], ctx["gate"], ctx["start"]
+        old = (st.anchor, st.gate, st.start, st.active)
+        st.anchor, st.gate, st.start, st.active = ctx["anchor"], ctx["gate"], ctx["start"], ctx.get("active")
         try:
             yield
         finally:
-            st.anchor, st.gate, st.start = old
+            st.anchor, st.gate, st.start, st.active = old
 
     @contextlib.contextmanager
     def route(self, prompts: list[str]) -> Iterator[None]:
@@ -151,7 +154,8 @@ class MEMoEEditor(Editor):
                 h = final_norm(self.model)(h[rows, cols])
             else:
                 h = self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                          use_cache=False).last_hidden_state[rows, cols]
+                                          position_ids=batch.get("position_ids"), use_cache=False
+                                          ).last_hidden_state[rows, cols]
         return torch.nn.functional.cross_entropy(self._logits(h), labels[rows, cols + 1], reduction=reduction)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -169,12 +173,12 @@ class MEMoEEditor(Editor):
         cache holds layer l's output with the adapter switched off (its input to layer l+1), and
         each step adds the adapter's term for the cached MLP input and runs layers l+1.. only."""
         first = self.adapter.layer_ids[0]
-        ids, mask = batch["input_ids"], batch["attention_mask"]
+        ids, mask, pos = batch["input_ids"], batch["attention_mask"], batch.get("position_ids")
         layers = decoder_layers(self.model)
         # the last layer, or a norm after the MLP (Gemma 2/3: the adapter's term is not additive on
         # the layer's output): cache the layers below l only
         if first + 1 >= len(layers) or hasattr(layers[first], "post_feedforward_layernorm"):
-            return LayerCache.capture(self.model, first, ids, mask), None
+            return LayerCache.capture(self.model, first, ids, mask, pos), None
         kept = {}
 
         def keep(module, args, output):  # returns None: the output is left as it is
@@ -184,7 +188,7 @@ class MEMoEEditor(Editor):
         silent = dict(anchor=None, gate=torch.zeros(ids.shape[0], device=self.device), start=None)
         try:
             with self._set(silent):
-                cache = LayerCache.capture(self.model, first + 1, ids, mask)
+                cache = LayerCache.capture(self.model, first + 1, ids, mask, pos)
         finally:
             handle.remove()
         if torch.is_autocast_enabled(self.device.type):  # rotary tables and mask in the autocast dtype:
@@ -193,13 +197,43 @@ class MEMoEEditor(Editor):
 
     def _prepare(self, rows: Sequence[tuple[str, str, str]]):
         prompts, targets, subjects = zip(*rows)
-        batch = edit_batch(self.tokenizer, list(prompts), list(targets), self.device)
+        packed = self._packs()
+        if packed:
+            batch = packed_batch(self.tokenizer, list(prompts), list(targets), self.device, self.cfg.pack_tokens)
+        else:
+            batch = edit_batch(self.tokenizer, list(prompts), list(targets), self.device)
         anchors = [gold_anchor(p, s) for p, s in zip(prompts, subjects)]
         # training rows route like inference rows: the gold subject is a known anchor
         ctx = self._context(list(prompts), anchors)
         if self.cfg.gate_mode == "anchor":
             ctx["gate"] = torch.ones_like(ctx["gate"])
+        if packed:
+            ctx = self._per_token(ctx, batch)
         return batch, ctx, self._capture(batch) if self.uses_layer_cache else None
+
+    def _packs(self) -> bool:
+        """Pack training rows (``pack_tokens``) where the model keeps packed rows apart."""
+        if not self.cfg.pack_tokens:
+            return False
+        if not packing_is_exact(self.model):
+            if not self._warned_packing:
+                warnings.warn(f"{type(self.model).__name__} lets packed rows attend to each other: "
+                              "training on padded rows (length buckets) instead")
+                self._warned_packing = True
+            return False
+        return True
+
+    @staticmethod
+    def _per_token(ctx: dict, batch: dict) -> dict:
+        """A per-row routing context spread over a packed batch's tokens (padding: inactive)."""
+        row = batch["row"]
+        real = row >= 0
+        r = row.clamp(min=0)
+        active = real & (ctx["gate"][r] > 0)
+        if ctx["start"] is not None:
+            active = active & (batch["position_ids"] >= ctx["start"][r])
+        anchor = ctx["anchor"][r] * real[..., None].to(ctx["anchor"].dtype)
+        return dict(anchor=anchor, gate=None, start=None, active=active)
 
     def train_loss(self, records_or_rows, use_cache: bool | None = None) -> torch.Tensor:
         """The training loss of the current adapter on some edits (tests compare cached/uncached)."""
@@ -231,8 +265,10 @@ class MEMoEEditor(Editor):
             steps_data = []  # per optimiser step: [(batch, ctx, cache, n_target_tokens)] of similar-length rows
             for i in range(0, len(rows), bs):
                 chunk = rows[i:i + bs]
-                lengths = [len(encode_pair(self.tokenizer, p, t)[0]) for p, t, _ in chunk]
-                groups = length_buckets(lengths) if cfg.length_buckets else [list(range(len(chunk)))]
+                if self._packs() or not cfg.length_buckets:  # packed rows: one batch per step
+                    groups = [list(range(len(chunk)))]
+                else:
+                    groups = length_buckets([len(encode_pair(self.tokenizer, p, t)[0]) for p, t, _ in chunk])
                 parts = []
                 for g in groups:
                     batch, ctx, cache = self._prepare([chunk[j] for j in g])
@@ -283,6 +319,7 @@ class MEMoEEditor(Editor):
         self.edits_applied += len(new)
         return {"loss_first": losses[0], "loss_final": losses[-1], "steps": step, "n_edits": len(new),
                 "n_replayed": len(old), "n_train_rows": len(rows), "layer_cache": self.uses_layer_cache,
+                "packed": self._packs(),
                 "precision": str(dtype or torch.float32).replace("torch.", ""),
                 "buckets": sum(len(p) for p in steps_data),
                 "prep_s": round(t_prep, 3), "time_s": round(time.perf_counter() - t0, 3),
