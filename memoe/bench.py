@@ -171,24 +171,30 @@ def _mm_flops(key) -> int:
     return 2 * batch * a[-2] * a[-1] * b[-1]
 
 
-def replay_matmuls(calls: collections.Counter, device, repeats: int = 5) -> tuple[float, float]:
-    """(FLOPs, seconds) of the recorded multiplies run alone as plain matmuls on operands of the same
-    shapes, strides and dtype (best of ``repeats`` passes over all of them)."""
+def matmul_replay(calls: collections.Counter, device) -> tuple[float, Callable[[], float]]:
+    """(FLOPs, run): ``run()`` times one pass of the recorded multiplies run alone as plain matmuls
+    on operands of the same shapes, strides and dtype (allocated once, here)."""
     ops = []
     for key, n in calls.items():
         a_shape, a_stride, b_shape, b_stride, dtype = key
         mk = lambda shape, stride: torch.empty_strided(shape, stride, dtype=dtype, device=device).normal_()
         ops.append((mk(a_shape, a_stride), mk(b_shape, b_stride), n))
     flops = sum(_mm_flops(k) * n for k, n in calls.items())
-    best = float("inf")
-    for _ in range(repeats):
+
+    def run() -> float:
         _sync(device); t0 = time.perf_counter()
         for a, b, n in ops:
             for _ in range(n):
                 torch.matmul(a, b)
         _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return float(flops), best
+        return time.perf_counter() - t0
+    return float(flops), run
+
+
+def replay_matmuls(calls: collections.Counter, device, repeats: int = 5) -> tuple[float, float]:
+    """(FLOPs, seconds) of the recorded multiplies run alone (best of ``repeats`` passes)."""
+    flops, run = matmul_replay(calls, device)
+    return flops, min(run() for _ in range(repeats))
 
 
 def step_matmuls(model, tok, method, recs) -> collections.Counter:
@@ -220,6 +226,11 @@ def matmul_flops_per_s(m: int, k: int, n: int, device, dtype=torch.float32, seco
     return best
 
 
+def _quartiles(xs: list[float]) -> str:
+    q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+    return f"{q[0]:.2f}-{q[2]:.2f}"
+
+
 def _say(msg: str):
     print(f"[bench] {msg}", flush=True)
 
@@ -227,18 +238,26 @@ def _say(msg: str):
 def _roofline(model, tok, method, recs, flops: float, dtype, device, steps: int, rounds: int = 3) -> tuple[dict, float]:
     """The training step's FLOP/s against the same step's matrix multiplies run alone (same shapes,
     strides, dtype, count): the fraction of the attainable matmul speed the whole step reaches.
-    Step and replay are measured in turns (``rounds`` times), so that both see the machine in the
-    same state (on a shared host the matmul speed can change by 2x within minutes); the fraction
-    is the median of the rounds'. Also against one large matmul (all the step's tokens through
-    the MLP's up projection)."""
+    Paired in time: after every training step (``rounds`` edits of ``steps`` steps; the first step
+    of each is warm-up) one pass of the multiplies alone, so that each pair sees the machine in
+    the same state (on a shared host the matmul speed can change by 2x within seconds); the
+    fraction is the median over the pairs. Also against one large matmul (all the step's tokens
+    through the MLP's up projection)."""
     calls = step_matmuls(model, tok, method, recs)
-    step_s, mm_s, fracs = [], [], []
-    mm_flops = 0.0
+    mm_flops, replay = matmul_replay(calls, device)
+    replay()  # warm-up
+    step_s, mm_s = [], []
     for _ in range(rounds):
-        step_s.append(step_time(model, tok, method, recs, steps))
-        mm_flops, t = replay_matmuls(calls, device, repeats=3)
-        mm_s.append(t)
-        fracs.append((flops / step_s[-1]) / (mm_flops / t))
+        ed = make_editor(model, tok, method.model_copy(update=dict(steps=steps, early_stop_loss=0.0)))
+
+        def pair(step: int, loss: float, ed=ed) -> None:
+            if step > 1:
+                step_s.append(ed.step_times[-1])
+                mm_s.append(replay())
+        ed.on_step = pair
+        ed.edit(recs)
+        ed.remove()
+    fracs = [(flops / s) / (mm_flops / m) for s, m in zip(step_s, mm_s)]
     frac = statistics.median(fracs)
     st, mt = statistics.median(step_s), statistics.median(mm_s)
     ntok = int(sum(len(tok(p + " " + t).input_ids) for p, t in zip(recs["prompt"], recs["target_new"])))
@@ -248,14 +267,14 @@ def _roofline(model, tok, method, recs, flops: float, dtype, device, steps: int,
     prec = str(dtype).replace("torch.", "")
     fig = {"precision": prec, "step_flops": flops, "step_s": st, "step_flop_s": flops / st,
            "matmul_calls": sum(calls.values()), "matmul_shapes": len(calls), "matmul_flops": mm_flops,
-           "matmul_s": mt, "matmul_flop_s": mm_flops / mt, "rounds": {"step_s": step_s, "matmul_s": mm_s,
-                                                                      "fraction": fracs},
+           "matmul_s": mt, "matmul_flop_s": mm_flops / mt, "pairs": {"step_s": step_s, "matmul_s": mm_s,
+                                                                     "fraction": fracs},
            "peak_matmul_shape": [ntok, h, inter], "peak_matmul_flop_s": peak,
            "fraction_of_peak_matmul": flops / st / peak}
     _say(f"training step ({prec}): {flops / 1e9:.1f} GFLOP in {st:.3f}s = {flops / st / 1e9:.1f} GFLOP/s; "
          f"its {fig['matmul_calls']} matmuls ({len(calls)} shapes, {mm_flops / 1e9:.1f} GFLOP) alone: {mt:.3f}s = "
-         f"{mm_flops / mt / 1e9:.1f} GFLOP/s -> roofline fraction {frac:.2f} (rounds: "
-         f"{', '.join(f'{x:.2f}' for x in fracs)}); one [{ntok}x{h}]@[{h}x{inter}] "
+         f"{mm_flops / mt / 1e9:.1f} GFLOP/s -> roofline fraction {frac:.2f} (median of {len(fracs)} "
+         f"step/replay pairs; quartiles {_quartiles(fracs)}); one [{ntok}x{h}]@[{h}x{inter}] "
          f"matmul {peak / 1e9:.1f} GFLOP/s -> {fig['fraction_of_peak_matmul']:.2f} of it")
     return fig, frac
 
@@ -281,10 +300,15 @@ def run_bench(quick: bool = True, model_name: str = "embedded:smollm2-135m", dev
     # --- training step: cached vs uncached vs FT-M, and FLOP/s
     steps = 6 if quick else 21
     step_recs = zs.head(n_main)
-    t_c = step_time(model, tok, method.model_copy(update=dict(layer_cache=True)), step_recs, steps)
-    t_u = step_time(model, tok, method.model_copy(update=dict(layer_cache=False)), step_recs, steps)
+    # cached and uncached in turns (3 each), so that drift of the host's speed falls on both
+    ts = {True: [], False: []}
+    for _ in range(3):
+        for cache in (True, False):
+            ts[cache].append(step_time(model, tok, method.model_copy(update=dict(layer_cache=cache)), step_recs, steps))
+    t_c, t_u = statistics.median(ts[True]), statistics.median(ts[False])
     t_ft = step_time(model, tok, FTMethod(name="ft-m"), step_recs, steps)
-    out["train_step"] = {"edits_per_step": n_main, "cached_s": t_c, "uncached_s": t_u, "ft_m_s": t_ft}
+    out["train_step"] = {"edits_per_step": n_main, "cached_s": t_c, "uncached_s": t_u, "ft_m_s": t_ft,
+                         "turns": {"cached_s": ts[True], "uncached_s": ts[False]}}
     out["cached_step_ratio"] = t_c / t_u
     _say(f"training step on {n_main} edits: cached {t_c:.3f}s, uncached {t_u:.3f}s "
          f"(ratio {t_c / t_u:.2f}); FT-M {t_ft:.3f}s")

@@ -1,4 +1,6 @@
 """The benchmark's measuring tools (the benchmarks themselves are `memoe bench`, not tests)."""
+import statistics
+
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -74,8 +76,30 @@ def test_memoe_edit_times_each_step(tokenizer):
 
     ed = make_editor(tiny_model("llama", len(tokenizer)), tokenizer,
                      MEMoEMethod(layers=[2], rank=8, steps=4, early_stop_loss=0.0, precision="float32"))
+    seen = []
+    ed.on_step = lambda step, loss: seen.append((step, loss, len(ed.step_times)))
     stats = ed.edit(_recs())
     assert stats["steps"] == 4 and len(ed.step_times) == 4 and all(t > 0 for t in ed.step_times)
+    # the callback runs after each step, its time not counted in that step
+    assert [s for s, _, _ in seen] == [1, 2, 3, 4] and [n for _, _, n in seen] == [1, 2, 3, 4]
+    assert seen[-1][1] == stats["loss_final"]
+
+
+def test_roofline_pairs_each_step_with_a_replay_of_its_matmuls(tokenizer):
+    from memoe.bench import _roofline, step_flops
+    from memoe.config import MEMoEMethod
+
+    from .conftest import tiny_model
+    from .test_memoe_editor import _recs
+
+    model = tiny_model("llama", len(tokenizer))
+    method = MEMoEMethod(layers=[2], rank=8, precision="float32")
+    flops = step_flops(model, tokenizer, method, _recs())
+    fig, frac = _roofline(model, tokenizer, method, _recs(), flops, torch.float32, torch.device("cpu"), steps=4, rounds=2)
+    pairs = fig["pairs"]
+    assert len(pairs["step_s"]) == len(pairs["matmul_s"]) == len(pairs["fraction"]) == 6  # steps 2-4, twice
+    assert frac > 0 and frac == statistics.median(pairs["fraction"])
+    assert 0 < fig["matmul_flops"] <= flops  # the multiplies are part of the step's work
 
 
 def test_scale_study_samples_earlier_edits_and_leaves_the_model_unedited(tokenizer):

@@ -219,3 +219,24 @@ def test_packing_is_exact_on_the_tiny_architectures(tokenizer):
 
     for kind in ("llama", "gpt2", "gemma2"):
         assert packing_is_exact(tiny_model(kind, len(tokenizer))), kind
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_head_nll_equals_cross_entropy(dtype):
+    """The training loss's fused head + NLL: autograd's cross-entropy value and input gradient."""
+    from memoe.editors.common import head_nll_sum
+
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(500, 32, generator=g) * 0.3).to(dtype)
+    h0 = torch.randn(7, 32, generator=g).to(dtype)
+    y = torch.randint(0, 500, (7,), generator=g)
+    h1, h2 = h0.clone().requires_grad_(), h0.clone().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h1, w).float(), y, reduction="sum")
+    got = head_nll_sum(h2, w, y)
+    (ref * 0.5).backward()
+    (got * 0.5).backward()
+    assert torch.allclose(got, ref, rtol=1e-6) and h2.grad.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(h2.grad.float(), h1.grad.float(), atol=tol * float(h1.grad.abs().max()))
+    with pytest.raises(ValueError, match="frozen"):
+        head_nll_sum(h0, w.clone().requires_grad_(), y)

@@ -143,6 +143,37 @@ def head_nll(model, h: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor | 
     return F.cross_entropy(logits, labels[rows, cols + 1], reduction=reduction)
 
 
+class _HeadNLL(torch.autograd.Function):
+    """Summed NLL of targets ``y`` under ``log_softmax(h @ w.T)`` (fp32 softmax) for a frozen head
+    ``w``. The gradient with respect to ``h`` is formed in the forward pass (softmax - one-hot, in
+    ``w``'s dtype), so the backward is one matmul and the [n, vocab] fp32 buffers are freed at once;
+    autograd's version keeps the log-probabilities and makes three more [n, vocab] passes."""
+
+    @staticmethod
+    def forward(ctx, h, w, y):
+        lp = torch.log_softmax(torch.mm(h, w.t()), -1, dtype=torch.float32)
+        rows = torch.arange(len(y), device=y.device)
+        loss = -lp[rows, y].sum()
+        p = lp.exp_()
+        p[rows, y] -= 1.0
+        ctx.save_for_backward(p.to(w.dtype), w)
+        ctx.h_dtype = h.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        p, w = ctx.saved_tensors
+        return (torch.mm(p, w) * g).to(ctx.h_dtype), None, None
+
+
+def head_nll_sum(h: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``F.cross_entropy(F.linear(h, w).float(), y, reduction="sum")`` with a frozen ``w``: the same
+    value, and the same gradient for ``h`` up to the rounding of ``w``'s dtype, in fewer passes."""
+    if w.requires_grad:
+        raise ValueError("head_nll_sum is for a frozen head")
+    return _HeadNLL.apply(h.to(w.dtype), w, y)
+
+
 def edit_batches(tokenizer, records, batch_size: int | None, device) -> list[dict[str, torch.Tensor]]:
     """The records' (prompt, target_new) pairs as ``edit_batch`` chunks of ``batch_size`` (all: None)."""
     prompts, targets = records["prompt"].to_list(), records["target_new"].to_list()

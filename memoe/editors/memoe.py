@@ -12,7 +12,7 @@ import contextlib
 import random
 import time
 import warnings
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import polars as pl
@@ -21,8 +21,8 @@ import torch
 from memoe.adapter import LayerCache, MEMoEAdapter, final_norm, supports_layer_cache
 from memoe.anchors import Anchor, AnchorExtractor, anchor_embeddings, anchor_end_token, gold_anchor
 from memoe.editors.base import Editor, register
-from memoe.editors.common import (edit_batch, length_buckets, packed_batch, packing_is_exact, resolve_precision,
-                                  training_precision)
+from memoe.editors.common import (edit_batch, head_nll_sum, length_buckets, packed_batch, packing_is_exact,
+                                  resolve_precision, training_precision)
 from memoe.metrics import encode_pair
 from memoe.models import decoder_layers, mlp_of
 
@@ -65,6 +65,7 @@ class MEMoEEditor(Editor):
         self._head_weight: torch.Tensor | None = None  # the LM head in the training dtype, while training
         self.step_times: list[float] = []  # seconds of each optimiser step of the last edit() (benchmarks)
         self._warned_packing = False
+        self.on_step: Callable[[int, float], None] | None = None  # called after each optimiser step (step, loss)
 
     # ------------------------------------------------------------------ routing
     def anchors_for(self, prompts: Sequence[str]) -> list[Anchor]:
@@ -156,16 +157,15 @@ class MEMoEEditor(Editor):
                 h = self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                           position_ids=batch.get("position_ids"), use_cache=False
                                           ).last_hidden_state[rows, cols]
-        return torch.nn.functional.cross_entropy(self._logits(h), labels[rows, cols + 1], reduction=reduction)
-
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        """fp32 logits; under mixed precision with the LM head in the training dtype, cast once per
-        round (autocast would re-cast the frozen vocab x d matrix at every call)."""
+        y = labels[rows, cols + 1]
         head = self.model.get_output_embeddings()
-        w = self._head_weight
-        if w is None or getattr(head, "bias", None) is not None:
-            return head(h).float()
-        return torch.nn.functional.linear(h.to(w.dtype), w).float()
+        if getattr(head, "bias", None) is not None:
+            return torch.nn.functional.cross_entropy(head(h).float(), y, reduction=reduction)
+        # under mixed precision the LM head is cast to the training dtype once per round (autocast
+        # would re-cast the frozen vocab x d matrix at every call)
+        w = self._head_weight if self._head_weight is not None else head.weight.detach()
+        loss = head_nll_sum(h, w, y)
+        return loss if reduction == "sum" else loss / max(len(y), 1)
 
     def _capture(self, batch: dict) -> tuple[LayerCache, torch.Tensor | None]:
         """The layer cache of a batch, and the input of layer l's MLP. The adapter only adds a term
@@ -308,6 +308,8 @@ class MEMoEEditor(Editor):
                             opt.step()
                         losses.append(nll / ntok)  # float(loss) above waits for the device
                         self.step_times.append(time.perf_counter() - t_step)
+                        if self.on_step is not None:
+                            self.on_step(step, losses[-1])
                         if losses[-1] < cfg.early_stop_loss:
                             break
             finally:
