@@ -100,7 +100,9 @@ def run(args) -> int:
         sc, last = res["scale"], res["scale"]["per_round"][-1]
         print(f"scale {sc['rounds']} x {sc['batch']} edits: training per round median {sc['train_s_median']:.1f} s, "
               f"largest deviation {sc['train_s_max_dev']:.1%}, trend {sc['train_s_slope_per_round']:+.1%} of it per round "
-              f"(rounds 2-{sc['rounds']}); after {last['edits_so_far']} "
+              f"(rounds 2-{sc['rounds']}); over the round's own evaluation time: largest deviation "
+              f"{sc.get('train_per_eval_max_dev', float('nan')):.1%}, trend {sc.get('train_per_eval_slope_per_round', float('nan')):+.1%}; "
+              f"after {last['edits_so_far']} "
               f"edits Rel {last['reliability']:.2f} Gen {last['generality']:.2f} Loc {last['locality']:.2f}")
     if args.mlflow:
         import mlflow

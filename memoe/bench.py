@@ -399,10 +399,16 @@ def sequential_scale(model, tok, method, rounds: int, batch: int, *, recs: pl.Da
              f"Rel {m.get('reliability', float('nan')):.2f} Gen {m.get('generality', float('nan')):.2f} "
              f"Loc {m.get('locality', float('nan')):.2f}")
     ed.remove()
-    tr = [r["train_s"] for r in per_round]  # flatness over the rounds after the first (nothing to replay there)
+    later = per_round[1:] or per_round  # flatness over the rounds after the first (nothing to replay there)
+    # each round's training time over its own evaluation time (a sample of the same size, scored right
+    # after, on a model whose size does not change): the host's speed of the moment divides out
+    for r in per_round:
+        r["train_per_eval"] = r["train_s"] / r["eval_s"]
+    same_eval = [r for r in later if r["scored"] == later[-1]["scored"]]
     return {"rounds": rounds, "batch": batch, "retention_sample": retention_sample, "replay": method.replay,
             "precision": method.precision, "steps": method.steps, "early_stop_loss": method.early_stop_loss,
-            "per_round": per_round, **flatness(tr[1:] or tr, "train_s")}
+            "per_round": per_round, **flatness([r["train_s"] for r in later], "train_s"),
+            **flatness([r["train_per_eval"] for r in same_eval], "train_per_eval")}
 
 
 def flatness(times: list[float], name: str) -> dict[str, float]:

@@ -74,6 +74,9 @@ class MEMoEMethod(_Strict):
     pack_tokens: int | None = Field(
         64, ge=1, description="training rows packed end to end into sequences of this many tokens, one batch per "
         "step (null: rows padded, in length buckets)")
+    max_batch_tokens: int = Field(
+        4096, ge=1, description="packed rows: at most this many tokens per forward/backward, the step's gradient "
+        "accumulated over them (bounds the memory of large batches)")
     length_buckets: bool = Field(True, description="without packing: split each step's rows into groups of similar length")
     expert_act: Literal["none", "gelu", "silu"] = Field("none", description="nonlinearity inside low-rank experts")
     apply_from: Literal["all", "anchor"] = Field(

@@ -122,6 +122,8 @@ def test_scale_study_samples_earlier_edits_and_leaves_the_model_unedited(tokeniz
     assert [r["scored"] for r in rounds] == [2, 3] and [r["steps"] for r in rounds] == [6, 6]
     assert rounds[-1]["reliability"] > 0.5  # the edits took
     assert res["train_s_median"] == rounds[1]["train_s"] and res["train_s_max_dev"] == 0  # one round after the first
+    assert rounds[1]["train_per_eval"] == rounds[1]["train_s"] / rounds[1]["eval_s"]
+    assert res["train_per_eval_median"] == rounds[1]["train_per_eval"]
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == n_hooks
     assert torch.equal(model(**probe).logits, before)
 

@@ -240,3 +240,39 @@ def test_fused_head_nll_equals_cross_entropy(dtype):
     assert torch.allclose(h2.grad.float(), h1.grad.float(), atol=tol * float(h1.grad.abs().max()))
     with pytest.raises(ValueError, match="frozen"):
         head_nll_sum(h0, w.clone().requires_grad_(), y)
+
+
+
+def test_token_groups_bound_the_tokens_per_micro_batch():
+    from memoe.editors.common import token_groups
+
+    lengths = [10, 20, 30, 5, 50, 1]
+    groups = token_groups(lengths, 35)
+    assert [i for g in groups for i in g] == list(range(len(lengths)))  # every row once, in order
+    assert groups == [[0, 1], [2, 3], [4], [5]]  # 50 > 35: a group of its own
+    assert token_groups(lengths, 1000) == [list(range(6))] and token_groups([], 10) == []
+
+
+def test_packed_micro_batches_have_the_same_gradient_as_one(tokenizer, monkeypatch):
+    """A step split into micro-batches (``max_batch_tokens``) accumulates the same gradient."""
+    model = tiny_model("llama", len(tokenizer))
+    recs = _records(EDITS["prompts"] + ["Paris is the capital of"], EDITS["targets"] + ["Narnia of the North"],
+                    EDITS["subjects"] + ["Paris"])
+    sgd = torch.optim.SGD  # one plain gradient step: the update is the gradient itself
+    monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, weight_decay: sgd(params, lr=1.0))
+    moved, buckets = [], []
+    for max_tokens in (4096, 12):
+        torch.manual_seed(0)
+        ed = MEMoEEditor(model, tokenizer, MEMoEMethod(**{**FAST, "steps": 1, "router_noise": 0.0, "load_balance": 0.0,
+                                                          "precision": "float32", "max_batch_tokens": max_tokens}))
+        with torch.no_grad():
+            for p in ed.adapter.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        before = {k: v.clone() for k, v in ed.adapter.state_dict().items()}
+        buckets.append(ed.edit(recs)["buckets"])
+        moved.append({k: v - before[k] for k, v in ed.adapter.state_dict().items()})
+        ed.remove()
+    assert buckets == [1, 3]
+    for k in moved[0]:
+        assert moved[0][k].abs().max() > 0
+        assert torch.allclose(moved[0][k], moved[1][k], atol=1e-6), k

@@ -1,5 +1,6 @@
-"""Training helpers shared by the editors: edit batches with the prompt masked, target NLL,
-length buckets (less padding) and the training precision (bf16 autocast where the hardware has it)."""
+"""Training helpers shared by the editors: edit batches with the prompt masked (padded, or packed
+several rows per sequence), target NLL (and a fused head + NLL for a frozen head), length buckets
+(less padding) and the training precision (bf16 autocast where the hardware has it)."""
 from __future__ import annotations
 
 import contextlib
@@ -36,7 +37,7 @@ def edit_batch(tokenizer, prompts: Sequence[str], targets: Sequence[str], device
 
 
 def packed_batch(tokenizer, prompts: Sequence[str], targets: Sequence[str], device,
-                 capacity: int = 128) -> dict[str, torch.Tensor | None]:
+                 capacity: int = 64) -> dict[str, torch.Tensor | None]:
     """``prompt + " " + target`` rows packed end to end into sequences of at most ``capacity`` tokens
     (at least the longest row), so a training step runs one batch without padding to the longest row.
 
@@ -179,6 +180,20 @@ def edit_batches(tokenizer, records, batch_size: int | None, device) -> list[dic
     prompts, targets = records["prompt"].to_list(), records["target_new"].to_list()
     bs = batch_size or len(prompts)
     return [edit_batch(tokenizer, prompts[i:i + bs], targets[i:i + bs], device) for i in range(0, len(prompts), bs)]
+
+
+def token_groups(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Consecutive rows in groups of at most ``max_tokens`` tokens (a longer row: a group of its own),
+    as few groups as that allows: a step's rows in micro-batches that bound its memory."""
+    groups: list[list[int]] = [[]]
+    n = 0
+    for i, length in enumerate(lengths):
+        if groups[-1] and n + length > max_tokens:
+            groups.append([])
+            n = 0
+        groups[-1].append(i)
+        n += length
+    return groups if groups[0] else []
 
 
 def length_buckets(lengths: Sequence[int], row_cost: int = 48) -> list[list[int]]:

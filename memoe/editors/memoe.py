@@ -22,7 +22,7 @@ from memoe.adapter import LayerCache, MEMoEAdapter, final_norm, supports_layer_c
 from memoe.anchors import Anchor, AnchorExtractor, anchor_embeddings, anchor_end_token, gold_anchor
 from memoe.editors.base import Editor, register
 from memoe.editors.common import (edit_batch, head_nll_sum, length_buckets, packed_batch, packing_is_exact,
-                                  resolve_precision, training_precision)
+                                  resolve_precision, token_groups, training_precision)
 from memoe.metrics import encode_pair
 from memoe.models import decoder_layers, mlp_of
 
@@ -265,10 +265,13 @@ class MEMoEEditor(Editor):
             steps_data = []  # per optimiser step: [(batch, ctx, cache, n_target_tokens)] of similar-length rows
             for i in range(0, len(rows), bs):
                 chunk = rows[i:i + bs]
-                if self._packs() or not cfg.length_buckets:  # packed rows: one batch per step
-                    groups = [list(range(len(chunk)))]
+                lengths = [len(encode_pair(self.tokenizer, p, t)[0]) for p, t, _ in chunk]
+                if self._packs():  # packed rows: one batch per step, in micro-batches of bounded size
+                    groups = token_groups(lengths, cfg.max_batch_tokens)
+                elif cfg.length_buckets:
+                    groups = length_buckets(lengths)
                 else:
-                    groups = length_buckets([len(encode_pair(self.tokenizer, p, t)[0]) for p, t, _ in chunk])
+                    groups = [list(range(len(chunk)))]
                 parts = []
                 for g in groups:
                     batch, ctx, cache = self._prepare([chunk[j] for j in g])
