@@ -149,7 +149,7 @@ def step_flops(model, tok, method, recs) -> float:
 
 class MatmulShapes(TorchDispatchMode):
     """Records every matrix multiply a block of code runs (op, operand shapes / strides, dtype),
-    after autocast, so the same multiplies can be replayed alone (``replay_matmuls``)."""
+    after autocast, so the same multiplies can be replayed alone (``matmul_replay``)."""
     OPS = {torch.ops.aten.mm.default: (0, 1), torch.ops.aten.bmm.default: (0, 1),
            torch.ops.aten.addmm.default: (1, 2), torch.ops.aten.baddbmm.default: (1, 2)}
 
@@ -189,12 +189,6 @@ def matmul_replay(calls: collections.Counter, device) -> tuple[float, Callable[[
         _sync(device)
         return time.perf_counter() - t0
     return float(flops), run
-
-
-def replay_matmuls(calls: collections.Counter, device, repeats: int = 5) -> tuple[float, float]:
-    """(FLOPs, seconds) of the recorded multiplies run alone (best of ``repeats`` passes)."""
-    flops, run = matmul_replay(calls, device)
-    return flops, min(run() for _ in range(repeats))
 
 
 def step_matmuls(model, tok, method, recs) -> collections.Counter:

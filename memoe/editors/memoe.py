@@ -263,10 +263,11 @@ class MEMoEEditor(Editor):
         # the frozen weights are cast to the training dtype once for the whole round
         with training_precision(self.model, dtype):
             steps_data = []  # per optimiser step: [(batch, ctx, cache, n_target_tokens)] of similar-length rows
+            packed = self._packs()  # decided once, in the training precision and attention implementation
             for i in range(0, len(rows), bs):
                 chunk = rows[i:i + bs]
                 lengths = [len(encode_pair(self.tokenizer, p, t)[0]) for p, t, _ in chunk]
-                if self._packs():  # packed rows: one batch per step, in micro-batches of bounded size
+                if packed:  # packed rows: one batch per step, in micro-batches of bounded size
                     groups = token_groups(lengths, cfg.max_batch_tokens)
                 elif cfg.length_buckets:
                     groups = length_buckets(lengths)
@@ -324,7 +325,7 @@ class MEMoEEditor(Editor):
         self.edits_applied += len(new)
         return {"loss_first": losses[0], "loss_final": losses[-1], "steps": step, "n_edits": len(new),
                 "n_replayed": len(old), "n_train_rows": len(rows), "layer_cache": self.uses_layer_cache,
-                "packed": self._packs(),
+                "packed": packed,
                 "precision": str(dtype or torch.float32).replace("torch.", ""),
                 "buckets": sum(len(p) for p in steps_data),
                 "prep_s": round(t_prep, 3), "time_s": round(time.perf_counter() - t0, 3),
