@@ -20,6 +20,7 @@ def add_arguments(p):
     p.add_argument("--device", default="auto")
     p.add_argument("--skip-scale", action="store_true", help="skip the sequential scale study")
     p.add_argument("--scale-steps", type=int, default=40, help="optimiser steps per round of the scale study")
+    p.add_argument("--compile", action="store_true", help="the scale study trains with compile: true")
     p.add_argument("--skip-overhead", action="store_true", help="skip the orchestration-overhead study")
 
 
@@ -73,7 +74,8 @@ def run(args) -> int:
         model, tok = load_model(args.model, args.device)
         rounds, batch = (4, 25) if args.quick else ((100, 100) if gpu else (20, 100))
         # a fixed number of steps per round (no early stop): the round's cost, not its convergence
-        return sequential_scale(model, tok, MEMoEMethod(steps=args.scale_steps, early_stop_loss=0.0), rounds, batch)
+        return sequential_scale(model, tok, MEMoEMethod(steps=args.scale_steps, early_stop_loss=0.0, compile=args.compile),
+                               rounds, batch)
 
     t0 = time.perf_counter()
     res = run_bench(quick=args.quick, model_name=args.model, device=args.device,
@@ -93,6 +95,9 @@ def run(args) -> int:
     path.write_text(json.dumps(res, indent=2))
     print(f"\ncached_step_ratio   {res['cached_step_ratio']:.3f}")
     print(f"roofline_fraction   {res['roofline_fraction']:.3f}")
+    if "roofline_fraction_compiled" in res:
+        print(f"  compiled          {res['roofline_fraction_compiled']:.3f} (step {res['train_step']['compiled_s']:.3f} s "
+              f"against {res['train_step']['cached_s']:.3f} s eager)")
     for n, v in res["edit_throughput"].items():
         print(f"edit {n:>5} edits     {v['seconds']:.1f} s ({v['edits_per_s']:.2f} edits/s)")
     print(f"peak RSS (MiB)      " + ", ".join(f"{k} {v:.0f}" for k, v in res["peak_rss_mb"].items()))
@@ -100,7 +105,8 @@ def run(args) -> int:
         sc, last = res["scale"], res["scale"]["per_round"][-1]
         print(f"scale {sc['rounds']} x {sc['batch']} edits: training per round median {sc['train_s_median']:.1f} s, "
               f"largest deviation {sc['train_s_max_dev']:.1%}, trend {sc['train_s_slope_per_round']:+.1%} of it per round "
-              f"(rounds 2-{sc['rounds']}); over the round's own evaluation time: largest deviation "
+              f"(rounds 2-{sc['rounds']}); CPU time: largest deviation {sc['train_cpu_s_max_dev']:.1%}, trend "
+              f"{sc['train_cpu_s_slope_per_round']:+.1%}; over the round's own evaluation time: largest deviation "
               f"{sc.get('train_per_eval_max_dev', float('nan')):.1%}, trend {sc.get('train_per_eval_slope_per_round', float('nan')):+.1%}; "
               f"after {last['edits_so_far']} "
               f"edits Rel {last['reliability']:.2f} Gen {last['generality']:.2f} Loc {last['locality']:.2f}")

@@ -29,7 +29,7 @@ from memoe.config import FTMethod, MEMoEMethod, resolve_path
 from memoe.data import load_edits
 from memoe.datasets import SHARED_DATASETS
 from memoe.editors import make_editor
-from memoe.editors.common import resolve_precision
+from memoe.editors.common import can_compile, resolve_precision
 from memoe.metrics import evaluate, generate, locality_predictions, summarize, teacher_forced
 from memoe.models import load_model
 
@@ -237,7 +237,7 @@ def _roofline(model, tok, method, recs, flops: float, dtype, device, steps: int,
     the same state (on a shared host the matmul speed can change by 2x within seconds); the
     fraction is the median over the pairs. Also against one large matmul (all the step's tokens
     through the MLP's up projection)."""
-    calls = step_matmuls(model, tok, method, recs)
+    calls = step_matmuls(model, tok, method.model_copy(update=dict(compile=False)), recs)  # the same multiplies
     mm_flops, replay = matmul_replay(calls, device)
     replay()  # warm-up
     step_s, mm_s = [], []
@@ -315,6 +315,17 @@ def run_bench(quick: bool = True, model_name: str = "embedded:smollm2-135m", dev
         out["flops_fp32"], out["roofline_fraction_fp32"] = _roofline(model, tok, fp32, step_recs, flops,
                                                                      torch.float32, dev, steps)
         out["train_step"]["cached_fp32_s"] = out["flops_fp32"]["step_s"]
+    if can_compile(dev):  # the same step through torch.compile (MEMoEMethod.compile)
+        comp = cached.model_copy(update=dict(compile=True))
+        ed, st = timed_edit(model, tok, comp.model_copy(update=dict(steps=2, early_stop_loss=0.0)), step_recs)
+        first = ed.step_times[0]  # compiles the layers' forward and backward (or takes them from inductor's cache)
+        ed.remove()
+        out["flops_compiled"], out["roofline_fraction_compiled"] = _roofline(model, tok, comp, step_recs, flops,
+                                                                             train_dtype, dev, steps)
+        out["train_step"]["compiled_s"] = out["flops_compiled"]["step_s"]
+        out["train_step"]["compiled_first_step_s"] = first
+        _say(f"compiled: first step {first:.1f}s (compiling), then {out['train_step']['compiled_s']:.3f}s a step "
+             f"against {t_c:.3f}s eager")
 
     # --- edit throughput
     thr = {}
@@ -352,6 +363,12 @@ def run_bench(quick: bool = True, model_name: str = "embedded:smollm2-135m", dev
         ed.remove()
         del ed
         gc.collect()
+    if can_compile(dev):  # the layers' compiled kernels are already built (above): steady-state speed
+        ed, st = timed_edit(model, tok, method.model_copy(update=dict(compile=True)), zs.head(n_main))
+        ed.remove()
+        thr[f"{n_main}_compiled"] = {"edits": n_main, "seconds": st["wall_s"], "edits_per_s": n_main / st["wall_s"],
+                                     "steps": st.get("steps")}
+        _say(f"edit {n_main} edits, compiled: {st['wall_s']:.1f}s (steps {st.get('steps')})")
     out["edit_throughput"] = thr
     out["peak_rss_mb"] = rss
     if scale is not None:
@@ -364,7 +381,8 @@ def run_bench(quick: bool = True, model_name: str = "embedded:smollm2-135m", dev
 def sequential_scale(model, tok, method, rounds: int, batch: int, *, recs: pl.DataFrame | None = None,
                      retention_sample: int | None = 200, seed: int = 0) -> dict[str, Any]:
     """A sequential study of rounds x batch real edits: time per round (training, evaluation) and
-    Rel / Gen / Loc over rounds. Earlier edits are scored on a seeded sample of at most
+    Rel / Gen / Loc over rounds. Training is timed in wall-clock and in the process's CPU time
+    (which leaves out the time a busy host keeps its threads waiting). Earlier edits are scored on a seeded sample of at most
     ``retention_sample`` (logged), so evaluation grows no faster than the edits so far. Give the
     method a fixed step count (``early_stop_loss=0``) to measure the cost of a round rather than
     how soon it converges."""
@@ -374,9 +392,9 @@ def sequential_scale(model, tok, method, rounds: int, batch: int, *, recs: pl.Da
     per_round = []
     for t in range(rounds):
         cur = recs.slice(t * batch, batch)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         st = ed.edit(cur)
-        train_s = time.perf_counter() - t0
+        train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
         seen = recs.head((t + 1) * batch)
         sample = seen if retention_sample is None or seen.height <= retention_sample else \
             seen.sample(retention_sample, seed=seed + t)
@@ -385,7 +403,8 @@ def sequential_scale(model, tok, method, rounds: int, batch: int, *, recs: pl.Da
                                editor=ed, generation=False))
         eval_s = time.perf_counter() - t0
         times = list(getattr(ed, "step_times", None) or [])
-        per_round.append({"round": t + 1, "edits_so_far": (t + 1) * batch, "train_s": train_s, "eval_s": eval_s,
+        per_round.append({"round": t + 1, "edits_so_far": (t + 1) * batch, "train_s": train_s,
+                          "train_cpu_s": train_cpu_s, "eval_s": eval_s,
                           "scored": sample.height, "steps": (st or {}).get("steps"),
                           "step_s_median": statistics.median(times) if times else None,
                           **{k: m.get(k) for k in ("reliability", "generality", "locality")}})
@@ -401,7 +420,8 @@ def sequential_scale(model, tok, method, rounds: int, batch: int, *, recs: pl.Da
     same_eval = [r for r in later if r["scored"] == later[-1]["scored"]]
     return {"rounds": rounds, "batch": batch, "retention_sample": retention_sample, "replay": method.replay,
             "precision": method.precision, "steps": method.steps, "early_stop_loss": method.early_stop_loss,
-            "per_round": per_round, **flatness([r["train_s"] for r in later], "train_s"),
+            "compile": method.compile, "per_round": per_round, **flatness([r["train_s"] for r in later], "train_s"),
+            **flatness([r["train_cpu_s"] for r in later], "train_cpu_s"),
             **flatness([r["train_per_eval"] for r in same_eval], "train_per_eval")}
 
 

@@ -1,6 +1,7 @@
 """The benchmark's measuring tools (the benchmarks themselves are `memoe bench`, not tests)."""
 import statistics
 
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -85,15 +86,19 @@ def test_memoe_edit_times_each_step(tokenizer):
     assert seen[-1][1] == stats["loss_final"]
 
 
-def test_roofline_pairs_each_step_with_a_replay_of_its_matmuls(tokenizer):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_roofline_pairs_each_step_with_a_replay_of_its_matmuls(tokenizer, compiled):
     from memoe.bench import _roofline, step_flops
     from memoe.config import MEMoEMethod
+    from memoe.editors.common import can_compile
 
     from .conftest import tiny_model
     from .test_memoe_editor import _recs
 
+    if compiled and not can_compile(torch.device("cpu")):
+        pytest.skip("no C++ compiler for torch.compile")
     model = tiny_model("llama", len(tokenizer))
-    method = MEMoEMethod(layers=[2], rank=8, precision="float32")
+    method = MEMoEMethod(layers=[2], rank=8, precision="float32", compile=compiled)
     flops = step_flops(model, tokenizer, method, _recs())
     fig, frac = _roofline(model, tokenizer, method, _recs(), flops, torch.float32, torch.device("cpu"), steps=4, rounds=2)
     pairs = fig["pairs"]
@@ -124,6 +129,7 @@ def test_scale_study_samples_earlier_edits_and_leaves_the_model_unedited(tokeniz
     assert res["train_s_median"] == rounds[1]["train_s"] and res["train_s_max_dev"] == 0  # one round after the first
     assert rounds[1]["train_per_eval"] == rounds[1]["train_s"] / rounds[1]["eval_s"]
     assert res["train_per_eval_median"] == rounds[1]["train_per_eval"]
+    assert res["train_cpu_s_median"] == rounds[1]["train_cpu_s"] > 0
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == n_hooks
     assert torch.equal(model(**probe).logits, before)
 

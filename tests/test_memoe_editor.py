@@ -3,6 +3,7 @@ import torch
 
 from memoe.config import MEMoEMethod
 from memoe.editors import make_editor
+from memoe.editors.common import can_compile
 from memoe.editors.memoe import MEMoEEditor
 from memoe.metrics import evaluate, locality_predictions, summarize, teacher_forced
 
@@ -276,3 +277,50 @@ def test_packed_micro_batches_have_the_same_gradient_as_one(tokenizer, monkeypat
     for k in moved[0]:
         assert moved[0][k].abs().max() > 0
         assert torch.allclose(moved[0][k], moved[1][k], atol=1e-6), k
+
+
+def _losses(model, tokenizer, cfg, recs):
+    ed = MEMoEEditor(model, tokenizer, cfg, seed=1)
+    losses = []
+    ed.on_step = lambda step, loss: losses.append(loss)
+    stats = ed.edit(recs)
+    ed.remove()
+    return stats, losses
+
+
+@pytest.mark.skipif(not can_compile(torch.device("cpu")), reason="no C++ compiler for torch.compile")
+def test_compiled_layers_train_like_eager_and_compile_once(tokenizer):
+    """``compile: true`` runs the layers above the adapter through torch.compile: the same training
+    (up to float rounding), deterministic, the plain forward back after the round, no recompiling
+    in a later round of another size."""
+    from torch._dynamo.utils import counters
+
+    from memoe.models import decoder_layers
+
+    model = tiny_model("llama", len(tokenizer))
+    recs = _records(EDITS["prompts"] + ["Paris is the capital of"], EDITS["targets"] + ["Narnia of the North"],
+                    EDITS["subjects"] + ["Paris"])
+    cfg = MEMoEMethod(**{**FAST, "layers": [1], "steps": 6, "early_stop_loss": 0.0, "precision": "float32"})
+    _, eager = _losses(model, tokenizer, cfg, recs)
+    torch._dynamo.reset()  # forget graphs that earlier tests traced for the same layer code
+    traced = counters["stats"]["unique_graphs"]
+    stats, comp = _losses(model, tokenizer, cfg.model_copy(update=dict(compile=True)), recs)
+    assert counters["stats"]["unique_graphs"] > traced  # the layers above the adapter went through dynamo
+    assert stats["compiled"] and not any("forward" in vars(layer) for layer in decoder_layers(model))
+    assert comp == pytest.approx(eager, rel=1e-4) and comp[-1] < comp[0]
+    graphs = counters["stats"]["unique_graphs"]
+    again = _losses(model, tokenizer, cfg.model_copy(update=dict(compile=True)), recs)[1]
+    assert again == comp  # deterministic
+    _losses(model, tokenizer, cfg.model_copy(update=dict(compile=True)), recs.head(2))  # fewer rows: other shapes
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_compile_falls_back_to_eager_where_it_cannot_build(tokenizer, monkeypatch):
+    import memoe.editors.memoe as mod
+
+    monkeypatch.setattr(mod, "can_compile", lambda device: False)
+    model = tiny_model("llama", len(tokenizer))
+    cfg = MEMoEMethod(**{**FAST, "steps": 2, "compile": True})
+    with pytest.warns(UserWarning, match="cannot build kernels"):
+        ed = MEMoEEditor(model, tokenizer, cfg)
+    assert ed.edit(_recs())["compiled"] is False

@@ -4,6 +4,8 @@ several rows per sequence), target NLL (and a fused head + NLL for a frozen head
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import weakref
 from typing import Iterator, Sequence
 
@@ -232,6 +234,39 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
         amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
         return torch.bfloat16 if amx else None
     return None
+
+
+def can_compile(device: torch.device) -> bool:
+    """Whether torch.compile's default backend (inductor) can build kernels here: a C++ compiler
+    on CPU, triton on a CUDA GPU."""
+    if device.type == "cpu":
+        return any(shutil.which(c) for c in (os.environ.get("CXX") or "g++", "clang++", "c++"))
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        return has_triton()
+    return False
+
+
+@contextlib.contextmanager
+def compiled_layers(model, first: int) -> Iterator[None]:
+    """Decoder layers ``first..`` run their forward through ``torch.compile`` inside the block
+    (elementwise work fused: norms, rotary, softmax, activations, in forward and backward); the
+    plain forward is back on exit. Each layer's compiled forward is built once and kept for later
+    rounds; shapes are dynamic, so a round with another number of rows does not recompile."""
+    from memoe.models import decoder_layers
+
+    layers = list(decoder_layers(model))[first:]
+    for layer in layers:
+        fn = layer.__dict__.get("_memoe_compiled")
+        if fn is None:
+            fn = layer._memoe_compiled = torch.compile(type(layer).forward.__get__(layer), dynamic=True)
+        layer.forward = fn
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("forward", None)
 
 
 @contextlib.contextmanager

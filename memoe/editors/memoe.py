@@ -21,8 +21,9 @@ import torch
 from memoe.adapter import LayerCache, MEMoEAdapter, final_norm, supports_layer_cache
 from memoe.anchors import Anchor, AnchorExtractor, anchor_embeddings, anchor_end_token, gold_anchor
 from memoe.editors.base import Editor, register
-from memoe.editors.common import (edit_batch, head_nll_sum, length_buckets, packed_batch, packing_is_exact,
-                                  resolve_precision, token_groups, training_precision)
+from memoe.editors.common import (can_compile, compiled_layers, edit_batch, head_nll_sum, length_buckets,
+                                  packed_batch, packing_is_exact, resolve_precision, token_groups,
+                                  training_precision)
 from memoe.metrics import encode_pair
 from memoe.models import decoder_layers, mlp_of
 
@@ -66,6 +67,10 @@ class MEMoEEditor(Editor):
         self.step_times: list[float] = []  # seconds of each optimiser step of the last edit() (benchmarks)
         self._warned_packing = False
         self.on_step: Callable[[int, float], None] | None = None  # called after each optimiser step (step, loss)
+        self.compiles = bool(cfg.compile) and can_compile(self.device)
+        if cfg.compile and not self.compiles:
+            warnings.warn(f"compile: torch.compile cannot build kernels on {self.device} here (no C++ compiler / "
+                          "triton): training runs eagerly")
 
     # ------------------------------------------------------------------ routing
     def anchors_for(self, prompts: Sequence[str]) -> list[Anchor]:
@@ -289,8 +294,10 @@ class MEMoEEditor(Editor):
             step = 0
             if dtype is not None:
                 self._head_weight = self.model.get_output_embeddings().weight.detach().to(dtype)
+            compiled = (compiled_layers(self.model, max(self.adapter.layer_ids) + 1) if self.compiles
+                        else contextlib.nullcontext())
             try:
-                with torch.enable_grad():
+                with torch.enable_grad(), compiled:
                     for step in range(1, cfg.steps + 1):
                         t_step = time.perf_counter()
                         nll, ntok = 0.0, 0
@@ -325,7 +332,7 @@ class MEMoEEditor(Editor):
         self.edits_applied += len(new)
         return {"loss_first": losses[0], "loss_final": losses[-1], "steps": step, "n_edits": len(new),
                 "n_replayed": len(old), "n_train_rows": len(rows), "layer_cache": self.uses_layer_cache,
-                "packed": packed,
+                "packed": packed, "compiled": self.compiles,
                 "precision": str(dtype or torch.float32).replace("torch.", ""),
                 "buckets": sum(len(p) for p in steps_data),
                 "prep_s": round(t_prep, 3), "time_s": round(time.perf_counter() - t0, 3),
