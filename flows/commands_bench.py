@@ -97,7 +97,7 @@ def run(args) -> int:
     print(f"roofline_fraction   {res['roofline_fraction']:.3f}")
     if "roofline_fraction_compiled" in res:
         print(f"  compiled          {res['roofline_fraction_compiled']:.3f} (step {res['train_step']['compiled_s']:.3f} s "
-              f"against {res['train_step']['cached_s']:.3f} s eager)")
+              f"against {res['train_step']['cached_s']:.3f} s eager: compiled_step_ratio {res['compiled_step_ratio']:.2f})")
     for n, v in res["edit_throughput"].items():
         print(f"edit {n:>5} edits     {v['seconds']:.1f} s ({v['edits_per_s']:.2f} edits/s)")
     print(f"peak RSS (MiB)      " + ", ".join(f"{k} {v:.0f}" for k, v in res["peak_rss_mb"].items()))

@@ -294,19 +294,35 @@ def run_bench(quick: bool = True, model_name: str = "embedded:smollm2-135m", dev
     # --- training step: cached vs uncached vs FT-M, and FLOP/s
     steps = 6 if quick else 21
     step_recs = zs.head(n_main)
-    # cached and uncached in turns (3 each), so that drift of the host's speed falls on both
-    ts = {True: [], False: []}
+    eager = method.model_copy(update=dict(compile=False))
+    variants = {"cached": eager.model_copy(update=dict(layer_cache=True)),
+                "uncached": eager.model_copy(update=dict(layer_cache=False))}
+    first = None
+    if can_compile(dev):  # the same cached step through torch.compile (MEMoEMethod.compile)
+        variants["compiled"] = variants["cached"].model_copy(update=dict(compile=True))
+        ed, _ = timed_edit(model, tok, variants["compiled"].model_copy(update=dict(steps=2, early_stop_loss=0.0)),
+                           step_recs)
+        first = ed.step_times[0]  # compiles the layers' forward and backward (or takes them from inductor's cache)
+        ed.remove()
+    # the variants in turns (3 each), so that drift of the host's speed falls on all of them
+    ts = {k: [] for k in variants}
     for _ in range(3):
-        for cache in (True, False):
-            ts[cache].append(step_time(model, tok, method.model_copy(update=dict(layer_cache=cache)), step_recs, steps))
-    t_c, t_u = statistics.median(ts[True]), statistics.median(ts[False])
+        for k, m in variants.items():
+            ts[k].append(step_time(model, tok, m, step_recs, steps))
+    med = {k: statistics.median(v) for k, v in ts.items()}
+    t_c, t_u = med["cached"], med["uncached"]
     t_ft = step_time(model, tok, FTMethod(name="ft-m"), step_recs, steps)
     out["train_step"] = {"edits_per_step": n_main, "cached_s": t_c, "uncached_s": t_u, "ft_m_s": t_ft,
-                         "turns": {"cached_s": ts[True], "uncached_s": ts[False]}}
+                         "turns": {f"{k}_s": v for k, v in ts.items()}}
     out["cached_step_ratio"] = t_c / t_u
     _say(f"training step on {n_main} edits: cached {t_c:.3f}s, uncached {t_u:.3f}s "
          f"(ratio {t_c / t_u:.2f}); FT-M {t_ft:.3f}s")
-    cached = method.model_copy(update=dict(layer_cache=True))
+    if "compiled" in med:
+        out["train_step"].update(compiled_s=med["compiled"], compiled_first_step_s=first)
+        out["compiled_step_ratio"] = med["compiled"] / t_c
+        _say(f"compiled: first step {first:.1f}s (compiling), then {med['compiled']:.3f}s a step against "
+             f"{t_c:.3f}s eager (ratio {med['compiled'] / t_c:.2f}, same turns)")
+    cached = variants["cached"]
     flops = step_flops(model, tok, cached, step_recs)
     train_dtype = resolve_precision(method.precision, dev) or torch.float32
     out["flops"], out["roofline_fraction"] = _roofline(model, tok, cached, step_recs, flops, train_dtype, dev, steps)
@@ -315,17 +331,9 @@ def run_bench(quick: bool = True, model_name: str = "embedded:smollm2-135m", dev
         out["flops_fp32"], out["roofline_fraction_fp32"] = _roofline(model, tok, fp32, step_recs, flops,
                                                                      torch.float32, dev, steps)
         out["train_step"]["cached_fp32_s"] = out["flops_fp32"]["step_s"]
-    if can_compile(dev):  # the same step through torch.compile (MEMoEMethod.compile)
-        comp = cached.model_copy(update=dict(compile=True))
-        ed, st = timed_edit(model, tok, comp.model_copy(update=dict(steps=2, early_stop_loss=0.0)), step_recs)
-        first = ed.step_times[0]  # compiles the layers' forward and backward (or takes them from inductor's cache)
-        ed.remove()
-        out["flops_compiled"], out["roofline_fraction_compiled"] = _roofline(model, tok, comp, step_recs, flops,
-                                                                             train_dtype, dev, steps)
-        out["train_step"]["compiled_s"] = out["flops_compiled"]["step_s"]
-        out["train_step"]["compiled_first_step_s"] = first
-        _say(f"compiled: first step {first:.1f}s (compiling), then {out['train_step']['compiled_s']:.3f}s a step "
-             f"against {t_c:.3f}s eager")
+    if "compiled" in variants:
+        out["flops_compiled"], out["roofline_fraction_compiled"] = _roofline(
+            model, tok, variants["compiled"], step_recs, flops, train_dtype, dev, steps)
 
     # --- edit throughput
     thr = {}
@@ -363,12 +371,12 @@ def run_bench(quick: bool = True, model_name: str = "embedded:smollm2-135m", dev
         ed.remove()
         del ed
         gc.collect()
-    if can_compile(dev):  # the layers' compiled kernels are already built (above): steady-state speed
-        ed, st = timed_edit(model, tok, method.model_copy(update=dict(compile=True)), zs.head(n_main))
-        ed.remove()
-        thr[f"{n_main}_compiled"] = {"edits": n_main, "seconds": st["wall_s"], "edits_per_s": n_main / st["wall_s"],
-                                     "steps": st.get("steps")}
-        _say(f"edit {n_main} edits, compiled: {st['wall_s']:.1f}s (steps {st.get('steps')})")
+        if n == n_main and "compiled" in variants:  # right after the eager edit: the same state of the host
+            ed, st = timed_edit(model, tok, method.model_copy(update=dict(compile=True)), zs.head(n))
+            ed.remove()
+            thr[f"{n}_compiled"] = {"edits": n, "seconds": st["wall_s"], "edits_per_s": n / st["wall_s"],
+                                    "steps": st.get("steps")}
+            _say(f"edit {n} edits, compiled: {st['wall_s']:.1f}s (steps {st.get('steps')})")
     out["edit_throughput"] = thr
     out["peak_rss_mb"] = rss
     if scale is not None:
