@@ -390,10 +390,10 @@ def sequential_scale(model, tok, method, rounds: int, batch: int, *, recs: pl.Da
                      retention_sample: int | None = 200, seed: int = 0) -> dict[str, Any]:
     """A sequential study of rounds x batch real edits: time per round (training, evaluation) and
     Rel / Gen / Loc over rounds. Training is timed in wall-clock and in the process's CPU time
-    (which leaves out the time a busy host keeps its threads waiting). Earlier edits are scored on a seeded sample of at most
-    ``retention_sample`` (logged), so evaluation grows no faster than the edits so far. Give the
-    method a fixed step count (``early_stop_loss=0``) to measure the cost of a round rather than
-    how soon it converges."""
+    (which leaves out the time a busy host keeps its threads waiting). Earlier edits are scored on
+    a seeded sample of at most ``retention_sample`` (logged), so evaluation grows no faster than the
+    edits so far. Give the method a fixed step count (``early_stop_loss=0``) to measure the cost of a
+    round rather than how soon it converges."""
     recs = mixed_records(rounds * batch) if recs is None else recs.head(rounds * batch)
     base = locality_predictions(model, tok, recs)
     ed = make_editor(model, tok, method, seed=seed)

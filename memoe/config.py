@@ -79,7 +79,7 @@ class MEMoEMethod(_Strict):
         "accumulated over them (bounds the memory of large batches)")
     compile: bool = Field(
         False, description="train through the decoder layers above the adapter with torch.compile (inductor: a C++ "
-        "compiler on CPU, triton on GPU): faster steps; the first round of a process compiles (about 30 s on 2 CPU "
+        "compiler on CPU, triton on GPU): faster steps; the first round of a process compiles (about 20 s on 2 CPU "
         "cores, a few seconds once inductor's disk cache has the kernels); eager with a warning where it cannot")
     length_buckets: bool = Field(True, description="without packing: split each step's rows into groups of similar length")
     expert_act: Literal["none", "gelu", "silu"] = Field("none", description="nonlinearity inside low-rank experts")
