@@ -21,6 +21,9 @@ def add_arguments(p):
     p.add_argument("--skip-scale", action="store_true", help="skip the sequential scale study")
     p.add_argument("--scale-steps", type=int, default=40, help="optimiser steps per round of the scale study")
     p.add_argument("--compile", action="store_true", help="the scale study trains with compile: true")
+    p.add_argument("--gauge-every", type=int, default=2,
+                   help="time a fixed training pass after every N steps of the scale study, to divide the host's "
+                        "speed of the moment out of each round's time (0: off)")
     p.add_argument("--skip-overhead", action="store_true", help="skip the orchestration-overhead study")
 
 
@@ -75,7 +78,7 @@ def run(args) -> int:
         rounds, batch = (4, 25) if args.quick else ((100, 100) if gpu else (20, 100))
         # a fixed number of steps per round (no early stop): the round's cost, not its convergence
         return sequential_scale(model, tok, MEMoEMethod(steps=args.scale_steps, early_stop_loss=0.0, compile=args.compile),
-                               rounds, batch)
+                               rounds, batch, gauge_every=args.gauge_every)
 
     t0 = time.perf_counter()
     res = run_bench(quick=args.quick, model_name=args.model, device=args.device,
@@ -108,7 +111,9 @@ def run(args) -> int:
               f"(rounds 2-{sc['rounds']}); CPU time: largest deviation {sc['train_cpu_s_max_dev']:.1%}, trend "
               f"{sc['train_cpu_s_slope_per_round']:+.1%}; over the round's own evaluation time: largest deviation "
               f"{sc.get('train_per_eval_max_dev', float('nan')):.1%}, trend {sc.get('train_per_eval_slope_per_round', float('nan')):+.1%}; "
-              f"after {last['edits_so_far']} "
+              + (f"at the host's typical speed (gauge): largest deviation {sc['train_s_host_adjusted_max_dev']:.1%}, "
+                 f"trend {sc['train_s_host_adjusted_slope_per_round']:+.1%}; " if "train_s_host_adjusted_max_dev" in sc else "")
+              + f"after {last['edits_so_far']} "
               f"edits Rel {last['reliability']:.2f} Gen {last['generality']:.2f} Loc {last['locality']:.2f}")
     if args.mlflow:
         import mlflow

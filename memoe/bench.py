@@ -387,22 +387,44 @@ def run_bench(quick: bool = True, model_name: str = "embedded:smollm2-135m", dev
 
 
 def sequential_scale(model, tok, method, rounds: int, batch: int, *, recs: pl.DataFrame | None = None,
-                     retention_sample: int | None = 200, seed: int = 0) -> dict[str, Any]:
+                     retention_sample: int | None = 200, seed: int = 0, gauge_every: int = 0) -> dict[str, Any]:
     """A sequential study of rounds x batch real edits: time per round (training, evaluation) and
-    Rel / Gen / Loc over rounds. Training is timed in wall-clock and in the process's CPU time
-    (which leaves out the time a busy host keeps its threads waiting). Earlier edits are scored on
-    a seeded sample of at most ``retention_sample`` (logged), so evaluation grows no faster than the
-    edits so far. Give the method a fixed step count (``early_stop_loss=0``) to measure the cost of a
-    round rather than how soon it converges."""
+    Rel / Gen / Loc over rounds. Training is timed in wall-clock and in the process's CPU time.
+    Earlier edits are scored on a seeded sample of at most ``retention_sample`` (logged), so
+    evaluation grows no faster than the edits so far. Give the method a fixed step count
+    (``early_stop_loss=0``) to measure the cost of a round rather than how soon it converges.
+
+    ``gauge_every`` > 0: after every that many training steps, the same fixed work (a forward and
+    backward pass over the study's first 2 x batch edits, ``MEMoEEditor.timing_probe``) is timed, so
+    the host's speed of the moment is measured beside the round's own steps. Each round's training
+    time (the gauge's own time left out) is then also given at the study's typical host speed:
+    ``train_s_host_adjusted`` = train_s x (median gauge time over rounds) / (the round's gauge time),
+    where a round's ``gauge_s`` is the mean of its gauge times (its time is the sum of its steps'). The gauge leaves the training unchanged (same losses and metrics)."""
     recs = mixed_records(rounds * batch) if recs is None else recs.head(rounds * batch)
     base = locality_predictions(model, tok, recs)
     ed = make_editor(model, tok, method, seed=seed)
+    gauge = ed.timing_probe(recs.head(2 * batch)) if gauge_every > 0 and hasattr(ed, "timing_probe") else None
+    gauge_s: list[float] = []  # this round's gauge times
+    gauge_cost = [0.0, 0.0]  # this round's gauge wall and CPU seconds, taken out of its training time
+
+    def on_step(step: int, loss: float):
+        if step % gauge_every == 0:
+            t0, c0 = time.perf_counter(), time.process_time()
+            gauge_s.append(gauge())
+            gauge_cost[0] += time.perf_counter() - t0
+            gauge_cost[1] += time.process_time() - c0
+
+    if gauge is not None:
+        ed.on_step = on_step
     per_round = []
     for t in range(rounds):
         cur = recs.slice(t * batch, batch)
+        gauge_s.clear()
+        gauge_cost[:] = [0.0, 0.0]
         t0, c0 = time.perf_counter(), time.process_time()
         st = ed.edit(cur)
-        train_s, train_cpu_s = time.perf_counter() - t0, time.process_time() - c0
+        train_s = time.perf_counter() - t0 - gauge_cost[0]
+        train_cpu_s = time.process_time() - c0 - gauge_cost[1]
         seen = recs.head((t + 1) * batch)
         sample = seen if retention_sample is None or seen.height <= retention_sample else \
             seen.sample(retention_sample, seed=seed + t)
@@ -410,27 +432,45 @@ def sequential_scale(model, tok, method, rounds: int, batch: int, *, recs: pl.Da
         m = summarize(evaluate(model, tok, sample, base.filter(pl.col("id").is_in(sample["id"].implode())),
                                editor=ed, generation=False))
         eval_s = time.perf_counter() - t0
-        times = list(getattr(ed, "step_times", None) or [])
-        per_round.append({"round": t + 1, "edits_so_far": (t + 1) * batch, "train_s": train_s,
-                          "train_cpu_s": train_cpu_s, "eval_s": eval_s,
-                          "scored": sample.height, "steps": (st or {}).get("steps"),
-                          "step_s_median": statistics.median(times) if times else None,
-                          **{k: m.get(k) for k in ("reliability", "generality", "locality")}})
+        times = list(getattr(ed, "step_times", None) or [])  # the optimiser steps alone
+        row = {"round": t + 1, "edits_so_far": (t + 1) * batch, "train_s": train_s,
+               "train_cpu_s": train_cpu_s, "eval_s": eval_s,
+               "scored": sample.height, "steps": (st or {}).get("steps"), "loss_final": (st or {}).get("loss_final"),
+               "step_s_median": statistics.median(times) if times else None,
+               "step_s_mean": statistics.fmean(times) if times else None,
+               **{k: m.get(k) for k in ("reliability", "generality", "locality")}}
+        if hasattr(ed, "adapter"):  # the gauge runs through the adapter: its size must not change
+            row["adapter_params"] = sum(p.numel() for p in ed.adapter.parameters())
+        if gauge_s:  # the mean: the round's time is a sum over its steps, at the host's speed of each
+            row.update(gauge_s=statistics.fmean(gauge_s), gauge_times=list(gauge_s))
+        per_round.append(row)
         _say(f"round {t + 1}/{rounds}: train {train_s:.1f}s eval {eval_s:.1f}s on {sample.height} "
-             f"Rel {m.get('reliability', float('nan')):.2f} Gen {m.get('generality', float('nan')):.2f} "
+             + (f"gauge {row['gauge_s']:.3f}s " if gauge_s else "")
+             + f"Rel {m.get('reliability', float('nan')):.2f} Gen {m.get('generality', float('nan')):.2f} "
              f"Loc {m.get('locality', float('nan')):.2f}")
     ed.remove()
+    ed.on_step = None
     later = per_round[1:] or per_round  # flatness over the rounds after the first (nothing to replay there)
     # each round's training time over its own evaluation time (a sample of the same size, scored right
-    # after, on a model whose size does not change): the host's speed of the moment divides out
+    # after, on a model whose size does not change): a rough host-speed correction, needing no gauge
     for r in per_round:
         r["train_per_eval"] = r["train_s"] / r["eval_s"]
     same_eval = [r for r in later if r["scored"] == later[-1]["scored"]]
-    return {"rounds": rounds, "batch": batch, "retention_sample": retention_sample, "replay": method.replay,
-            "precision": method.precision, "steps": method.steps, "early_stop_loss": method.early_stop_loss,
-            "compile": method.compile, "per_round": per_round, **flatness([r["train_s"] for r in later], "train_s"),
-            **flatness([r["train_cpu_s"] for r in later], "train_cpu_s"),
-            **flatness([r["train_per_eval"] for r in same_eval], "train_per_eval")}
+    out = {"rounds": rounds, "batch": batch, "retention_sample": retention_sample, "replay": method.replay,
+           "precision": method.precision, "steps": method.steps, "early_stop_loss": method.early_stop_loss,
+           "compile": method.compile, "gauge_every": gauge_every, "per_round": per_round,
+           **flatness([r["train_s"] for r in later], "train_s"),
+           **flatness([r["train_cpu_s"] for r in later], "train_cpu_s"),
+           **flatness([r["train_per_eval"] for r in same_eval], "train_per_eval")}
+    if all("gauge_s" in r for r in per_round):
+        typical = statistics.median(r["gauge_s"] for r in later)
+        for r in per_round:
+            r["train_s_host_adjusted"] = r["train_s"] * typical / r["gauge_s"]
+            if r["step_s_mean"] is not None:
+                r["step_per_gauge"] = r["step_s_mean"] / r["gauge_s"]
+        out.update(gauge_s_median=typical, gauge_s_spread=(max(r["gauge_s"] for r in later) / min(r["gauge_s"] for r in later)),
+                   **flatness([r["train_s_host_adjusted"] for r in later], "train_s_host_adjusted"))
+    return out
 
 
 def flatness(times: list[float], name: str) -> dict[str, float]:

@@ -134,6 +134,67 @@ def test_scale_study_samples_earlier_edits_and_leaves_the_model_unedited(tokeniz
     assert torch.equal(model(**probe).logits, before)
 
 
+def test_scale_gauge_leaves_training_unchanged_and_divides_out_the_host(tokenizer):
+    """The host-speed gauge (a fixed training pass timed between steps) changes nothing the study
+    learns, is taken out of the round's time, and the adjusted time is the round's time at the
+    median gauge speed."""
+    from memoe.bench import sequential_scale
+    from memoe.config import MEMoEMethod
+
+    from .conftest import tiny_model
+    from .test_adapter import _records
+
+    recs = _records(["The mother tongue of Danielle Darrieux is", "Homer's most famous poem is",
+                     "The capital of Norway is", "Paris is located in", "The Eiffel Tower is in",
+                     "Danielle Darrieux was born in"],
+                    ["Klingon", "Blue Lagoon", "Bergen", "Peru", "Rome", "Oslo"],
+                    ["Danielle Darrieux", "Homer", "Norway", "Paris", "Eiffel Tower", "Danielle Darrieux"])
+    method = MEMoEMethod(layers=[1], rank=8, lr=5e-2, steps=6, early_stop_loss=0.0, precision="float32",
+                         router_noise=1.0)
+    runs = {}
+    for every in (0, 2):
+        model = tiny_model("llama", len(tokenizer))
+        runs[every] = sequential_scale(model, tokenizer, method, rounds=3, batch=2, recs=recs, retention_sample=4,
+                                       gauge_every=every)
+    plain, gauged = runs[0]["per_round"], runs[2]["per_round"]
+    keys = ("loss_final", "reliability", "generality", "locality")
+    assert [[r[k] for k in keys] for r in gauged] == [[r[k] for k in keys] for r in plain]
+    assert gauged[-1]["reliability"] > 0.5  # the edits took, with the gauge running between steps
+    assert all("gauge_s" not in r for r in plain) and "train_s_host_adjusted_max_dev" not in runs[0]
+    assert len({r["adapter_params"] for r in gauged}) == 1  # the gauge's work is the same every round
+    assert [len(r["gauge_times"]) for r in gauged] == [3, 3, 3]  # after steps 2, 4, 6
+    assert all(r["gauge_s"] == statistics.fmean(r["gauge_times"]) for r in gauged)
+    typical = statistics.median(r["gauge_s"] for r in gauged[1:])
+    assert runs[2]["gauge_s_median"] == typical > 0
+    for r in gauged:
+        assert r["train_s_host_adjusted"] == pytest.approx(r["train_s"] * typical / r["gauge_s"])
+        assert r["step_per_gauge"] == r["step_s_mean"] / r["gauge_s"]
+
+
+def test_timing_probe_restores_gradients_and_noise(tokenizer):
+    from memoe.config import MEMoEMethod
+    from memoe.editors.memoe import MEMoEEditor
+
+    from .conftest import tiny_model
+    from .test_adapter import _records
+
+    recs = _records(["The capital of Norway is", "Paris is located in"], ["Bergen", "Peru"], ["Norway", "Paris"])
+    model = tiny_model("llama", len(tokenizer))
+    ed = MEMoEEditor(model, tokenizer, MEMoEMethod(layers=[1], rank=8, precision="float32", router_noise=1.0))
+    probe = ed.timing_probe(recs)
+    ed.adapter.set_generator(3)
+    ed.adapter.train()
+    params = [p for p in ed.adapter.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.full_like(p, 0.5)
+    gen = next(m.generator for m in ed.adapter.modules() if isinstance(getattr(m, "generator", None), torch.Generator))
+    state = gen.get_state()
+    assert probe() > 0 and probe() > 0  # prepared once, runs again
+    assert torch.equal(gen.get_state(), state)
+    assert all(torch.equal(p.grad, torch.full_like(p, 0.5)) for p in params)
+    ed.remove()
+
+
 def test_flatness_figures():
     from memoe.bench import flatness
 

@@ -249,9 +249,66 @@ class MEMoEEditor(Editor):
             cache = self._capture(batch)
         return self._loss(batch, ctx, cache if use else None)
 
+    def timing_probe(self, records: pl.DataFrame) -> Callable[[], float]:
+        """A fixed piece of training work for benchmarks: each call of the returned function runs one
+        forward and backward pass over ``records`` as a training step runs them (their rows and
+        context prefixes, packed, from the layer cache, in the round's precision) and returns its
+        seconds. Call it from ``on_step`` only (inside a round; the rows are prepared on the first
+        call). It leaves the adapter's gradients, noise generators and load statistics as it found
+        them, so the training it interrupts goes on unchanged. The same work timed between a round's
+        steps tells how fast the host runs at that moment, so that a round's time can be divided by it."""
+        rows = self._examples(self._rows(records))
+        parts: list[tuple] = []
+
+        def run() -> float:
+            if not parts:
+                parts.extend(self._step_parts(rows, self._packs()))
+            params = [p for p in self.adapter.parameters() if p.requires_grad]
+            grads = [p.grad for p in params]
+            gens = [(m.generator, m.generator.get_state()) for m in self.adapter.modules()
+                    if isinstance(getattr(m, "generator", None), torch.Generator)]
+            stats = dict(self.adapter.load_stats)
+            for p in params:
+                p.grad = None
+            n_all = sum(p[3] for p in parts)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            t0 = time.perf_counter()
+            with torch.enable_grad():
+                for batch, ctx, cache, _ in parts:
+                    (self._loss(batch, ctx, cache, reduction="sum") / n_all).backward()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            seconds = time.perf_counter() - t0
+            for p, g in zip(params, grads):
+                p.grad = g
+            for g, state in gens:
+                g.set_state(state)
+            self.adapter.load_stats = stats
+            return seconds
+
+        return run
+
     @staticmethod
     def _rows(records: pl.DataFrame) -> list[tuple[str, str, str]]:
         return list(zip(records["prompt"].to_list(), records["target_new"].to_list(), records["subject"].to_list()))
+
+    def _step_parts(self, chunk: Sequence[tuple[str, str, str]], packed: bool) -> list[tuple]:
+        """One optimiser step's rows, prepared: [(batch, ctx, cache, n_target_tokens)], one part per
+        micro-batch (packed) or length bucket."""
+        cfg = self.cfg
+        lengths = [len(encode_pair(self.tokenizer, p, t)[0]) for p, t, _ in chunk]
+        if packed:  # packed rows: one batch per step, in micro-batches of bounded size
+            groups = token_groups(lengths, cfg.max_batch_tokens)
+        elif cfg.length_buckets:
+            groups = length_buckets(lengths)
+        else:
+            groups = [list(range(len(chunk)))]
+        parts = []
+        for g in groups:
+            batch, ctx, cache = self._prepare([chunk[j] for j in g])
+            parts.append((batch, ctx, cache, int((batch["labels"][:, 1:] != -100).sum())))
+        return parts
 
     def edit(self, records: pl.DataFrame) -> dict[str, Any]:
         cfg = self.cfg
@@ -267,22 +324,9 @@ class MEMoEEditor(Editor):
         dtype = resolve_precision(cfg.precision, self.device)
         # the frozen weights are cast to the training dtype once for the whole round
         with training_precision(self.model, dtype):
-            steps_data = []  # per optimiser step: [(batch, ctx, cache, n_target_tokens)] of similar-length rows
             packed = self._packs()  # decided once, in the training precision and attention implementation
-            for i in range(0, len(rows), bs):
-                chunk = rows[i:i + bs]
-                lengths = [len(encode_pair(self.tokenizer, p, t)[0]) for p, t, _ in chunk]
-                if packed:  # packed rows: one batch per step, in micro-batches of bounded size
-                    groups = token_groups(lengths, cfg.max_batch_tokens)
-                elif cfg.length_buckets:
-                    groups = length_buckets(lengths)
-                else:
-                    groups = [list(range(len(chunk)))]
-                parts = []
-                for g in groups:
-                    batch, ctx, cache = self._prepare([chunk[j] for j in g])
-                    parts.append((batch, ctx, cache, int((batch["labels"][:, 1:] != -100).sum())))
-                steps_data.append(parts)
+            # per optimiser step: [(batch, ctx, cache, n_target_tokens)] of similar-length rows
+            steps_data = [self._step_parts(rows[i:i + bs], packed) for i in range(0, len(rows), bs)]
             t_prep = time.perf_counter() - t0
 
             params = [p for p in self.adapter.parameters() if p.requires_grad]
