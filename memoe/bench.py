@@ -399,7 +399,8 @@ def sequential_scale(model, tok, method, rounds: int, batch: int, *, recs: pl.Da
     the host's speed of the moment is measured beside the round's own steps. Each round's training
     time (the gauge's own time left out) is then also given at the study's typical host speed:
     ``train_s_host_adjusted`` = train_s x (median gauge time over rounds) / (the round's gauge time),
-    where a round's ``gauge_s`` is the mean of its gauge times (its time is the sum of its steps'). The gauge leaves the training unchanged (same losses and metrics)."""
+    where a round's ``gauge_s`` is the mean of its gauge times (its time is the sum of its steps').
+    The gauge leaves the training unchanged (same losses and metrics)."""
     recs = mixed_records(rounds * batch) if recs is None else recs.head(rounds * batch)
     base = locality_predictions(model, tok, recs)
     ed = make_editor(model, tok, method, seed=seed)
@@ -468,7 +469,8 @@ def sequential_scale(model, tok, method, rounds: int, batch: int, *, recs: pl.Da
             r["train_s_host_adjusted"] = r["train_s"] * typical / r["gauge_s"]
             if r["step_s_mean"] is not None:
                 r["step_per_gauge"] = r["step_s_mean"] / r["gauge_s"]
-        out.update(gauge_s_median=typical, gauge_s_spread=(max(r["gauge_s"] for r in later) / min(r["gauge_s"] for r in later)),
+        spread = max(r["gauge_s"] for r in later) / min(r["gauge_s"] for r in later)
+        out.update(gauge_s_median=typical, gauge_s_spread=spread,
                    **flatness([r["train_s_host_adjusted"] for r in later], "train_s_host_adjusted"))
     return out
 
