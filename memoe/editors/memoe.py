@@ -252,9 +252,9 @@ class MEMoEEditor(Editor):
     def timing_probe(self, records: pl.DataFrame) -> Callable[[], float]:
         """A fixed piece of training work for benchmarks: each call of the returned function runs one
         forward and backward pass over ``records`` as a training step runs them (their rows and
-        context prefixes, packed, from the layer cache, in the round's precision) and returns its
-        seconds. Call it from ``on_step`` only (inside a round; the rows are prepared on the first
-        call). It leaves the adapter's gradients, noise generators and load statistics as it found
+        context prefixes, packed, from the layer cache, in the round's precision; the step's own
+        ``_backward``, without the optimiser) and returns its seconds. Call it from ``on_step`` only
+        (inside a round; the rows are prepared on the first call). It leaves the adapter's gradients, noise generators and load statistics as it found
         them, so the training it interrupts goes on unchanged. The same work timed between a round's
         steps tells how fast the host runs at that moment, so that a round's time can be divided by it."""
         rows = self._examples(self._rows(records))
@@ -270,13 +270,11 @@ class MEMoEEditor(Editor):
             stats = dict(self.adapter.load_stats)
             for p in params:
                 p.grad = None
-            n_all = sum(p[3] for p in parts)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             t0 = time.perf_counter()
             with torch.enable_grad():
-                for batch, ctx, cache, _ in parts:
-                    (self._loss(batch, ctx, cache, reduction="sum") / n_all).backward()
+                self._backward(parts)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             seconds = time.perf_counter() - t0
@@ -309,6 +307,24 @@ class MEMoEEditor(Editor):
             batch, ctx, cache = self._prepare([chunk[j] for j in g])
             parts.append((batch, ctx, cache, int((batch["labels"][:, 1:] != -100).sum())))
         return parts
+
+    def _backward(self, parts: list[tuple]) -> float:
+        """The gradient of one optimiser step's mean target NLL (plus the load-balance term) over its
+        parts, accumulated into the adapter's ``.grad``; returns the step's summed NLL."""
+        n_all = sum(p[3] for p in parts)
+        rows_all = sum(p[0]["labels"].shape[0] for p in parts)
+        nll = 0.0
+        for batch, ctx, cache, _ in parts:
+            loss_sum = self._loss(batch, ctx, cache, reduction="sum")
+            total = loss_sum / n_all
+            if self.cfg.load_balance > 0:
+                lb = self.adapter.load_balance_loss().to(loss_sum.device)
+                total = total + self.cfg.load_balance * lb * (batch["labels"].shape[0] / rows_all)
+            else:
+                self.adapter.load_stats = {}
+            total.backward()
+            nll += float(loss_sum.detach())
+        return nll
 
     def edit(self, records: pl.DataFrame) -> dict[str, Any]:
         cfg = self.cfg
@@ -347,19 +363,8 @@ class MEMoEEditor(Editor):
                         nll, ntok = 0.0, 0
                         for parts in steps_data:
                             opt.zero_grad(set_to_none=True)
-                            n_all = sum(p[3] for p in parts)
-                            rows_all = sum(p[0]["labels"].shape[0] for p in parts)
-                            for batch, ctx, cache, n in parts:  # gradient of the step's mean target NLL
-                                loss_sum = self._loss(batch, ctx, cache, reduction="sum")
-                                total = loss_sum / n_all
-                                if cfg.load_balance > 0:
-                                    lb = self.adapter.load_balance_loss().to(loss_sum.device)
-                                    total = total + cfg.load_balance * lb * (batch["labels"].shape[0] / rows_all)
-                                else:
-                                    self.adapter.load_stats = {}
-                                total.backward()
-                                nll += float(loss_sum.detach())
-                            ntok += n_all
+                            nll += self._backward(parts)
+                            ntok += sum(p[3] for p in parts)
                             opt.step()
                         losses.append(nll / ntok)  # float(loss) above waits for the device
                         self.step_times.append(time.perf_counter() - t_step)
