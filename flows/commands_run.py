@@ -85,18 +85,18 @@ def start_local_prefect() -> None:
 
 
 def summary_lines(results: dict) -> list[str]:
-    from flows.report import COSTS, HEADLINE, fmt
+    from flows.report import AVERAGES, COSTS, HEADLINE, fmt
 
     out = []
     if "methods" in results:
         ms = {name: m["final"] | m.get("costs", {}) for name, m in results["methods"].items()}
-        cols = [c for c in HEADLINE + ["avg"] + COSTS if any(c in m for m in ms.values())]
+        cols = [c for c in HEADLINE + AVERAGES + COSTS if any(c in m for m in ms.values())]
         label = {"edit_s_per_100": "s/100 edits", "peak_memory_mb": "peak MiB"}
         out.append("method".ljust(14) + "".join(label.get(c, c)[:12].rjust(13) for c in cols))
         for name, m in ms.items():
             out.append(name[:14].ljust(14) + "".join(fmt(m.get(c)).rjust(13) for c in cols))
         return out
-    cols = [c for c in HEADLINE + ["avg"] if c in results["final"]]
+    cols = [c for c in HEADLINE + AVERAGES if c in results["final"]]
     out.append("round  edits" + "".join(c[:12].rjust(13) for c in cols) + "   cached")
     for r in results["rounds"]:
         cached = "yes" if all(r["cached"].values()) else "no"

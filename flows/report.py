@@ -4,7 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-HEADLINE = ["reliability", "generality", "locality", "portability", "generation_reliability"]
+HEADLINE = ["reliability", "generality", "locality", "specificity", "restyled_generality", "chat_generality",
+            "portability", "generation_reliability"]
+AVERAGES = ["avg", "fact_avg"]  # mean of Rel/Gen/Loc; mean of Rel/Gen/subject specificity
 COSTS = ["edit_s_per_100", "peak_memory_mb"]  # training seconds per 100 edits; peak memory while training (MiB)
 
 

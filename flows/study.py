@@ -218,7 +218,7 @@ def _run_rounds(ctx: Ctx, method, data: dict, base: dict, parent_run: str | None
                                         artifacts=[(ev["table"], "per_edit")], end="FINISHED"))
         ctx.pending.append(track.submit(tracking, parent_run, step=entry["edits_so_far"],
                                         metrics=_metric_dict({k: summ[k] for k in summ if k in report.HEADLINE
-                                                              or k in ("avg", "earlier", "current")})))
+                                                              or k in (*report.AVERAGES, "earlier", "current")})))
         ctx.tick("tracking", time.perf_counter() - t0)
     import polars as pl
 
@@ -304,6 +304,7 @@ def _single(config: dict, out: str | None, runs_dir: str | None, kind: str) -> d
         res = _run_rounds(ctx, cfg.method, data, base, rid)
         results = _results_base(ctx, rid) | {
             "method": cfg.method.name, "final": res["final"], "rounds": res["rounds"],
+            "edited_model": res["state"],
             "data": {k: data[k] for k in ("n_edits", "n_read", "n_kept", "n_skipped", "frame_hash")},
             "anchors": anchors["coverage"] if anchors else None, "tasks": ctx.task_states}
         shutil.copyfile(res["table"], ctx.out / "per_edit.parquet")
@@ -370,11 +371,11 @@ def compare(config: dict, out: str | None = None, runs_dir: str | None = None) -
             ctx.pending.append(track.submit(tracking, mrid, metrics={
                 "final." + k: v for k, v in _metric_dict(res["final"] | res["costs"]).items()}, step=data["n_edits"],
                 artifacts=[(res["state"], "adapter"), (res["table"], "per_edit")], end="FINISHED"))
-            table_rows.append({"method": label, **{k: res["final"].get(k) for k in report.HEADLINE + ["avg", "n_edits"]},
+            table_rows.append({"method": label, **{k: res["final"].get(k) for k in report.HEADLINE + report.AVERAGES + ["n_edits"]},
                                **res["costs"]})
         import polars as pl
 
-        cols = [c for c in report.HEADLINE + ["avg"] + report.COSTS if any(r.get(c) is not None for r in table_rows)]
+        cols = [c for c in report.HEADLINE + report.AVERAGES + report.COSTS if any(r.get(c) is not None for r in table_rows)]
         md_text = (f"# Comparison ({cfg.protocol.mode}, {data['n_edits']} edits, {Path(cfg.data.path).name}, "
                    f"{cfg.model.name})\n\n" + report.markdown_table(table_rows, cols, "method") + "\n")
         (ctx.out / "comparison.md").write_text(md_text)

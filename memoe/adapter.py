@@ -8,8 +8,11 @@ It is attached with a forward hook on the MLP module (removable); every base wei
 frozen. Expert output projections start at zero, so a fresh adapter adds exactly nothing.
 
 Per-row routing context (``RouteState``: anchor vector, anchor gate, first active position) is
-set by the caller before a forward or ``generate`` call and persists across generation steps:
-with a KV cache, later steps have one token per row and every such token is after the anchor.
+either set explicitly by the caller (``explicit``: the editor's ``route(prompts)``) or, in a plain
+forward / ``generate`` call, found from the input ids by ``RouteState.auto`` (the editor's anchor
+finder) when the body is called with no KV cache behind it (a prefill or a full forward). Either
+persists across generation steps: with a KV cache, later steps have one token per row and every such
+token is after the anchor.
 Left padding is read from the ``attention_mask`` the body receives (a pre-hook on the body).
 Packed batches (several rows per sequence, for training) give the context per token instead:
 ``anchor`` (B, T, d_a) and ``active`` (B, T).
@@ -19,6 +22,7 @@ This module knows nothing about the editor or about how anchors are found.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -38,9 +42,24 @@ class RouteState:
     past: int = 0  # tokens already in the KV cache at the body's forward call
     record: list | None = None  # when a list: each hook call appends routing info (diagnostics)
     default_gate: float = 0.0  # gate for a forward call made without any route context
+    explicit: bool = False  # the context was set by the caller (route()); auto-routing then stays off
+    # drop-in routing: (input_ids (B, T), attention_mask (B, T) | None) -> {anchor, gate, start}
+    auto: Callable[[torch.Tensor, torch.Tensor | None], dict] | None = None
 
     def clear(self) -> None:
         self.anchor = self.gate = self.start = self.active = None
+
+    def set(self, ctx: dict | None, explicit: bool = True) -> tuple:
+        """Install a routing context ({anchor, gate, start[, active]}; None clears it); returns the
+        previous one for ``restore``."""
+        old = (self.anchor, self.gate, self.start, self.active, self.explicit)
+        ctx = ctx or {}
+        self.anchor, self.gate, self.start = ctx.get("anchor"), ctx.get("gate"), ctx.get("start")
+        self.active, self.explicit = ctx.get("active"), explicit
+        return old
+
+    def restore(self, old: tuple) -> None:
+        self.anchor, self.gate, self.start, self.active, self.explicit = old
 
 
 class MoELayer(nn.Module):
@@ -151,7 +170,20 @@ class MEMoEAdapter(nn.Module):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if cache is None and len(args) > 1 and hasattr(args[1], "get_seq_length"):
             cache = args[1]
-        self.state.past = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
+        st = self.state
+        st.past = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
+        if st.explicit:
+            return
+        if st.auto is None:  # no drop-in routing: a call outside route() has no context
+            st.set(None, explicit=False)
+            return
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if not isinstance(ids, torch.Tensor):  # inputs_embeds: no ids to find an anchor in
+            st.set(None, explicit=False)
+            return
+        if st.past == 0 or st.gate is None or st.gate.shape[0] != ids.shape[0]:
+            # a prefill or a full forward: the anchors of this batch's rows (kept for the decode steps)
+            st.set(st.auto(ids, st.attention_mask), explicit=False)
 
     def _active(self, B: int, T: int, device) -> torch.Tensor:
         """(B, T) bool: where the adapter acts."""
@@ -175,6 +207,16 @@ class MEMoEAdapter(nn.Module):
             pos = st.past + torch.arange(T, device=device)[None, :]
             act = act & (pos >= (pad + st.start.to(device))[:, None])
         return act
+
+    def add_term(self, mlp_input: torch.Tensor, mlp_output: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """``mlp_output`` plus the adapter's term for ``mlp_input`` under the current routing context,
+        as the hook adds it in a forward (for callers that run layer ``l``'s MLP themselves, e.g. from
+        a cache)."""
+        return self._hook(self.layer_ids[0] if layer is None else layer)(None, (mlp_input,), mlp_output)
+
+    def delta(self, mlp_input: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """The adapter's term alone for ``mlp_input`` (B, T, d) under the current routing context."""
+        return self.add_term(mlp_input, torch.zeros_like(mlp_input), layer)
 
     def _hook(self, layer: int):
         def hook(module, args, output):

@@ -21,6 +21,8 @@ for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_
 # name -> (module, help). A module defines add_arguments(parser) and run(args) -> int.
 COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("memoe.commands.report", "data report and the unedited model's answers"),
+    "generate": ("memoe.commands.generate", "answers of an edited model (plain model.generate; --chat)"),
+    "chat": ("memoe.commands.chat", "chat with an edited model in its chat template"),
 }
 for _name, _mod, _help in [
     ("run", "flows.commands_run", "run a study (batch or sequential) and write results.json"),

@@ -40,6 +40,8 @@ class DataConfig(_Strict):
     seed: int = 0
     sample: Literal["first", "random"] = "first"
     skip_bad: bool = Field(False, description="skip and count bad records instead of failing")
+    probes: bool = Field(True, description="add the hard probes to every record (memoe/probes.py): subject "
+                         "specificity, restyled and chat-template rephrases")
 
 
 class MEMoEMethod(_Strict):
@@ -90,6 +92,16 @@ class MEMoEMethod(_Strict):
         100, ge=0, description="sequential: at most this many earlier edits (a seeded sample) replayed per round, so a "
         "round costs the same in round 2 and round 200 (null = all)")
     ner_fallback: bool = Field(True, description="capitalised-span anchor when no known subject matches")
+    augment: list[Literal["chat", "lower"]] = Field(
+        default_factory=list, description="extra training forms of each edit prompt: 'chat' (inside the tokenizer's "
+        "chat template), 'lower' (subject lower-cased)")
+    scope_negatives: int = Field(
+        0, ge=0, description="relation-aware scope: per edit, this many prompts of its subject with other relations "
+        "(memoe/probes.py SCOPE_RELATIONS) on which the adapter's term is trained towards zero (0: off, the paper)")
+    scope_weight: float = Field(1.0, ge=0.0, description="weight of the scope loss (relative squared adapter term)")
+    drop_in: bool = Field(
+        True, description="the edited model applies its edits in any plain forward / generate call: each row's "
+        "anchor is found from its token ids inside the forward (route() still sets it explicitly)")
 
     @model_validator(mode="after")
     def _check(self):

@@ -5,6 +5,7 @@ import polars as pl
 
 from memoe.config import Config, resolve_path
 from memoe.data import LoadReport, load_edits, sample_edits
+from memoe.probes import add_probes
 
 SHARED_DATASETS = {
     "zsre": ("../shared/data/zsre/zsre_mend_eval_portability_gpt4.json", "zsre"),
@@ -21,4 +22,7 @@ def load_for_config(cfg: Config, tokenizer=None, context: int | None = None) -> 
     limit = cfg.model.max_length or context
     df, report = load_edits(resolve_path(cfg.data.path), cfg.data.format, skip_bad=cfg.data.skip_bad,
                             max_prompt_tokens=limit if count else None, count_tokens=count)
-    return sample_edits(df, cfg.data.n_edits, cfg.data.seed, cfg.data.sample), report
+    df = sample_edits(df, cfg.data.n_edits, cfg.data.seed, cfg.data.sample)
+    if cfg.data.probes:
+        df = add_probes(df, tokenizer)
+    return df, report

@@ -105,8 +105,8 @@ def normalise(s: str) -> str:
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: Sequence[str], *, editor=None, batch_size: int = 16,
-             max_new_tokens: int = 16) -> list[str]:
-    """Greedy continuation of each prompt, cut at the first newline or end-of-text."""
+             max_new_tokens: int = 16, cut: bool = True) -> list[str]:
+    """Greedy continuation of each prompt, cut at the first newline or end-of-text (``cut``)."""
     out: list[str] = [""] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     dev = next(model.parameters()).device
@@ -118,9 +118,9 @@ def generate(model, tokenizer, prompts: Sequence[str], *, editor=None, batch_siz
             with _route(editor, [prompts[i] for i in idx]):
                 gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                      pad_token_id=tokenizer.pad_token_id)
-            texts = tokenizer.batch_decode(gen[:, batch.input_ids.shape[1]:], skip_special_tokens=False)
+            texts = tokenizer.batch_decode(gen[:, batch.input_ids.shape[1]:], skip_special_tokens=not cut)
             for i, t in zip(idx, texts):
-                out[i] = _STOP.split(t.lstrip(), maxsplit=1)[0].strip()
+                out[i] = _STOP.split(t.lstrip(), maxsplit=1)[0].strip() if cut else t
     finally:
         tokenizer.padding_side = side
     return out
@@ -166,15 +166,52 @@ def _mean_by(owner: list[int], vals: list[float], n: int) -> list[float | None]:
     return [float(np.mean(a)) if a else None for a in acc]
 
 
+def _continuations(model, tokenizer, prompts: Sequence[str], batch_size: int, n_tokens: int = 4) -> list[str]:
+    """The unedited model's own greedy continuation of each prompt (``n_tokens``, newlines folded):
+    the answer the subject-specificity probes are teacher-forced on."""
+    if not prompts:
+        return []
+    out = generate(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=n_tokens, cut=False)
+    return [" ".join(t.split()) or "the" for t in out]
+
+
 def locality_predictions(model, tokenizer, records: pl.DataFrame, *, batch_size: int = 16) -> pl.DataFrame:
-    """The unedited model's argmax tokens on every locality prompt (computed once per model+data)."""
+    """The unedited model's argmax tokens on every locality prompt, and (where the records have
+    ``specificity_prompts``) its own continuation of each specificity probe with its argmax tokens
+    there (computed once per model+data)."""
     owner, prompts, answers = _flat(records, "locality_prompts", "locality_answers")
     res = teacher_forced(model, tokenizer, prompts, answers, batch_size=batch_size)
     per: list[list[list[int]]] = [[] for _ in range(records.height)]
     for o, p in zip(owner, res.pred):
         per[o].append(p)
-    return pl.DataFrame({"id": records["id"], "loc_base_pred": per},
-                        schema={"id": pl.String, "loc_base_pred": pl.List(pl.List(pl.Int64))})
+    cols = {"id": records["id"], "loc_base_pred": per}
+    schema = {"id": pl.String, "loc_base_pred": pl.List(pl.List(pl.Int64))}
+    if "specificity_prompts" in records.columns:
+        so, sp, _ = _flat(records, "specificity_prompts", answer_scalar="target_new")
+        ans = _continuations(model, tokenizer, sp, batch_size)
+        sres = teacher_forced(model, tokenizer, sp, ans, batch_size=batch_size)
+        spa: list[list[str]] = [[] for _ in range(records.height)]
+        spp: list[list[list[int]]] = [[] for _ in range(records.height)]
+        for o, a, p in zip(so, ans, sres.pred):
+            spa[o].append(a)
+            spp[o].append(p)
+        cols |= {"spec_answers": spa, "spec_base_pred": spp}
+        schema |= {"spec_answers": pl.List(pl.String), "spec_base_pred": pl.List(pl.List(pl.Int64))}
+    return pl.DataFrame(cols, schema=schema)
+
+
+def _agreement(model, tokenizer, records, base, owner, prompts, answers, base_col, kw) -> list[float | None]:
+    """Per record: the share of answer positions whose argmax equals the unedited model's."""
+    res = teacher_forced(model, tokenizer, prompts, answers, **kw)
+    base_pred = dict(zip(base["id"].to_list(), base[base_col].to_list()))
+    flat_base, seen = [], {}
+    ids = records["id"].to_list()
+    for o in owner:
+        j = seen.get(o, 0)
+        seen[o] = j + 1
+        flat_base.append(base_pred[ids[o]][j])
+    agree = [float(np.mean([a == b for a, b in zip(p, q)])) for p, q in zip(res.pred, flat_base)]
+    return _mean_by(owner, agree, records.height)
 
 
 def evaluate(model, tokenizer, records: pl.DataFrame, base: pl.DataFrame | None = None, *, editor=None,
@@ -194,18 +231,29 @@ def evaluate(model, tokenizer, records: pl.DataFrame, base: pl.DataFrame | None 
 
     lo, lp, la = _flat(records, "locality_prompts", "locality_answers")
     if lp and base is not None:
-        lr = teacher_forced(model, tokenizer, lp, la, **kw)
-        base_pred = dict(zip(base["id"].to_list(), base["loc_base_pred"].to_list()))
-        flat_base = []
-        seen: dict[int, int] = {}
-        ids = records["id"].to_list()
-        for o in lo:
-            j = seen.get(o, 0); seen[o] = j + 1
-            flat_base.append(base_pred[ids[o]][j])
-        agree = [float(np.mean([a == b for a, b in zip(p, q)])) for p, q in zip(lr.pred, flat_base)]
-        cols["locality"] = _mean_by(lo, agree, n)
+        cols["locality"] = _agreement(model, tokenizer, records, base, lo, lp, la, "loc_base_pred", kw)
     else:
         cols["locality"] = [None] * n
+
+    # the hard probes (memoe/probes.py): the subject with other relations against the unedited model,
+    # restyled and chat-template rephrases against the new target
+    if "specificity_prompts" in records.columns and base is not None and "spec_base_pred" in base.columns:
+        so, sp, _ = _flat(records, "specificity_prompts", answer_scalar="target_new")
+        if sp:
+            answers = dict(zip(base["id"].to_list(), base["spec_answers"].to_list()))
+            ids = records["id"].to_list()
+            seen: dict[int, int] = {}
+            sa = []
+            for o in so:
+                j = seen.get(o, 0)
+                seen[o] = j + 1
+                sa.append(answers[ids[o]][j])
+            cols["specificity"] = _agreement(model, tokenizer, records, base, so, sp, sa, "spec_base_pred", kw)
+    for col, name in (("restyled_prompts", "restyled_generality"), ("chat_prompts", "chat_generality")):
+        if col in records.columns:
+            o_, p_, a_ = _flat(records, col, answer_scalar="target_new")
+            if p_:
+                cols[name] = _mean_by(o_, teacher_forced(model, tokenizer, p_, a_, **kw).acc(), n)
 
     po, pp, pa = _flat(records, "portability_prompts", "portability_answers")
     pr = teacher_forced(model, tokenizer, pp, pa, **kw) if pp else TFResult([], [], [])
@@ -242,8 +290,8 @@ def evaluate(model, tokenizer, records: pl.DataFrame, base: pl.DataFrame | None 
     return pl.DataFrame(cols, strict=False)
 
 
-METRICS = ["reliability", "generality", "locality", "portability", "generation_reliability",
-           "efficacy", "paraphrase", "neighborhood", "fluency"]
+METRICS = ["reliability", "generality", "locality", "specificity", "restyled_generality", "chat_generality",
+           "portability", "generation_reliability", "efficacy", "paraphrase", "neighborhood", "fluency"]
 
 
 def summarize(table: pl.DataFrame) -> dict[str, float]:
@@ -255,6 +303,9 @@ def summarize(table: pl.DataFrame) -> dict[str, float]:
     core = [out[m] for m in ("reliability", "generality", "locality") if m in out]
     if core:
         out["avg"] = float(np.mean(core))
+    fact = [out[m] for m in ("reliability", "generality", "specificity") if m in out]
+    if len(fact) == 3:  # an edit of the fact, not of the subject: mean of Rel, Gen and subject specificity
+        out["fact_avg"] = float(np.mean(fact))
     if all(k in out for k in ("efficacy", "paraphrase", "neighborhood")):
         vals = [out["efficacy"], out["paraphrase"], out["neighborhood"]]
         out["cf_score"] = float(len(vals) / sum(1 / max(v, 1e-9) for v in vals))

@@ -232,4 +232,5 @@ def load_model(name: str = "embedded:smollm2-135m", device: str = "auto", dtype:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     arch_of(model)  # fail early on unknown architectures
+    model.memoe_model_name = name  # what a saved edit records, so that load_edited finds the base model again
     return model, tok

@@ -50,6 +50,8 @@ def test_anchor_gate_silences_rows_without_known_anchor(tokenizer):
         out = model(**enc).logits
     assert not torch.allclose(out[0], base[0], atol=1e-3)
     assert torch.equal(out[1], base[1])  # no known anchor: untouched
+    assert torch.equal(model(**enc).logits, out)  # outside route(): the anchors found from the ids (drop-in)
+    ed.adapter.state.auto = None  # drop_in: false
     assert torch.equal(model(**enc).logits, base)  # outside route(): no anchor, silent
 
 

@@ -6,7 +6,7 @@ Importing this package imports every module in it, so each editor registers itse
 import importlib
 import pkgutil
 
-from memoe.editors.base import REGISTRY, Editor, make_editor, register  # noqa: F401
+from memoe.editors.base import REGISTRY, Editor, load_edited, make_editor, register  # noqa: F401
 
 for _m in pkgutil.iter_modules(__path__):
     if _m.name not in ("base", "common"):

@@ -79,7 +79,7 @@ class Editor(ABC):
         sd = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         save_file(sd, folder / "editor.safetensors")
         meta = {"method": self.cfg.model_dump(mode="json"), "edits_applied": self.edits_applied,
-                "extra": self.extra_state()}
+                "model": getattr(self.model, "memoe_model_name", None), "extra": self.extra_state()}
         (folder / "editor.json").write_text(json.dumps(meta, indent=2))
         return folder
 
@@ -89,3 +89,28 @@ class Editor(ABC):
         self.load_extra_state(meta.get("extra", {}))
         self.load_state_dict({k: v.to(self.device) for k, v in load_file(folder / "editor.safetensors").items()})
         self.edits_applied = meta.get("edits_applied", 0)
+
+
+def load_edited(folder: str | Path, device: str = "auto", dtype: str = "auto", model_name: str | None = None):
+    """An edited model back in one call: ``model, tokenizer, editor = load_edited(folder)``, where
+    ``folder`` is what ``Editor.save`` wrote (a study's final ``adapter/`` artifact, or a state folder
+    of its run store). The base model is the one the edit was made on (``editor.json`` records it;
+    ``model_name`` overrides). The editor is attached: a plain ``model(...)``, ``model.generate(...)``
+    or a ``transformers`` pipeline applies the edits."""
+    from pydantic import TypeAdapter
+
+    from memoe.config import MethodConfig
+    from memoe.models import load_model
+
+    folder = Path(folder)
+    meta_path = folder / "editor.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{folder}: not a saved editor (no editor.json)")
+    meta = json.loads(meta_path.read_text())
+    name = model_name or meta.get("model")
+    if not name:
+        raise ValueError(f"{meta_path}: no 'model' recorded; pass model_name")
+    model, tok = load_model(name, device, dtype)
+    editor = make_editor(model, tok, TypeAdapter(MethodConfig).validate_python(meta["method"]))
+    editor.load(folder)
+    return model, tok, editor

@@ -25,9 +25,14 @@ from memoe.editors.common import (can_compile, compiled_layers, edit_batch, head
                                   packed_batch, packing_is_exact, resolve_precision, token_groups,
                                   training_precision)
 from memoe.metrics import encode_pair
+from memoe.probes import chat_prompt, restyle, scope_negatives
 from memoe.models import decoder_layers, mlp_of
 
 ROME_STARTS = ["The", "Therefore", "Because", "I", "You"]
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once the part it needs is computed."""
 
 
 def _cast_floats(obj, dtype: torch.dtype):
@@ -58,6 +63,9 @@ class MEMoEEditor(Editor):
                 act=cfg.expert_act)
         self.adapter.eval()
         self.adapter.state.default_gate = 1.0 if cfg.gate_mode == "always" else 0.0
+        self._auto_cache: dict[tuple, tuple] = {}
+        if cfg.drop_in:
+            self.adapter.state.auto = self._auto_context
         self.extractor = AnchorExtractor(ner=cfg.ner_fallback)
         self.history: list[tuple[str, str, str]] = []  # (prompt, target, subject) of every edit so far
         self.templates: list[str] | None = None
@@ -76,26 +84,55 @@ class MEMoEEditor(Editor):
     def anchors_for(self, prompts: Sequence[str]) -> list[Anchor]:
         return self.extractor.extract_all(prompts)
 
-    def _context(self, texts: Sequence[str], anchors: Sequence[Anchor]) -> dict[str, torch.Tensor]:
+    def _context(self, texts: Sequence[str], anchors: Sequence[Anchor],
+                 starts: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
         always = self.cfg.gate_mode == "always"
         names = [a.text if (a.known or (always and a.found)) else None for a in anchors]
         emb = anchor_embeddings(self.model.get_input_embeddings(), self.tokenizer, names, self.cfg.anchor_pooling)
         gate = torch.tensor([1.0 if (always or a.known) else 0.0 for a in anchors], device=self.device)
         start = None
         if self.cfg.apply_from == "anchor":
-            start = torch.tensor([anchor_end_token(self.tokenizer, t, a) if a.found else 0
-                                  for t, a in zip(texts, anchors)], dtype=torch.long, device=self.device)
+            if starts is None:
+                starts = [anchor_end_token(self.tokenizer, t, a) if a.found else 0 for t, a in zip(texts, anchors)]
+            start = torch.tensor(list(starts), dtype=torch.long, device=self.device)
         return dict(anchor=emb, gate=gate, start=start)
 
     @contextlib.contextmanager
     def _set(self, ctx: dict[str, torch.Tensor | None]) -> Iterator[None]:
         st = self.adapter.state
-        old = (st.anchor, st.gate, st.start, st.active)
-        st.anchor, st.gate, st.start, st.active = ctx["anchor"], ctx["gate"], ctx["start"], ctx.get("active")
+        old = st.set(ctx)
         try:
             yield
         finally:
-            st.anchor, st.gate, st.start, st.active = old
+            st.restore(old)
+
+    def _auto_context(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> dict:
+        """Drop-in routing: the routing context of a batch found from its token ids alone (each row's
+        real tokens decoded, then the same anchor search as ``route``), so a plain ``model(...)`` or
+        ``model.generate(...)`` applies the edits. Rows are cached by their ids."""
+        texts, anchors, starts = [], [], []
+        ids_cpu = input_ids.detach().cpu()
+        mask = attention_mask.detach().cpu().bool() if attention_mask is not None else None
+        for b in range(ids_cpu.shape[0]):
+            row = ids_cpu[b][mask[b]] if mask is not None and mask.shape == ids_cpu.shape else ids_cpu[b]
+            key = tuple(row.tolist())
+            hit = self._auto_cache.get(key)
+            if hit is None:
+                text = self.tokenizer.decode(list(key), skip_special_tokens=False)
+                anchor = self.extractor(text)
+                start = 0
+                if self.cfg.apply_from == "anchor" and anchor.found and anchor.end > 0:
+                    # the first token whose decoded prefix covers the anchor's last character
+                    start = next((j for j in range(len(key))
+                                  if len(self.tokenizer.decode(list(key[:j + 1]), skip_special_tokens=False))
+                                  >= anchor.end), 0)
+                hit = (text, anchor, start)
+                if len(self._auto_cache) > 4096:
+                    self._auto_cache.clear()
+                self._auto_cache[key] = hit
+            texts.append(hit[0]); anchors.append(hit[1]); starts.append(hit[2])
+        ctx = self._context(texts, anchors, starts=starts)
+        return ctx
 
     @contextlib.contextmanager
     def route(self, prompts: list[str]) -> Iterator[None]:
@@ -115,17 +152,15 @@ class MEMoEEditor(Editor):
             tok = self.tokenizer
             side = tok.padding_side
             tok.padding_side = "left"
-            st = self.adapter.state
-            old_gate, st.gate = st.gate, torch.zeros(len(starts), device=self.device)
+            silent = dict(anchor=None, gate=torch.zeros(len(starts), device=self.device), start=None)
             try:
-                with torch.random.fork_rng(devices=[] if self.device.type == "cpu" else [self.device]):
+                with self._set(silent), torch.random.fork_rng(devices=[] if self.device.type == "cpu" else [self.device]):
                     torch.manual_seed(self.seed)
                     batch = tok(starts, return_tensors="pt", padding=True).to(self.device)
                     gen = self.model.generate(**batch, max_new_tokens=self.cfg.template_tokens, do_sample=True,
                                               top_k=5, pad_token_id=tok.pad_token_id)
             finally:
                 tok.padding_side = side
-                st.gate = old_gate
             for s, g in zip(starts, tok.batch_decode(gen[:, batch.input_ids.shape[1]:], skip_special_tokens=True)):
                 text = (s + g).replace("\n", " ").replace("{", " ").replace("}", " ").strip()
                 out.append(" ".join(text.split()) + ". ")
@@ -134,11 +169,20 @@ class MEMoEEditor(Editor):
 
     # ------------------------------------------------------------------ training
     def _examples(self, items: Sequence[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+        """The training rows of some edits: each edit prompt, with each context prefix, and in each
+        form of ``augment`` (the edit prompt itself restyled; never a rephrase or any evaluation text)."""
         rows = []
         for p, t, s in items:
             rows.append((p, t, s))
             for tpl in self.context_templates():
                 rows.append((tpl + p, t, s))
+            for form in self.cfg.augment:
+                if form == "chat":
+                    c = chat_prompt(self.tokenizer, p)
+                    if c:
+                        rows.append((c, t, s))
+                elif form == "lower":
+                    rows.append((restyle(p, s, 0), t, s))
         return rows
 
     def _loss(self, batch: dict, ctx: dict, cache: tuple | None, reduction: str = "mean") -> torch.Tensor:
@@ -150,8 +194,7 @@ class MEMoEEditor(Editor):
                 st.attention_mask, st.past = None, 0  # right-padded rows, no KV cache
                 cache, mlp_in = cache
                 if mlp_in is not None:  # layer l's output without the adapter + the adapter's term
-                    first = self.adapter.layer_ids[0]
-                    hidden = self.adapter._hook(first)(None, (mlp_in,), cache.hidden)
+                    hidden = self.adapter.add_term(mlp_in, cache.hidden)
                     if torch.is_autocast_enabled(hidden.device.type):  # layers above l in the autocast
                         hidden = hidden.to(torch.get_autocast_dtype(hidden.device.type))  # dtype, no casts
                     h = cache.run(self.model, hidden=hidden)
@@ -239,6 +282,77 @@ class MEMoEEditor(Editor):
             active = active & (batch["position_ids"] >= ctx["start"][r])
         anchor = ctx["anchor"][r] * real[..., None].to(ctx["anchor"].dtype)
         return dict(anchor=anchor, gate=None, start=None, active=active)
+
+    # ------------------------------------------------------------------ scope: same subject, other relations
+    def scope_rows(self, items: Sequence[tuple[str, str, str]]) -> list[tuple[str, str]]:
+        """Training negatives of some edits: (prompt, subject) for each edit's subject with
+        ``scope_negatives`` other relations (``memoe.probes.SCOPE_RELATIONS``; never a relation that any
+        edit of the same subject edits, never an evaluation probe's relation)."""
+        n = self.cfg.scope_negatives
+        if not n:
+            return []
+        by_subject: dict[str, list[str]] = {}
+        for p, _, subj in list(self.history) + list(items):
+            by_subject.setdefault(self.extractor.canonical(subj), []).append(p)
+        out, seen = [], set()
+        for p, _, subj in items:
+            all_prompts = " ".join(by_subject.get(self.extractor.canonical(subj), [p]))
+            for q in scope_negatives(all_prompts, subj, n, salt=f"{p}\x1f{self.rounds}"):
+                if (q, subj) not in seen:
+                    seen.add((q, subj))
+                    out.append((q, subj))
+        return out
+
+    @torch.no_grad()
+    def _scope_part(self, rows: Sequence[tuple[str, str]]) -> dict | None:
+        """The negatives of a round, prepared once: the input of layer l's MLP at their tokens (the
+        adapter silent: nothing below l depends on it), their routing context as inference would give
+        it, and the scale of the MLP's own output there. The scope loss keeps the adapter's term at
+        these tokens near zero, so the model says there exactly what the unedited model says."""
+        if not rows:
+            return None
+        prompts, subjects = [list(x) for x in zip(*rows)]
+        tok = self.tokenizer
+        side = tok.padding_side
+        tok.padding_side = "right"
+        try:
+            enc = tok(prompts, return_tensors="pt", padding=True).to(self.device)
+        finally:
+            tok.padding_side = side
+        first = self.adapter.layer_ids[0]
+        kept: dict[str, torch.Tensor] = {}
+
+        def keep(module, args, output):
+            kept["x"], kept["y"] = args[0].detach(), output.detach()
+            raise _StopForward
+
+        handle = mlp_of(self.model, first).register_forward_hook(keep)
+        silent = dict(anchor=None, gate=torch.zeros(len(prompts), device=self.device), start=None)
+        try:
+            with self._set(silent):
+                self.model.base_model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        anchors = [gold_anchor(p, s) for p, s in zip(prompts, subjects)]
+        ctx = self._context(prompts, anchors)
+        if self.cfg.gate_mode == "anchor":
+            ctx["gate"] = torch.ones_like(ctx["gate"])
+        valid = enc.attention_mask.bool()
+        if ctx["start"] is not None:
+            valid = valid & (torch.arange(valid.shape[1], device=self.device)[None, :] >= ctx["start"][:, None])
+        scale = float(kept["y"][valid].float().pow(2).sum(-1).mean().clamp(min=1e-12))
+        return dict(x=kept["x"].float(), ctx=ctx, valid=valid, scale=scale)
+
+    def _scope_loss(self, part: dict) -> torch.Tensor:
+        """Mean squared size of the adapter's term at the negatives' tokens, relative to the MLP's own
+        output there (0: the unedited model's behaviour exactly)."""
+        st = self.adapter.state
+        with self._set(part["ctx"]):
+            st.attention_mask, st.past = None, 0  # right-padded rows, no KV cache
+            d = self.adapter.delta(part["x"].to(next(self.adapter.parameters()).dtype))
+        return d[part["valid"]].float().pow(2).sum(-1).mean() / part["scale"]
 
     def train_loss(self, records_or_rows, use_cache: bool | None = None) -> torch.Tensor:
         """The training loss of the current adapter on some edits (tests compare cached/uncached)."""
@@ -336,11 +450,13 @@ class MEMoEEditor(Editor):
         if cfg.replay is not None and len(old) > cfg.replay:
             old = rng.sample(old, cfg.replay)
         rows = self._examples(new + old)
-        bs = cfg.batch_size * (1 + len(self.context_templates())) if cfg.batch_size else len(rows)
+        scope_rows = self.scope_rows(new + old)
+        bs = cfg.batch_size * (1 + len(self.context_templates()) + len(cfg.augment)) if cfg.batch_size else len(rows)
         dtype = resolve_precision(cfg.precision, self.device)
         # the frozen weights are cast to the training dtype once for the whole round
         with training_precision(self.model, dtype):
             packed = self._packs()  # decided once, in the training precision and attention implementation
+            scope = self._scope_part(scope_rows)
             # per optimiser step: [(batch, ctx, cache, n_target_tokens)] of similar-length rows
             steps_data = [self._step_parts(rows[i:i + bs], packed) for i in range(0, len(rows), bs)]
             t_prep = time.perf_counter() - t0
@@ -350,6 +466,7 @@ class MEMoEEditor(Editor):
             self.adapter.set_generator(self.seed * 7919 + self.rounds)
             self.adapter.train()
             losses: list[float] = []
+            scope_losses: list[float] = []
             self.step_times = []
             step = 0
             if dtype is not None:
@@ -365,6 +482,10 @@ class MEMoEEditor(Editor):
                             opt.zero_grad(set_to_none=True)
                             nll += self._backward(parts)
                             ntok += sum(p[3] for p in parts)
+                            if scope is not None:
+                                sl = self._scope_loss(scope)
+                                (cfg.scope_weight * sl).backward()
+                                scope_losses.append(float(sl.detach()))
                             opt.step()
                         losses.append(nll / ntok)  # float(loss) above waits for the device
                         self.step_times.append(time.perf_counter() - t_step)
@@ -380,7 +501,9 @@ class MEMoEEditor(Editor):
         self.rounds += 1
         self.edits_applied += len(new)
         return {"loss_first": losses[0], "loss_final": losses[-1], "steps": step, "n_edits": len(new),
-                "n_replayed": len(old), "n_train_rows": len(rows), "layer_cache": self.uses_layer_cache,
+                "n_replayed": len(old), "n_train_rows": len(rows),
+                "n_scope_negatives": len(scope_rows),
+                "scope_loss_final": scope_losses[-1] if scope_losses else None, "layer_cache": self.uses_layer_cache,
                 "packed": packed, "compiled": self.compiles,
                 "precision": str(dtype or torch.float32).replace("torch.", ""),
                 "buckets": sum(len(p) for p in steps_data),
