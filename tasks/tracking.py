@@ -23,6 +23,14 @@ def default_uri(runs_dir: Path) -> str:
     return f"sqlite:///{(runs_dir / 'mlflow.db').resolve()}"
 
 
+def resolve_uri(config_uri: str | None, runs_dir: Path) -> str:
+    """The MLflow tracking URI of a study: the config's ``tracking.mlflow_uri``, else
+    ``$MLFLOW_TRACKING_URI`` (a team server), else the SQLite file in the runs folder."""
+    import os
+
+    return config_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri(runs_dir)
+
+
 def _retry(fn: Callable[[], T], tries: int = 6) -> T:
     """SQLite under two concurrent studies can answer 'database is locked'; try again."""
     for i in range(tries):
