@@ -271,12 +271,12 @@ def _start_parent(ctx: Ctx, kind: str, data: dict | None = None) -> str | None:
     try:
         from prefect.runtime import flow_run
 
-        from flows.sweep import read_sweep_tags
+        from flows.sweep import current_sweep_tags
 
         if flow_run.id:
             tags["prefect.flow_run_id"] = str(flow_run.id)
             tags["prefect.root_flow_run_id"] = str(flow_run.root_flow_run_id or flow_run.id)
-            tags |= read_sweep_tags(flow_run.tags)  # a sweep's cell: memoe.sweep + the sweep run as parent
+            tags |= current_sweep_tags()  # a sweep's cell: memoe.sweep + the sweep run as parent
     except Exception:  # noqa: BLE001
         pass
     rid = tr.start(f"{kind}-{chash}", tags)

@@ -80,6 +80,21 @@ def sweep_tags(sweep_id: str, sweep_run: str | None) -> list[str]:
     return [f"{SWEEP_TAG}{sweep_id}"] + ([f"{SWEEP_RUN_TAG}{sweep_run}"] if sweep_run else [])
 
 
+def current_sweep_tags() -> dict[str, str]:
+    """The sweep tags of the running flow run or of its root (a deployment's flow run: its subflows
+    do not inherit its tags), as MLflow tags of the study run."""
+    from prefect.runtime import flow_run
+
+    tags = list(flow_run.tags or [])
+    root = flow_run.root_flow_run_id
+    if root and str(root) != str(flow_run.id) and not any(t.startswith(SWEEP_TAG) for t in tags):
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            tags += list(client.read_flow_run(root).tags or [])
+    return read_sweep_tags(tags)
+
+
 def read_sweep_tags(tags) -> dict[str, str]:
     """MLflow tags of a study run from its Prefect flow run's tags (set by the sweep)."""
     out = {}
@@ -253,7 +268,7 @@ def pick_deployment(pool: str, deployment: str | None) -> str:
     """The ``memoe-study`` deployment to run on ``pool``: the one named, else the pool's only
     unscheduled one (so a sweep never queues behind the nightly study's concurrency limit)."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterWorkPoolName, FlowFilter, FlowFilterName
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, WorkPoolFilter, WorkPoolFilterName
 
     with get_client(sync_client=True) as client:
         try:
@@ -261,8 +276,7 @@ def pick_deployment(pool: str, deployment: str | None) -> str:
         except Exception:  # noqa: BLE001 - ObjectNotFound, or no server
             raise ConfigError(f"--pool {pool}: no such work pool on {client.api_url}") from None
         deps = client.read_deployments(flow_filter=FlowFilter(name=FlowFilterName(any_=["memoe-study"])),
-                                       deployment_filter=DeploymentFilter(
-                                           work_pool_name=DeploymentFilterWorkPoolName(any_=[pool])))
+                                       work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool])))
     names = {d.name: d for d in deps}
     if deployment:
         short = deployment.split("/", 1)[-1]

@@ -3,7 +3,7 @@
 - In a terminal (stderr is a TTY): rich bars with elapsed time and ETA, one for the study's rounds
   (two units a round: training, then evaluation) and one for the training steps of the round
   running now (editors with an ``on_step(step, loss)`` callback: MEMoE).
-- Run by a worker (the flow run has a deployment): a Prefect progress artifact per study and per
+- Run by a worker (the process of a deployment's flow run): a Prefect progress artifact per study and per
   round's training, updated at most every ``every_s`` seconds.
 - Always, when the study has an MLflow run: the loss of every training step as the metric
   ``train.step_loss`` at step ``round x steps cap + step`` (batched, sent every ``every_s`` seconds).
@@ -24,12 +24,11 @@ def in_terminal() -> bool:
 
 
 def on_worker() -> bool:
-    try:
-        from prefect.runtime import flow_run
+    """A worker started this process for a flow run (it sets PREFECT__FLOW_RUN_ID; subflows have no
+    deployment of their own, so the flow run's deployment id does not tell)."""
+    import os
 
-        return bool(flow_run.id and flow_run.deployment_id)
-    except Exception:  # noqa: BLE001
-        return False
+    return bool(os.environ.get("PREFECT__FLOW_RUN_ID"))
 
 
 def _bar(description: str, total: float):

@@ -193,3 +193,167 @@ def test_compare_methods_run_side_by_side_on_a_two_worker_dask_cluster(tmp_path,
     for k in workers:
         for metric in ("reliability", "generality", "locality"):
             assert out["dask"][k]["final"][metric] == pytest.approx(out["serial"][k]["final"][metric], abs=1e-6)
+
+
+# ------------------------------------------------------------- team server + work pool (slow)
+
+def _wait(cond, what: str, timeout: float, every: float = 1.0, logs: list[Path] = ()):
+    deadline = time.time() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.time() > deadline:
+            tails = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2500:]}" for p in logs if p.exists())
+            raise AssertionError(f"timed out waiting for {what}\n{tails}")
+        time.sleep(every)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_sweep_on_the_team_server_with_two_workers_and_s3_artifacts(tmp_path, tokenizer):
+    """PostgreSQL, Prefect and MLflow (artifacts on moto's S3) from ``flows.team``; a process pool
+    with two workers sharing one store; a 2 x 2 sweep through them, then again from cache; a cell
+    killed with SIGKILL is marked KILLED in MLflow by the flow's on_crashed hook."""
+    import urllib.request
+
+    import boto3
+    from mlflow import MlflowClient
+
+    from flows.team import TeamServer, free_port, stop_process
+
+    model = _tiny(tmp_path, tokenizer)
+    shared = tmp_path / "shared-store"  # the MEMOE_RUNS every worker mounts
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    # PostgreSQL runs as the postgres user: its folder must not be under pytest's root-only tmp
+    team_dir = Path(tempfile.mkdtemp(prefix="memoe-team-", dir="/tmp"))
+    team_dir.chmod(0o755)
+    s3 = f"http://127.0.0.1:{free_port()}"
+    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+             "MLFLOW_S3_ENDPOINT_URL": s3}
+    srv = TeamServer(team_dir, prefect_port=free_port(), mlflow_port=free_port(),
+                     artifacts="s3://memoe-artifacts/mlflow", artifacts_env=creds, prefect_ui=False)
+    started: list[subprocess.Popen] = []
+
+    def spawn(name, cmd, env):
+        p = subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True,
+                             stdout=open(logs / f"{name}.log", "w"), stderr=subprocess.STDOUT)
+        started.append(p)
+        return p
+
+    try:
+        spawn("moto", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", s3.rsplit(":", 1)[1]],
+              _env(tmp_path))
+        s3c = boto3.client("s3", endpoint_url=s3, aws_access_key_id="testing", aws_secret_access_key="testing",
+                           region_name="us-east-1")
+
+        def moto_up():
+            try:
+                return s3c.create_bucket(Bucket="memoe-artifacts") is not None
+            except Exception:  # noqa: BLE001 - not up yet
+                return False
+
+        _wait(moto_up, "moto's S3", 120, 0.5, [logs / "moto.log"])
+        srv.start(timeout=300)
+        assert srv.host == "127.0.0.1" and srv.pg.host == "127.0.0.1"
+        env = _env(tmp_path, **srv.client_env(), MEMOE_RUNS=str(shared))
+
+        def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+            p = subprocess.run(list(args), env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+            assert p.returncode == 0, f"{args}\n{p.stdout[-3000:]}{p.stderr[-3000:]}"
+            return p
+
+        cli(*PREFECT, "work-pool", "create", "memoe-process", "--type", "process")
+        cli(*PREFECT, "--no-prompt", "deploy", "--name", "quickstart")
+        for i in range(2):
+            spawn(f"worker{i}", PREFECT + ["worker", "start", "--pool", "memoe-process", "--limit", "1",
+                                           "--name", f"worker-{i}"], env)
+        sweep = [sys.executable, "-m", "memoe.cli", "sweep", "--pool", "memoe-process"]
+        for o in _study_overrides(model):
+            sweep += ["--set", o]
+        sweep += ["--set", "method.rank=4,8", "--set", "data.seed=0,1"]
+        t0 = time.perf_counter()
+        first = cli(*sweep, "--out", str(tmp_path / "sweep1.json"), timeout=700)
+        first_s = time.perf_counter() - t0
+        s1 = json.loads((tmp_path / "sweep1.json").read_text())
+        assert [c["state"] for c in s1["cells"]] == ["COMPLETED"] * 4, first.stdout[-3000:]
+        assert "prefect: http://127.0.0.1:" in first.stdout and "/runs/flow-run/" in first.stdout
+        assert f"mlflow:  {srv.mlflow_uri}/#/experiments/" in first.stdout
+
+        client = MlflowClient(tracking_uri=srv.mlflow_uri)
+        exp = client.get_experiment_by_name("memoe")
+        sweep_run = client.get_run(s1["mlflow"]["run_id"])
+        assert sweep_run.info.status == "FINISHED" and sweep_run.data.tags["memoe.sweep"] == s1["sweep"]
+        assert "sweep.json" in [a.path for a in client.list_artifacts(sweep_run.info.run_id)]
+        cells = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{sweep_run.info.run_id}'")
+        assert len(cells) == 4 and {r.info.status for r in cells} == {"FINISHED"}
+        assert sorted(r.info.run_id for r in cells) == sorted(c["mlflow_run_id"] for c in s1["cells"])
+        assert {r.data.tags["memoe.sweep"] for r in cells} == {s1["sweep"]}
+        assert sorted(r.data.params["method.rank"] + "/" + r.data.params["data.seed"] for r in cells) == \
+            ["4/0", "4/1", "8/0", "8/1"]
+        for r in cells:
+            assert 0.0 <= r.data.metrics["final.reliability"] <= 1.0
+            assert {"results.json", "config.yaml", "per_edit.parquet"} <= {a.path for a in client.list_artifacts(r.info.run_id)}
+            assert len(client.get_metric_history(r.info.run_id, "train.step_loss")) >= 2
+        # the artifacts went through MLflow's proxy into the S3 bucket
+        keys = [o["Key"] for o in s3c.list_objects_v2(Bucket="memoe-artifacts", Prefix="mlflow/").get("Contents", [])]
+        assert sum(k.endswith("/results.json") for k in keys) >= 4, keys[:20]
+        # two workers: at least two cells ran at the same time
+        spans = sorted((r.info.start_time, r.info.end_time) for r in cells)
+        assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), spans
+        # progress artifacts of the worker runs reached Prefect
+        req = urllib.request.Request(f"{srv.prefect_api}/artifacts/filter", method="POST",
+                                     data=json.dumps({"artifacts": {"type": {"any_": ["progress"]}}}).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            arts = json.loads(resp.read())
+        assert any(a["data"] == 100.0 for a in arts), arts[:3]
+
+        # a rerun of the sweep computes nothing: every task of every cell is a cache hit
+        t0 = time.perf_counter()
+        cli(*sweep, "--out", str(tmp_path / "sweep2.json"), timeout=600)
+        rerun_s = time.perf_counter() - t0
+        s2 = json.loads((tmp_path / "sweep2.json").read_text())
+        assert s2["sweep"] == s1["sweep"] and s2["mlflow"]["run_id"] != s1["mlflow"]["run_id"]
+        assert [c["state"] for c in s2["cells"]] == ["COMPLETED"] * 4
+        assert all(c["tasks"] and c["cached_tasks"] == c["tasks"] for c in s2["cells"]), s2["cells"]
+        for a, b in zip(s1["cells"], s2["cells"]):
+            assert a["final"]["reliability"] == b["final"]["reliability"]
+        print(f"sweep 2x2 on 2 workers: {first_s:.1f}s, rerun from cache {rerun_s:.1f}s")
+
+        # crash detection through Prefect: SIGKILL a running cell's process; the worker marks the flow
+        # run CRASHED and runs its on_crashed hook, which marks the MLflow run KILLED
+        from prefect.client.orchestration import get_client
+        from prefect.deployments import run_deployment
+
+        os.environ.update(srv.client_env())
+        try:
+            fr = run_deployment("memoe-study/quickstart", timeout=0, parameters={
+                "config_path": "configs/quickstart.yaml",
+                "overrides": _study_overrides(model) + ["method.steps=100000", "method.early_stop_loss=0"]})
+
+            def running_run():
+                rs = client.search_runs([exp.experiment_id], f"tags.`prefect.root_flow_run_id` = '{fr.id}'")
+                return rs[0] if rs and len(client.get_metric_history(rs[0].info.run_id, "train.step_loss")) else None
+
+            run = _wait(running_run, "the long cell to train", 300, 1, [logs / "worker0.log", logs / "worker1.log"])
+            os.kill(int(run.data.tags["memoe.pid"]), signal.SIGKILL)
+            with get_client(sync_client=True) as pc:
+                state = _wait(lambda: (s := pc.read_flow_run(fr.id).state.type.value) in
+                              ("CRASHED", "FAILED", "COMPLETED") and s, "the flow run to crash", 120)
+            assert state == "CRASHED"
+            _wait(lambda: client.get_run(run.info.run_id).info.status == "KILLED", "the MLflow run marked KILLED", 60)
+        finally:
+            for k in srv.client_env():
+                os.environ.pop(k, None)
+    finally:
+        team_procs = list(srv.procs)
+        for p in reversed(started):  # the workers (SIGINT, as Prefect expects), then moto
+            stop_process(p)
+        srv.stop()
+    assert all(p.poll() is not None for p in started + team_procs) and len(team_procs) == 2
+    assert not (team_dir / "postgres" / "postmaster.pid").exists()
+    import shutil
+
+    shutil.rmtree(team_dir, ignore_errors=True)
