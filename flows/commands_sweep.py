@@ -40,7 +40,8 @@ def run(args) -> int:
     t0 = time.perf_counter()
     sweep = load_sweep(args.config, args.set)
     base, cells = check_cells(sweep, preflight)
-    console = Console(stderr=False, highlight=False)
+    # plain text: cell labels hold brackets (no rich markup) and links must not wrap
+    console = Console(stderr=False, highlight=False, markup=False, soft_wrap=True)
     console.print(f"memoe sweep {sweep.sweep_id()}: {len(cells)} cell(s) of {base}"
                   + "".join(f"\n  {c.cell.index + 1}: {c.cell.label}" for c in cells))
     if args.dry_run:

@@ -147,12 +147,11 @@ class SweepRunner:
         self.run_id = self.tr.start(f"sweep-{self.id}", {"memoe.sweep": self.id, "memoe.flow": "sweep",
                                                           "memoe.base": self.base,
                                                           "memoe.sweep_cells": str(len(self.cells))})
+        flats = [flatten(c.cfg.to_dict()) for c in self.cells]
+        common = {k: v for k, v in flats[0].items()  # the settings every cell shares
+                  if all(k in f and str(f[k]) == str(v) for f in flats[1:])}
         self.tr.params(self.run_id, {"base": self.base, "set": json.dumps(self.sweep.fixed)}
-                       | {f"grid.{k}": json.dumps(v) for k, v in self.sweep.axes.items()}
-                       | {k: v for k, v in flatten(self.cells[0].cfg.to_dict()).items()
-                          if not any(k == a or k.startswith(a + ".") for a in self.sweep.axes)
-                          and all(k in flatten(c.cfg.to_dict()) for c in self.cells)
-                          and len({str(flatten(c.cfg.to_dict()).get(k)) for c in self.cells}) == 1})
+                       | {f"grid.{k}": json.dumps(v) for k, v in self.sweep.axes.items()} | common)
 
     def collect(self, c: CellRun) -> None:
         """The cell's study run in MLflow (found by its Prefect flow run) and its final metrics."""
@@ -198,13 +197,14 @@ class SweepRunner:
     # ------------------------------------------------------------------ running
     def run_local(self, progress) -> None:
         from prefect import tags
+        from rich.markup import escape
 
         from flows.study import study
 
         bar = progress.add_task("sweep cells", total=len(self.cells))
         for c in self.cells:
             c.state, c.started = "RUNNING", time.perf_counter()
-            progress.update(bar, description=f"cell {c.cell.index + 1}/{len(self.cells)} [{c.cell.label}]")
+            progress.update(bar, description=escape(f"cell {c.cell.index + 1}/{len(self.cells)} [{c.cell.label}]"))
             with tags(*sweep_tags(self.id, self.run_id)):
                 state = study(config_path=self.base, overrides=list(c.cell.overrides), runs_dir=self.runs_dir,
                               return_state=True)
@@ -282,11 +282,11 @@ def pick_deployment(pool: str, deployment: str | None) -> str:
         short = deployment.split("/", 1)[-1]
         if short not in names:
             raise ConfigError(f"--deployment {deployment}: no memoe-study deployment of that name on pool '{pool}' "
-                              f"(there: {sorted(names) or 'none; run prefect deploy --all'})")
+                              f"(there: {sorted(names) or 'none; run prefect deploy --name quickstart'})")
         return f"memoe-study/{short}"
     free = [n for n, d in names.items() if not d.schedules]
     if len(free) != 1:
         raise ConfigError(f"--pool {pool}: {len(free)} unscheduled memoe-study deployments there ({sorted(free)}); "
                           "name one with --deployment" if free else
-                          f"--pool {pool}: no memoe-study deployment on it (run prefect --no-prompt deploy --all)")
+                          f"--pool {pool}: no memoe-study deployment on it (run prefect --no-prompt deploy --name quickstart)")
     return f"memoe-study/{free[0]}"
