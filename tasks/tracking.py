@@ -75,7 +75,13 @@ class Tracker:
             exp = self.client.get_experiment_by_name(experiment)
             if exp is None:
                 art = (runs_dir / "mlartifacts").resolve().as_uri() if uri.startswith("sqlite:") else None
-                self.experiment_id = self.client.create_experiment(experiment, artifact_location=art)
+                try:
+                    self.experiment_id = self.client.create_experiment(experiment, artifact_location=art)
+                except Exception:  # noqa: BLE001 - another worker created it first (a shared server)
+                    exp = self.client.get_experiment_by_name(experiment)
+                    if exp is None:
+                        raise
+                    self.experiment_id = exp.experiment_id
             else:
                 self.experiment_id = exp.experiment_id
         finally:
