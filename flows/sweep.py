@@ -196,12 +196,21 @@ class SweepRunner:
 
     # ------------------------------------------------------------------ running
     def run_local(self, progress) -> None:
+        from tasks.progress import share
+
+        bar = progress.add_task("sweep cells", total=len(self.cells))
+        share(progress)  # the studies' round and step bars go below the sweep's (one live display)
+        try:
+            self._run_cells(progress, bar)
+        finally:
+            share(None)
+
+    def _run_cells(self, progress, bar) -> None:
         from prefect import tags
         from rich.markup import escape
 
         from flows.study import study
 
-        bar = progress.add_task("sweep cells", total=len(self.cells))
         for c in self.cells:
             c.state, c.started = "RUNNING", time.perf_counter()
             progress.update(bar, description=escape(f"cell {c.cell.index + 1}/{len(self.cells)} [{c.cell.label}]"))

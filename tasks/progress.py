@@ -16,7 +16,14 @@ import time
 from typing import Any
 
 _lock = threading.Lock()
-_live: dict[str, Any] = {"progress": None, "tasks": 0}
+_live: dict[str, Any] = {"progress": None, "tasks": 0, "shared": False}
+
+
+def share(progress) -> None:
+    """Put this process's bars into ``progress`` (a running rich Progress: ``memoe sweep``'s), since
+    a terminal has room for one live display; ``share(None)`` ends that."""
+    with _lock:
+        _live.update(progress=progress, tasks=0, shared=progress is not None)
 
 
 def in_terminal() -> bool:
@@ -53,7 +60,7 @@ def _close(task_id) -> None:
             return
         p.remove_task(task_id)
         _live["tasks"] -= 1
-        if _live["tasks"] <= 0:
+        if _live["tasks"] <= 0 and not _live["shared"]:
             p.stop()
             _live["progress"], _live["tasks"] = None, 0
 

@@ -63,7 +63,7 @@ def test_sweep_rejects_a_bad_cell_before_anything_runs(tmp_path):
     from memoe.grid import load_sweep
 
     sw = load_sweep(None, ["data.n_edits=4", "protocol.batch_size=2", "protocol.rounds=2", "method.rank=4,0"])
-    with pytest.raises(ConfigError, match=r"sweep cell 2 \(method.rank=0\).*rank"):
+    with pytest.raises(ConfigError, match=r"(?s)sweep cell 2 \(method.rank=0\).*rank"):
         check_cells(sw, preflight)
     p = subprocess.run([sys.executable, "-m", "memoe.cli", "sweep", "--set", "data.n_edits=4",
                         "--set", "protocol.batch_size=2", "--set", "protocol.rounds=2",
