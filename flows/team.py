@@ -11,7 +11,6 @@ Debian machine run as root, ``ensure_postgres`` installs Debian's ``postgresql``
 from __future__ import annotations
 
 import glob
-import json
 import os
 import secrets
 import shutil
@@ -265,8 +264,3 @@ class TeamServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-    def describe(self) -> str:
-        return json.dumps({"prefect_api": self.prefect_api, "mlflow": self.mlflow_uri,
-                           "postgres": f"127.0.0.1:{self.pg.port if self.pg else '?'}",
-                           "artifacts": self.artifacts or str(self.folder / "mlartifacts")}, indent=1)
