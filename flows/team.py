@@ -237,7 +237,7 @@ class TeamServer:
             menv = base | self.artifacts_env
             mlflow = self._spawn([sys.executable, "-m", "mlflow", "server", "--host", self.host,
                                   "--port", str(self.mlflow_port), "--workers", "1",
-                                  "--backend-store-uri", self.pg.url("mlflow"),
+                                  "--backend-store-uri", self.pg.url("mlflow", "psycopg2"),
                                   "--artifacts-destination", dest, "--serve-artifacts"], menv, logs / "mlflow.log")
             _wait_http(f"{self.prefect_api}/health", prefect, logs / "prefect.log", "the Prefect server", timeout)
             _wait_http(f"{self.mlflow_uri}/health", mlflow, logs / "mlflow.log", "the MLflow server", timeout)
