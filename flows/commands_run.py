@@ -23,6 +23,9 @@ def add_arguments(p):
     p.add_argument("--out", default=None, help="output folder (default: runs/<config hash>/)")
     p.add_argument("--runs-dir", default=None,
                    help="folder of the task cache, editor states and the MLflow database (default: $MEMOE_RUNS or runs/)")
+    p.add_argument("--dask", default=None, metavar="N|cuda|tcp://HOST:PORT",
+                   help="compare: run the methods side by side on Dask (N local worker processes, one per GPU with "
+                        "'cuda', or a running scheduler)")
 
 
 def preflight(cfg) -> dict:
@@ -122,9 +125,9 @@ def run(args) -> int:
     from memoe.config import config_hash
     from flows.study import flow_for
 
-    fl = flow_for(cfg)
     start_local_prefect()
-    print(f"memoe run: {fl.name}, {info['rounds']} round(s) x {cfg.edits_per_round()} edits, "
+    fl = flow_for(cfg, getattr(args, "dask", None))
+    print(f"memoe run: {getattr(fl, 'name', 'compare')}, {info['rounds']} round(s) x {cfg.edits_per_round()} edits, "
           f"method(s) {', '.join(m.name for m in (cfg.methods or [cfg.method]))}, model {cfg.model.name}, "
           f"config {config_hash(cfg)}", flush=True)
     try:

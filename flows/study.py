@@ -22,9 +22,11 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE as NO_CACHE
 
 from flows import report
+from flows.hooks import HOOKS
 from memoe.config import Config, config_hash, flatten, resolve_path
 from tasks import steps
-from tasks.tracking import default_uri, git_commit, tracker
+from tasks.progress import Reporter
+from tasks.tracking import git_commit, resolve_uri, tracker
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,13 +45,20 @@ class Ctx:
     timings: dict[str, float] = field(default_factory=dict)
     task_states: dict[str, str] = field(default_factory=dict)
     pending: list = field(default_factory=list)
+    inline: bool = False  # inside a task (a Dask worker): tracking calls run in place, not submitted
+
+    def track(self, *args, **kwargs) -> None:
+        if self.inline:
+            track(*args, **kwargs)
+        else:
+            self.pending.append(track.submit(*args, **kwargs))
 
     @classmethod
     def make(cls, cfg: Config, out: str | None, runs_dir: str | None) -> "Ctx":
         rd = Path(runs_dir).resolve() if runs_dir else default_runs_dir()
         o = Path(out).resolve() if out else rd / config_hash(cfg)
         o.mkdir(parents=True, exist_ok=True)
-        uri = cfg.tracking.mlflow_uri or default_uri(rd)
+        uri = resolve_uri(cfg.tracking.mlflow_uri, rd)
         _clean_tmp(rd / "store" / "tmp")
         return cls(cfg, rd, o, rd / "store", uri)
 
@@ -71,6 +80,15 @@ class Ctx:
             self.tick(f"{phase}_compute", res["seconds"])  # the library's own work inside the task
         self.task_states[label] = state.name
         return res
+
+
+def _artifact_key(name: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits, dashes) for this flow run."""
+    import re
+
+    from prefect.runtime import flow_run
+
+    return re.sub(r"[^a-z0-9-]+", "-", f"memoe-{str(flow_run.id or '')[:8]}-{name}".lower()).strip("-")
 
 
 def _clean_tmp(folder: Path, older_than_s: float = 6 * 3600) -> None:
@@ -183,10 +201,15 @@ def _run_rounds(ctx: Ctx, method, data: dict, base: dict, parent_run: str | None
     n_rounds, batch = len(data["rounds"]), data["n_edits"] // len(data["rounds"])
     train_compute = eval_compute = peak_mb = 0.0
     pfx = f"{label}." if label else ""
+    bar = Reporter(f"{label or method.name}: rounds", 2 * n_rounds, key=_artifact_key(f"{label or method.name}-rounds"))
     for t in range(n_rounds):
+        bar.update(2 * t, f"{label or method.name}: round {t + 1}/{n_rounds} training")
+        progress = {"tracking": tracking, "run_id": parent_run, "label": label,
+                    "step_offset": t * int(mc.get("steps") or 1)}
         tr_res = ctx.call(steps.train_round, f"{pfx}train_round_{t}", "train", round_index=t,
                           records=data["rounds"][t], prev_state=prev, method_cfg=mc, seed=cfg.seed, model_cfg=md,
-                          store=str(ctx.store), threads=cfg.threads)
+                          store=str(ctx.store), threads=cfg.threads, progress=progress)
+        bar.update(2 * t + 1, f"{label or method.name}: round {t + 1}/{n_rounds} evaluation", force=True)
         ev = ctx.call(steps.evaluate_round, f"{pfx}evaluate_round_{t}", "evaluate", round_index=t,
                       rounds=data["rounds"], state=tr_res["state"], base=base["table"], method_cfg=mc, eval_cfg=ec,
                       seed=cfg.seed, model_cfg=md, store=str(ctx.store), threads=cfg.threads)
@@ -213,13 +236,14 @@ def _run_rounds(ctx: Ctx, method, data: dict, base: dict, parent_run: str | None
             f"diag.{k}": v for k, v in _metric_dict(ev.get("diagnostics") or {}).items()} | {
             "train.seconds": tr_res["seconds"], "eval.seconds": ev["seconds"],
             "eval.n_scored": ev["n_scored"], "eval.retention_sample_size": ev["n_earlier_scored"]}
-        ctx.pending.append(track.submit(tracking, rid, metrics=metrics, step=entry["edits_so_far"],
-                                        params={"round": t, "edits_in_round": batch},
-                                        artifacts=[(ev["table"], "per_edit")], end="FINISHED"))
-        ctx.pending.append(track.submit(tracking, parent_run, step=entry["edits_so_far"],
-                                        metrics=_metric_dict({k: summ[k] for k in summ if k in report.HEADLINE
-                                                              or k in (*report.AVERAGES, "earlier", "current")})))
+        ctx.track(tracking, rid, metrics=metrics, step=entry["edits_so_far"],
+                  params={"round": t, "edits_in_round": batch}, artifacts=[(ev["table"], "per_edit")], end="FINISHED")
+        ctx.track(tracking, parent_run, step=entry["edits_so_far"],
+                  metrics=_metric_dict({k: summ[k] for k in summ if k in report.HEADLINE
+                                        or k in (*report.AVERAGES, "earlier", "current")}))
         ctx.tick("tracking", time.perf_counter() - t0)
+        bar.update(2 * t + 2, force=True)
+    bar.close()
     import polars as pl
 
     final = {k: v for k, v in report.summaries(pl.read_parquet(table_path)).items()
@@ -247,9 +271,12 @@ def _start_parent(ctx: Ctx, kind: str, data: dict | None = None) -> str | None:
     try:
         from prefect.runtime import flow_run
 
+        from flows.sweep import current_sweep_tags
+
         if flow_run.id:
             tags["prefect.flow_run_id"] = str(flow_run.id)
             tags["prefect.root_flow_run_id"] = str(flow_run.root_flow_run_id or flow_run.id)
+            tags |= current_sweep_tags()  # a sweep's cell: memoe.sweep + the sweep run as parent
     except Exception:  # noqa: BLE001
         pass
     rid = tr.start(f"{kind}-{chash}", tags)
@@ -326,7 +353,7 @@ def _single(config: dict, out: str | None, runs_dir: str | None, kind: str) -> d
         raise
 
 
-@flow(name="batch_edit")
+@flow(name="batch_edit", **HOOKS)
 def batch_edit(config: dict, out: str | None = None, runs_dir: str | None = None) -> dict:
     """All edits in one batch, then evaluation (the batch-editing protocol)."""
     cfg = Config.model_validate(config)
@@ -334,16 +361,61 @@ def batch_edit(config: dict, out: str | None = None, runs_dir: str | None = None
     return _single(cfg.to_dict(), out, runs_dir, "batch")
 
 
-@flow(name="sequential_study")
+@flow(name="sequential_study", **HOOKS)
 def sequential_study(config: dict, out: str | None = None, runs_dir: str | None = None) -> dict:
     """T rounds of B edits; round t's editor state feeds round t+1; evaluation after every round
     on the round's edits and the earlier ones (retention)."""
     return _single(config, out, runs_dir, "sequential")
 
 
-@flow(name="compare")
-def compare(config: dict, out: str | None = None, runs_dir: str | None = None) -> dict:
-    """Several methods (``methods:``) on the same edits and protocol, side by side."""
+def _one_method(ctx: Ctx, i: int, m, label: str, data: dict, base: dict, rid: str | None) -> dict:
+    """One method of a comparison: its nested MLflow run, its rounds, its final figures."""
+    tracking = _tracking(ctx)
+    tr = tracker(**tracking)
+    mrid = tr.start(label, {"memoe.method": m.name}, parent=rid)
+    if mrid:
+        tr.params(mrid, flatten({"method": m.model_dump(mode="json")}))
+    before = dict(ctx.timings)
+    res = _run_rounds(ctx, m, data, base, mrid, label)
+    tm = {k: round(v - before.get(k, 0.0), 3) for k, v in ctx.timings.items()}
+    tm.update({k: round(v, 3) for k, v in res["compute"].items()})
+    ctx.track(tracking, mrid, metrics={"final." + k: v for k, v in _metric_dict(res["final"] | res["costs"]).items()},
+              step=data["n_edits"], artifacts=[(res["state"], "adapter"), (res["table"], "per_edit")], end="FINISHED")
+    return {"label": label, "compute": res["compute"],
+            "entry": {"method": m.model_dump(mode="json"), "final": res["final"], "rounds": res["rounds"],
+                      "timings": tm, "costs": res["costs"], "worker": _worker_name()},
+            "row": {"method": label, **{k: res["final"].get(k) for k in report.HEADLINE + report.AVERAGES + ["n_edits"]},
+                    **res["costs"]}}
+
+
+def _worker_name() -> str:
+    try:
+        from distributed import get_worker
+
+        return f"dask:{get_worker().name}:{os.getpid()}"
+    except (ImportError, ValueError):
+        return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@task(name="method_study", cache_policy=NO_CACHE)
+def method_study(ctx: Ctx, i: int, m, label: str, data: dict, base: dict, rid: str | None) -> dict:
+    """``_one_method`` as a task, so a task runner (Dask) can run the methods side by side; its
+    cached steps run as nested tasks in the worker, its tracking in place. Returns the method's
+    result plus the timings and task states to merge into the flow's."""
+    ctx = Ctx(ctx.cfg, ctx.runs_dir, ctx.out, ctx.store, ctx.tracking_uri, inline=True)
+    import torch
+
+    if ctx.cfg.threads:
+        torch.set_num_threads(ctx.cfg.threads)
+    out = _one_method(ctx, i, m, label, data, base, rid)
+    return out | {"timings": ctx.timings, "task_states": ctx.task_states}
+
+
+@flow(name="compare", **HOOKS)
+def compare(config: dict, out: str | None = None, runs_dir: str | None = None, parallel: bool = False) -> dict:
+    """Several methods (``methods:``) on the same edits and protocol, side by side. ``parallel``:
+    the methods run as tasks on the flow's task runner (``with_options(task_runner=dask_runner(...))``),
+    each in its own worker process; else one after the other in this process."""
     t_start = time.perf_counter()
     cfg = Config.model_validate(config)
     ctx = Ctx.make(cfg, out, runs_dir)
@@ -355,24 +427,21 @@ def compare(config: dict, out: str | None = None, runs_dir: str | None = None) -
         methods: dict[str, Any] = {}
         table_rows, extra, compute = [], [], {}
         names = [m.name for m in cfg.methods]
-        for i, m in enumerate(cfg.methods):
-            label = m.name if names.count(m.name) == 1 else f"{m.name}-{i}"
-            mrid = tr.start(label, {"memoe.method": m.name}, parent=rid)
-            if mrid:
-                tr.params(mrid, flatten({"method": m.model_dump(mode="json")}))
-            before = dict(ctx.timings)
-            res = _run_rounds(ctx, m, data, base, mrid, label)
-            tm = {k: round(v - before.get(k, 0.0), 3) for k, v in ctx.timings.items()}
-            tm.update({k: round(v, 3) for k, v in res["compute"].items()})
-            for k, v in res["compute"].items():
+        labels = [m.name if names.count(m.name) == 1 else f"{m.name}-{i}" for i, m in enumerate(cfg.methods)]
+        if parallel:
+            futures = [method_study.submit(ctx, i, m, labels[i], data, base, rid) for i, m in enumerate(cfg.methods)]
+            done = [f.result() for f in futures]
+            for d in done:
+                for k, v in d["timings"].items():
+                    ctx.tick(k, v)
+                ctx.task_states.update(d["task_states"])
+        else:
+            done = [_one_method(ctx, i, m, labels[i], data, base, rid) for i, m in enumerate(cfg.methods)]
+        for d in done:
+            for k, v in d["compute"].items():
                 compute[k] = compute.get(k, 0.0) + v
-            methods[label] = {"method": m.model_dump(mode="json"), "final": res["final"], "rounds": res["rounds"],
-                              "timings": tm, "costs": res["costs"]}
-            ctx.pending.append(track.submit(tracking, mrid, metrics={
-                "final." + k: v for k, v in _metric_dict(res["final"] | res["costs"]).items()}, step=data["n_edits"],
-                artifacts=[(res["state"], "adapter"), (res["table"], "per_edit")], end="FINISHED"))
-            table_rows.append({"method": label, **{k: res["final"].get(k) for k in report.HEADLINE + report.AVERAGES + ["n_edits"]},
-                               **res["costs"]})
+            methods[d["label"]] = d["entry"]
+            table_rows.append(d["row"])
         import polars as pl
 
         cols = [c for c in report.HEADLINE + report.AVERAGES + report.COSTS if any(r.get(c) is not None for r in table_rows)]
@@ -396,19 +465,60 @@ def compare(config: dict, out: str | None = None, runs_dir: str | None = None) -
         raise
 
 
-def flow_for(cfg: Config):
+def dask_runner(spec: str):
+    """A ``prefect_dask.DaskTaskRunner`` from ``--dask SPEC``: ``N`` (a LocalCluster of N worker
+    processes, one thread each), ``cuda`` (dask-cuda's LocalCUDACluster: one worker per GPU, each
+    seeing only its own), or a scheduler address ``tcp://host:8786``."""
+    from memoe.config import ConfigError
+
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError:
+        raise ConfigError("--dask: prefect-dask is not installed (pip install -e '.[team]')") from None
+    # the workers report to this process's Prefect server (without it each would start its own)
+    from prefect.settings import PREFECT_API_URL
+
+    api = PREFECT_API_URL.value()
+    if not api:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        server = SubprocessASGIServer()
+        api = server.api_url if server.running else None
+    env = {"PREFECT_API_URL": api} if api else {}
+    if spec.isdigit() and int(spec) >= 1:
+        return DaskTaskRunner(cluster_kwargs={"n_workers": int(spec), "threads_per_worker": 1, "processes": True,
+                                              "env": env})
+    if spec == "cuda":
+        return DaskTaskRunner(cluster_class="dask_cuda.LocalCUDACluster",
+                              cluster_kwargs={"threads_per_worker": 1, "env": env})
+    if "://" in spec:
+        return DaskTaskRunner(address=spec)
+    raise ConfigError(f"--dask {spec}: a number of local workers, 'cuda', or a scheduler address (tcp://host:port)")
+
+
+def flow_for(cfg: Config, dask: str | None = None):
+    """The flow that runs ``cfg``; with ``dask``, compare's methods in parallel on that task runner."""
     if cfg.methods:
+        if dask:
+            import functools
+
+            return functools.partial(compare.with_options(task_runner=dask_runner(dask)), parallel=True)
         return compare
+    if dask:
+        from memoe.config import ConfigError
+
+        raise ConfigError("--dask: only a comparison (methods:) has methods to run side by side")
     return sequential_study if cfg.protocol.mode == "sequential" else batch_edit
 
 
-@flow(name="memoe-study")
+@flow(name="memoe-study", **HOOKS)
 def study(config_path: str | None = "configs/quickstart.yaml", overrides: list[str] | None = None,
-          out: str | None = None, runs_dir: str | None = None) -> dict:
+          out: str | None = None, runs_dir: str | None = None, dask: str | None = None) -> dict:
     """Deployment entry point: load a config file (relative to the project) plus overrides and run
-    the matching flow (compare when ``methods`` is set, else batch or sequential)."""
+    the matching flow (compare when ``methods`` is set, else batch or sequential). ``dask``: run a
+    comparison's methods side by side on a Dask task runner (see ``dask_runner``)."""
     from memoe.config import load_config
 
     path = resolve_path(config_path) if config_path else None
     cfg = load_config(path, overrides or [])
-    return flow_for(cfg)(cfg.to_dict(), out, runs_dir)
+    return flow_for(cfg, dask)(cfg.to_dict(), out, runs_dir)

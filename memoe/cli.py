@@ -29,6 +29,8 @@ for _name, _mod, _help in [
     ("ui", "flows.commands_ui", "start the MLflow UI on 127.0.0.1"),
     ("demo", "memoe.commands.demo", "show five edits: before, after, rephrase, unrelated prompt"),
     ("bench", "flows.commands_bench", "benchmarks of speed, memory and scale (writes bench.json)"),
+    ("sweep", "flows.commands_sweep", "a grid of studies, on a Prefect work pool (--pool) or here"),
+    ("server", "flows.commands_server", "the team server: PostgreSQL, Prefect and MLflow (127.0.0.1 by default)"),
 ]:
     if importlib.util.find_spec(_mod.split(".")[0]) and importlib.util.find_spec(_mod):
         COMMANDS[_name] = (_mod, _help)

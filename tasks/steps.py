@@ -261,17 +261,22 @@ def train_key(ctx, p: dict[str, Any]) -> str:
 
 @task(name="train_round", cache_key_fn=train_key, task_run_name="train_round_{round_index}", **COMMON)
 def train_round(round_index: int, records: str, prev_state: str | None, method_cfg: dict, seed: int,
-                model_cfg: dict, store: str, threads: int | None = None) -> dict:
-    """Editor state after round t: load state t-1 (if any), edit on round t's records, save."""
+                model_cfg: dict, store: str, threads: int | None = None, progress: dict | None = None) -> dict:
+    """Editor state after round t: load state t-1 (if any), edit on round t's records, save.
+    ``progress`` (not part of the cache key): where the step losses go (``tasks.progress.StepLoss``)."""
     import polars as pl
 
     from memoe.bench import PeakMemory
     from memoe.editors import make_editor
+    from tasks.progress import StepLoss
 
     model, tok = model_and_tokenizer(model_cfg, threads)
     method = method_from_dict(method_cfg)
     _seed_all(seed * 1000 + round_index)
     editor = make_editor(model, tok, method, seed=seed * 1000 + round_index)
+    steps = StepLoss(progress, int(method_cfg.get("steps") or 1), round_index) if hasattr(editor, "on_step") else None
+    if steps:
+        editor.on_step = steps
     try:
         if prev_state:
             editor.load(prev_state)
@@ -284,6 +289,8 @@ def train_round(round_index: int, records: str, prev_state: str | None, method_c
         editor.save(tmp)
     finally:
         editor.remove()
+        if steps:
+            steps.close()
     folder = publish_folder(tmp, Path(store) / "states")
     return {"state": str(folder), "stats": _jsonable(stats or {}), "seconds": seconds,
             "edits_applied": int(getattr(editor, "edits_applied", 0)), "peak_memory_mb": mem.peak}

@@ -23,6 +23,14 @@ def default_uri(runs_dir: Path) -> str:
     return f"sqlite:///{(runs_dir / 'mlflow.db').resolve()}"
 
 
+def resolve_uri(config_uri: str | None, runs_dir: Path) -> str:
+    """The MLflow tracking URI of a study: the config's ``tracking.mlflow_uri``, else
+    ``$MLFLOW_TRACKING_URI`` (a team server), else the SQLite file in the runs folder."""
+    import os
+
+    return config_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri(runs_dir)
+
+
 def _retry(fn: Callable[[], T], tries: int = 6) -> T:
     """SQLite under two concurrent studies can answer 'database is locked'; try again."""
     for i in range(tries):
@@ -67,7 +75,13 @@ class Tracker:
             exp = self.client.get_experiment_by_name(experiment)
             if exp is None:
                 art = (runs_dir / "mlartifacts").resolve().as_uri() if uri.startswith("sqlite:") else None
-                self.experiment_id = self.client.create_experiment(experiment, artifact_location=art)
+                try:
+                    self.experiment_id = self.client.create_experiment(experiment, artifact_location=art)
+                except Exception:  # noqa: BLE001 - another worker created it first (a shared server)
+                    exp = self.client.get_experiment_by_name(experiment)
+                    if exp is None:
+                        raise
+                    self.experiment_id = exp.experiment_id
             else:
                 self.experiment_id = exp.experiment_id
         finally:

@@ -82,7 +82,7 @@ def test_quickstart_deployment_runs_on_a_process_worker(tmp_path, tokenizer):
             return p.stdout
 
         cli("work-pool", "create", "memoe-process", "--type", "process")
-        cli("--no-prompt", "deploy", "--all")
+        cli("--no-prompt", "deploy", "--name", "quickstart", "--name", "nightly")  # gpu: a Kubernetes pool
         nightly = _get(f"{api}/deployments/name/memoe-study/nightly")
         assert [s["schedule"].get("cron") for s in nightly["schedules"]] == ["0 2 * * *"]
         assert nightly["work_pool_name"] == "memoe-process"
