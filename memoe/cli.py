@@ -27,6 +27,10 @@ for _name, _mod, _help in [
     ("ui", "flows.commands_ui", "start the MLflow UI on 127.0.0.1"),
     ("demo", "memoe.commands.demo", "show five edits: before, after, rephrase, unrelated prompt"),
     ("bench", "flows.commands_bench", "benchmarks of speed, memory and scale (writes bench.json)"),
+    ("ls", "flows.commands_ls", "list past studies (MLflow store): settings and headline metrics"),
+    ("show", "flows.commands_show", "one past study: settings, metrics per round, failed edits"),
+    ("compare", "flows.commands_compare", "past studies side by side, with their retention curves"),
+    ("config", "memoe.commands.config", "every resolved config key with its default and description"),
 ]:
     if importlib.util.find_spec(_mod.split(".")[0]) and importlib.util.find_spec(_mod):
         COMMANDS[_name] = (_mod, _help)
