@@ -7,7 +7,7 @@ from flows.history import (add_store_arguments, client_for, final_metrics, is_co
                            print_table, protocol, studies, when, write_csv)
 from flows.report import HEADLINE
 
-COLS = ["run", "date", "name", "flow", "model", "data", "protocol", "status", *HEADLINE, "avg"]
+COLS = ["run", "date", "name", "flow", "model", "data", "protocol", "status", *HEADLINE, "avg", "rerun_of"]
 
 
 def add_arguments(p):
@@ -26,7 +26,7 @@ def rows(client, experiment: str, show_all: bool = False, limit: int = 50) -> li
         row = {"run": r.info.run_id[:8], "run_id": r.info.run_id, "date": when(r), "name": r.info.run_name,
                "flow": t.get("memoe.flow"), "model": t.get("memoe.model", "").replace("embedded:", ""),
                "data": t.get("memoe.dataset"), "protocol": protocol(r), "status": r.info.status.lower(),
-               "rerun_of": t.get("memoe.rerun_of", "")[:8], **final_metrics(r)}
+               "rerun_of": t.get("memoe.rerun_of", "")[:8] or None, **final_metrics(r)}
         out.append(row)
         if is_compare(r):
             m = r.data.metrics
@@ -47,7 +47,7 @@ def run(args) -> int:
         print(f"no studies in experiment '{args.experiment}' of {client.tracking_uri}")
         return 0
     cols = [c for c in COLS if any(r.get(c) is not None for r in table)]
-    print("\n".join(print_table(table, cols, {"name": 44, "model": 20, "data": 24})))
+    print("\n".join(print_table(table, cols, {"name": 60, "model": 20, "data": 24})))
     if args.csv:
         print(f"csv: {write_csv(table, args.csv)}")
     return 0

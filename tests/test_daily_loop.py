@@ -150,7 +150,9 @@ def _prefect_artifacts(home: Path) -> list[tuple[str, str, str]]:
         return db.execute("select key, type, data from artifact").fetchall()
 
 
-def test_study_rerun_compare_ls_show_compare(tmp_path, tiny_dir, capsys):
+def test_compare_rerun_ls_show_compare(tmp_path, tiny_dir, capsys):
+    """One sequential compare (MEMoE and MEMIT, 2 rounds x 2 edits on a tiny model) and its cached
+    rerun, then the commands that read them back."""
     from mlflow import MlflowClient
 
     from memoe.cli import main
@@ -158,90 +160,92 @@ def test_study_rerun_compare_ls_show_compare(tmp_path, tiny_dir, capsys):
     runs, home = tmp_path / "runs", tmp_path / "prefect"
     env = env_for(runs, home) | {"MEMOE_CACHE": str(tmp_path / "cache")}
     cfg = study_config(tmp_path / "a", tiny_dir, steps=5, rounds=2, batch=2)
-    res, p = memoe_run(cfg, tmp_path / "out-a", env, "--name", "first-study", "--tag", "owner=ann", "--tag", "k=v=w")
+    raw = yaml.safe_load(cfg.read_text())
+    raw["methods"] = [raw.pop("method"), {"name": "memit", "layers": [1, 2], "fact_token": "last", "corpus": "pydoc",
+                                          "mom2_tokens": 20000, "mom2_seq_len": 64, "v_steps": 5}]
+    cfg.write_text(yaml.safe_dump(raw))
+    res, p = memoe_run(cfg, tmp_path / "out", env, "--name", "first-study", "--tag", "owner=ann", "--tag", "k=v=w")
     client = MlflowClient(tracking_uri=f"sqlite:///{runs / 'mlflow.db'}")
     parent = client.get_run(res["mlflow"]["run_id"])
+    eid = parent.info.experiment_id
     assert parent.info.run_name == "first-study"
     assert parent.data.tags["owner"] == "ann" and parent.data.tags["k"] == "v=w"
-    # rounds numbered alike: 1 and 2 in the terminal, in results.json and in MLflow
-    kids = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert sorted((k.info.run_name, k.data.tags["memoe.round"]) for k in kids) == [("round-1", "1"), ("round-2", "2")]
-    assert [r["round"] for r in res["rounds"]] == [1, 2]
-    assert [ln.split()[0] for ln in p.stdout.splitlines() if ln[:5].strip() in ("1", "2")] == ["1", "2"], p.stdout
-    # the per-edit table shows the edit, the generation and every probe's score
-    per_edit = pl.read_parquet(tmp_path / "out-a" / "per_edit.parquet")
-    assert per_edit.columns[:5] == ["id", "subject", "prompt", "target_new", "target_true"]
-    assert {"generation", "reliability", "generality", "locality", "round_of_edit"} <= set(per_edit.columns)
-    assert per_edit["prompt"].to_list()[0] in json.loads(ZSRE.read_text())[0]["src"]
-    # the flow run's results table and MLflow link as Prefect artifacts
+
+    # MEMIT's key statistics are a one-time cost, reported apart from the per-edit cost
+    memit = res["methods"]["memit"]
+    setup, train = memit["costs"]["setup_s"], memit["timings"]["train_compute"]
+    assert setup > 0 and memit["rounds"][0]["train"]["setup_s"] > 0
+    assert memit["costs"]["edit_s_per_100"] == pytest.approx(100 * (train - setup) / 4, abs=0.16)  # rounding
+    assert res["methods"]["memoe"]["costs"]["setup_s"] == 0
+    assert "setup s" in p.stdout
+
+    # the parent run: each method's headline metrics and costs, no default `method.*` params
+    m = parent.data.metrics
+    assert m["memoe.reliability"] == pytest.approx(res["methods"]["memoe"]["final"]["reliability"])
+    assert m["memit.setup_s"] == pytest.approx(setup) and "memit.edit_s_per_100" in m and "memit.avg" in m
+    assert not any(k.startswith("method.") for k in parent.data.params), parent.data.params
+    assert parent.data.params["methods.memit.layers"] == "[1, 2]"
+
+    # rounds numbered alike: 1 and 2 in results.json and in MLflow
+    kids = {k.info.run_name: k for k in client.search_runs([eid], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")}
+    assert set(kids) == {"memoe", "memit"}
+    rounds = client.search_runs([eid], f"tags.`mlflow.parentRunId` = '{kids['memoe'].info.run_id}'")
+    assert sorted((k.info.run_name, k.data.tags["memoe.round"]) for k in rounds) == [("round-1", "1"), ("round-2", "2")]
+    assert [r["round"] for r in res["methods"]["memoe"]["rounds"]] == [1, 2]
+
+    # plots: the comparison and one retention curve per method
+    out = tmp_path / "out"
+    assert (out / "retention.png").stat().st_size > 1000 and (out / "comparison.png").stat().st_size > 1000
+
+    # the flow run's results table and the MLflow link as Prefect artifacts
     arts = _prefect_artifacts(home)
     kinds = {k: t for k, t, _ in arts}
     assert kinds == {"memoe-results": "table", "memoe-mlflow": "markdown"}, kinds  # a link artifact is markdown
     table = json.loads(json.loads(next(d for k, _, d in arts if k == "memoe-results")))
-    assert [r["round"] for r in table] == [1, 2]
+    assert [r["method"] for r in table] == ["memoe", "memit"] and "setup_s" in table[1]
     assert any(parent.info.run_id in d for k, _, d in arts if k == "memoe-mlflow")
 
-    # a cached rerun is marked as a rerun of the first, and `memoe ls` hides it
-    again, _ = memoe_run(cfg, tmp_path / "out-a2", env)
+    # a cached rerun is marked as a rerun of the first (and `memoe ls` hides it)
+    again, _ = memoe_run(cfg, tmp_path / "out2", env)
     rerun = client.get_run(again["mlflow"]["run_id"])
     assert rerun.data.tags["memoe.rerun_of"] == parent.info.run_id and rerun.data.tags["memoe.cached_rerun"] == "true"
-    assert rerun.info.run_name.endswith("(rerun)")
+    assert rerun.info.run_name == "memoe+memit-sequential-2x2-zsre-" + Path(tiny_dir).name + " (rerun)"
 
-    # a sequential compare with MEMIT: its key statistics are a one-time cost, not a per-edit one
-    raw = yaml.safe_load(cfg.read_text())
-    raw["methods"] = [raw.pop("method"), {"name": "memit", "layers": [1, 2], "fact_token": "last", "corpus": "pydoc",
-                                          "mom2_tokens": 20000, "mom2_seq_len": 64, "v_steps": 5}]
-    cmp_cfg = tmp_path / "cmp.yaml"
-    cmp_cfg.write_text(yaml.safe_dump(raw))
-    cres, cp = memoe_run(cmp_cfg, tmp_path / "out-c", env)
-    memit = cres["methods"]["memit"]
-    setup, train = memit["costs"]["setup_s"], memit["timings"]["train_compute"]
-    assert setup > 0 and memit["rounds"][0]["train"]["setup_s"] > 0
-    assert memit["costs"]["edit_s_per_100"] == pytest.approx(100 * (train - setup) / 4, abs=0.02)
-    assert cres["methods"]["memoe"]["costs"]["setup_s"] == 0
-    assert "setup s" in cp.stdout
-    cparent = client.get_run(cres["mlflow"]["run_id"])
-    m = cparent.data.metrics
-    assert m["memoe.reliability"] == pytest.approx(cres["methods"]["memoe"]["final"]["reliability"])
-    assert m["memit.setup_s"] == pytest.approx(setup) and "memit.edit_s_per_100" in m and "memit.avg" in m
-    assert not any(k.startswith("method.") for k in cparent.data.params), cparent.data.params
-    assert cparent.data.params["methods.memit.layers"] == "[1, 2]"
-    assert cparent.info.run_name == "memoe+memit-sequential-2x2-zsre-" + Path(tiny_dir).name
-    out_c = tmp_path / "out-c"
-    assert (out_c / "retention.png").stat().st_size > 1000 and (out_c / "comparison.png").stat().st_size > 1000
-
-    # memoe ls: both studies (the rerun hidden), the compare's methods below it; CSV
+    # memoe ls: the study (the rerun hidden), its methods below it; CSV
     capsys.readouterr()
     assert main(["ls", "--runs-dir", str(runs), "--csv", str(tmp_path / "ls.csv")]) == 0
-    out = capsys.readouterr().out
-    assert "first-study" in out and "(rerun)" not in out and "└ memoe" in out and "└ memit" in out, out
-    assert parent.info.run_id[:8] in out and "seq 2x2" in out
+    text = capsys.readouterr().out
+    assert "first-study" in text and "(rerun)" not in text and "└ memoe" in text and "└ memit" in text, text
+    assert parent.info.run_id[:8] in text and "seq 2x2" in text
     listing = pl.read_csv(tmp_path / "ls.csv")
-    assert listing.filter(pl.col("name") == "first-study")["reliability"].to_list() == \
-        [pytest.approx(res["final"]["reliability"])]
+    assert listing.filter(pl.col("name") == "  └ memit")["reliability"].to_list() == \
+        [pytest.approx(res["methods"]["memit"]["final"]["reliability"])]
     assert main(["ls", "--runs-dir", str(runs), "--all"]) == 0
     assert "(rerun)" in capsys.readouterr().out
 
-    # memoe show: settings, rounds, failed edits; --csv writes the per-edit table
-    assert main(["show", "first-study", "--runs-dir", str(runs), "--csv", str(tmp_path / "edits.csv")]) == 0
-    out = capsys.readouterr().out
-    assert parent.info.run_id in out and "owner=ann" in out and "method.steps=5" in out
-    assert "edits_so_far" in out and "failed edits" in out or "no failed edits" in out
-    assert pl.read_csv(tmp_path / "edits.csv")["prompt"].to_list() == per_edit["prompt"].to_list()
-    assert main(["show", cparent.info.run_id[:10], "--runs-dir", str(runs)]) == 0
-    assert "memit" in capsys.readouterr().out
+    # memoe show: a study; a method's run with its rounds and failed edits, --csv its per-edit table
+    assert main(["show", "first-study", "--runs-dir", str(runs)]) == 0
+    text = capsys.readouterr().out
+    assert parent.info.run_id in text and "owner=ann" in text and "memit" in text and "setup_s" in text
+    memoe_run_id = kids["memoe"].info.run_id
+    assert main(["show", memoe_run_id[:10], "--runs-dir", str(runs), "--csv", str(tmp_path / "edits.csv")]) == 0
+    text = capsys.readouterr().out
+    assert "edits_so_far" in text and "method.steps=5" in text and "failed edits" in text, text
+    edits = pl.read_csv(tmp_path / "edits.csv")
+    assert edits.columns[:5] == ["id", "subject", "prompt", "target_new", "target_true"], edits.columns
+    assert {"generation", "reliability", "generality", "locality", "round_of_edit"} <= set(edits.columns)
+    zsre = json.loads(ZSRE.read_text())
+    assert edits["prompt"].to_list() == [r["src"] for r in zsre[:4]]
 
-    # memoe compare: the first study against the compare's MEMoE run; a table, CSV and the retention plot
-    memoe_kid = next(k for k in client.search_runs([parent.info.experiment_id],
-                                                   f"tags.`mlflow.parentRunId` = '{cparent.info.run_id}'")
-                     if k.info.run_name == "memoe")
+    # memoe compare: two runs side by side (table, CSV, retention plot); a compare alone = its methods
     plot = tmp_path / "curves.png"
-    assert main(["compare", parent.info.run_id[:8], memoe_kid.info.run_id, "--runs-dir", str(runs),
+    assert main(["compare", memoe_run_id[:8], kids["memit"].info.run_id, "--runs-dir", str(runs),
                  "--plot", str(plot), "--csv", str(tmp_path / "cmp.csv")]) == 0
-    out = capsys.readouterr().out
-    assert "first-study" in out and "memoe" in out and plot.stat().st_size > 1000
+    text = capsys.readouterr().out
+    assert "settings that differ" in text and plot.stat().st_size > 1000
     rows = pl.read_csv(tmp_path / "cmp.csv")
-    assert rows.height == 2 and rows["reliability"].to_list()[0] == pytest.approx(res["final"]["reliability"])
-    assert main(["compare", cparent.info.run_id, "--runs-dir", str(runs), "--plot", str(plot)]) == 0  # its methods
+    assert rows["run"].to_list() == ["memoe", "memit"]
+    assert rows["reliability"].to_list()[1] == pytest.approx(res["methods"]["memit"]["final"]["reliability"])
+    assert main(["compare", "first-study", "--runs-dir", str(runs), "--plot", str(plot)]) == 0
     assert "memit" in capsys.readouterr().out
     assert main(["show", "no-such-run", "--runs-dir", str(runs)]) == 2
