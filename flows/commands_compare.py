@@ -55,8 +55,9 @@ def run(args) -> int:
     metric_cols = [c for c in HEADLINE + ["avg"] + COSTS if any(r.get(c) is not None for r in rows)]
     print("\n".join(print_table(rows, ["run", "id", "protocol", *metric_cols], {"run": 44})))
     if differ:
-        print("\nsettings that differ:")
-        print("\n".join(print_table(rows, ["run", *differ], {"run": 44})))
+        more = f" (the first 10 of {len(differ)}; --csv has all)" if len(differ) > 10 else ""
+        print(f"\nsettings that differ{more}:")
+        print("\n".join(print_table(rows, ["run", *differ[:10]], {"run": 44})))
     curves = {r["run"]: curve(client, run_) for r, run_ in zip(rows, runs)}
     curves = {k: v for k, v in curves.items() if v}
     if curves:

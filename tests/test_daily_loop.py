@@ -16,6 +16,8 @@ import yaml
 from .conftest import ROOT, ZSRE, tiny_model
 from .test_pipeline import MEMOE, env_for, memoe_run, study_config
 
+pytestmark = pytest.mark.timeout(1800)
+
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, tokenizer):
@@ -164,7 +166,8 @@ def test_compare_rerun_ls_show_compare(tmp_path, tiny_dir, capsys):
     raw["methods"] = [raw.pop("method"), {"name": "memit", "layers": [1, 2], "fact_token": "last", "corpus": "pydoc",
                                           "mom2_tokens": 20000, "mom2_seq_len": 64, "v_steps": 5}]
     cfg.write_text(yaml.safe_dump(raw))
-    res, p = memoe_run(cfg, tmp_path / "out", env, "--name", "first-study", "--tag", "owner=ann", "--tag", "k=v=w")
+    res, p = memoe_run(cfg, tmp_path / "out", env, "--name", "first-study", "--tag", "owner=ann", "--tag", "k=v=w",
+                       timeout=900)
     client = MlflowClient(tracking_uri=f"sqlite:///{runs / 'mlflow.db'}")
     parent = client.get_run(res["mlflow"]["run_id"])
     eid = parent.info.experiment_id
@@ -206,7 +209,7 @@ def test_compare_rerun_ls_show_compare(tmp_path, tiny_dir, capsys):
     assert any(parent.info.run_id in d for k, _, d in arts if k == "memoe-mlflow")
 
     # a cached rerun is marked as a rerun of the first (and `memoe ls` hides it)
-    again, _ = memoe_run(cfg, tmp_path / "out2", env)
+    again, _ = memoe_run(cfg, tmp_path / "out2", env, timeout=900)
     rerun = client.get_run(again["mlflow"]["run_id"])
     assert rerun.data.tags["memoe.rerun_of"] == parent.info.run_id and rerun.data.tags["memoe.cached_rerun"] == "true"
     assert rerun.info.run_name == "memoe+memit-sequential-2x2-zsre-" + Path(tiny_dir).name + " (rerun)"
