@@ -8,7 +8,7 @@ targets and subjects in, the scores out (and the editor, still applied to the mo
                rephrase_prompts=["Danielle Darrieux's first language is"],
                locality_prompts=["The capital of France is"], locality_ground_truth=["Paris"],
                method="memoe", steps=40)
-    res.scores          # {'reliability': 1.0, 'generality': 1.0, 'locality': 1.0, ...}
+    res.scores          # means over the edits: reliability, generality, locality, generation_reliability, ...
     res.per_edit        # one row per edit: prompt, target, generation and every probe's score
     res.editor.remove() # the unedited model again
 
