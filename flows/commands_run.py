@@ -26,6 +26,52 @@ def add_arguments(p):
     p.add_argument("--dask", default=None, metavar="N|cuda|tcp://HOST:PORT",
                    help="compare: run the methods side by side on Dask (N local worker processes, one per GPU with "
                         "'cuda', or a running scheduler)")
+    p.add_argument("--name", default=None, help="MLflow run name (default: methods-protocol-RxB-data-model)")
+    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="an MLflow tag on the study's run (repeatable)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check everything and show what would run (flow, rounds, edits, methods, earlier runs), run nothing")
+
+
+def parse_tags(items: list[str]) -> dict[str, str]:
+    from memoe.config import ConfigError
+
+    out = {}
+    for t in items:
+        k, sep, v = t.partition("=")
+        if not sep or not k.strip():
+            raise ConfigError(f"--tag '{t}' is not of the form key=value")
+        out[k.strip()] = v
+    return out
+
+
+def dry_run(cfg, info: dict, args) -> int:
+    """What ``memoe run`` would do, without Prefect, the model or any writes. The one cheap look at
+    the cache: a finished study of the same config in the MLflow store (its rerun would be all cache
+    hits unless the code changed)."""
+    from flows.study import default_run_name, default_runs_dir, flow_for, method_labels
+    from memoe.config import config_hash, resolve_path
+
+    runs = Path(args.runs_dir).resolve() if args.runs_dir else default_runs_dir()
+    chash = config_hash(cfg)
+    print(f"dry run (nothing is run): flow {flow_for(cfg).name}, {info['rounds']} round(s) x {cfg.edits_per_round()} edits "
+          f"= {info['rounds'] * cfg.edits_per_round()} of {info['n_available']} available")
+    print(f"  methods:  {', '.join(method_labels(cfg))}")
+    print(f"  model:    {cfg.model.name}   data: {resolve_path(cfg.data.path)} ({cfg.data.format})")
+    print(f"  config:   {chash}   run name: {args.name or default_run_name(cfg)}"
+          + (f"   tags: {parse_tags(args.tag)}" if args.tag else ""))
+    print(f"  output:   {Path(args.out).resolve() if args.out else runs / chash}   store: {runs / 'store'}")
+    db = runs / "mlflow.db"
+    if cfg.tracking.enabled and not cfg.tracking.mlflow_uri and db.is_file():
+        from flows.history import client_for, finished_studies
+
+        done = finished_studies(client_for(None, str(runs)), cfg.tracking.experiment, chash)
+        if done:
+            r = done[0]
+            print(f"  cache:    a finished study of this config exists (run {r.info.run_id}, "
+                  f"{r.info.run_name}): a rerun is all cache hits unless the code changed")
+        else:
+            print("  cache:    no finished study of this config in the store")
+    return 0
 
 
 def preflight(cfg) -> dict:
@@ -94,7 +140,7 @@ def summary_lines(results: dict) -> list[str]:
     if "methods" in results:
         ms = {name: m["final"] | m.get("costs", {}) for name, m in results["methods"].items()}
         cols = [c for c in HEADLINE + AVERAGES + COSTS if any(c in m for m in ms.values())]
-        label = {"edit_s_per_100": "s/100 edits", "peak_memory_mb": "peak MiB"}
+        label = {"setup_s": "setup s", "edit_s_per_100": "s/100 edits", "peak_memory_mb": "peak MiB"}
         out.append("method".ljust(14) + "".join(label.get(c, c)[:12].rjust(13) for c in cols))
         for name, m in ms.items():
             out.append(name[:14].ljust(14) + "".join(fmt(m.get(c)).rjust(13) for c in cols))
@@ -103,7 +149,7 @@ def summary_lines(results: dict) -> list[str]:
     out.append("round  edits" + "".join(c[:12].rjust(13) for c in cols) + "   cached")
     for r in results["rounds"]:
         cached = "yes" if all(r["cached"].values()) else "no"
-        out.append(f"{r['round'] + 1:5d}  {r['edits_so_far']:5d}" + "".join(fmt(r.get(c)).rjust(13) for c in cols)
+        out.append(f"{r['round']:5d}  {r['edits_so_far']:5d}" + "".join(fmt(r.get(c)).rjust(13) for c in cols)
                    + f"   {cached}")
     out.append("final  " + f"{int(results['final']['n_edits']):5d}"[-5:]
                + "".join(fmt(results["final"].get(c)).rjust(13) for c in cols))
@@ -117,6 +163,9 @@ def run(args) -> int:
     cfg_path = args.config if args.config is not None else (QUICKSTART if QUICKSTART.exists() else None)
     cfg = load_config(cfg_path, args.set)
     info = preflight(cfg)
+    tags = parse_tags(args.tag)
+    if args.dry_run:
+        return dry_run(cfg, info, args)
 
     import torch
 
@@ -131,7 +180,7 @@ def run(args) -> int:
           f"method(s) {', '.join(m.name for m in (cfg.methods or [cfg.method]))}, model {cfg.model.name}, "
           f"config {config_hash(cfg)}", flush=True)
     try:
-        results = fl(cfg.to_dict(), args.out, args.runs_dir)
+        results = fl(cfg.to_dict(), args.out, args.runs_dir, name=args.name, tags=tags)
     except Exception as e:  # noqa: BLE001 - Prefect has logged the traceback already
         print(f"error: the study failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
@@ -150,6 +199,7 @@ def run(args) -> int:
     print(f"\ntasks: {len(results['tasks'])} ({hits} from cache)   time: {tm['command_total']:.1f}s "
           f"(train {tm.get('train', 0):.1f}s, evaluate {tm.get('evaluate', 0):.1f}s)")
     if results["mlflow"]["run_id"]:
-        print(f"mlflow: run {results['mlflow']['run_id']} in {results['mlflow']['tracking_uri']}  (memoe ui)")
+        print(f"mlflow: run {results['mlflow']['run_id']} in {results['mlflow']['tracking_uri']}  "
+              f"(memoe show {results['mlflow']['run_id'][:8]}; memoe ui)")
     print(f"results: {out / 'results.json'}")
     return 0

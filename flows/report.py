@@ -7,7 +7,9 @@ from typing import Any
 HEADLINE = ["reliability", "generality", "locality", "specificity", "restyled_generality", "chat_generality",
             "portability", "generation_reliability"]
 AVERAGES = ["avg", "fact_avg"]  # mean of Rel/Gen/Loc; mean of Rel/Gen/subject specificity
-COSTS = ["edit_s_per_100", "peak_memory_mb"]  # training seconds per 100 edits; peak memory while training (MiB)
+# one-time set-up seconds (MEMIT's key statistics); training seconds per 100 edits without them; peak memory (MiB)
+COSTS = ["setup_s", "edit_s_per_100", "peak_memory_mb"]
+KEY_SETTINGS = ("layers", "layer", "steps", "lr", "rank", "num_experts", "top_k", "target_modules", "eps")
 
 
 def summaries(table) -> dict[str, Any]:
@@ -38,6 +40,24 @@ def markdown_table(rows: list[dict[str, Any]], cols: list[str], first: str) -> s
     return "\n".join(lines)
 
 
+def method_title(method) -> str:
+    """A method and its settings that tell runs apart: the key ones, and any set away from its default."""
+    d = method.model_dump(mode="json")
+    default = type(method)(name=method.name).model_dump(mode="json")
+    keys = [k for k in d if k != "name" and (k in KEY_SETTINGS or d[k] != default.get(k))]
+    return method.name + " (" + ", ".join(f"{k}={d[k]}" for k in keys) + ")"
+
+
+def y_range(values: list[float | None]) -> tuple[float, float]:
+    """A y-range that shows the differences: the data's range plus a margin, within [0, 1]."""
+    vs = [v for v in values if v is not None]
+    if not vs:
+        return 0.0, 1.02
+    lo, hi = min(vs), max(vs)
+    pad = max(0.05, 0.15 * (hi - lo))
+    return max(-0.02, lo - pad), min(1.02, hi + pad)
+
+
 def rounds_plot(rounds: list[dict[str, Any]], path: Path, title: str) -> Path:
     import matplotlib
 
@@ -45,21 +65,26 @@ def rounds_plot(rounds: list[dict[str, Any]], path: Path, title: str) -> Path:
     import matplotlib.pyplot as plt
 
     x = [r["edits_so_far"] for r in rounds]
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    shown: list[float | None] = []
     for m, c in (("reliability", "C0"), ("generality", "C1"), ("locality", "C2")):
         ys = [r.get(m) for r in rounds]
         if any(y is not None for y in ys):
             ax.plot(x, ys, "o-", color=c, label=f"{m} (all edits so far)")
+            shown += ys
         old = [r.get("earlier", {}).get(m) for r in rounds]
         if any(y is not None for y in old):
             ax.plot(x, old, "x--", color=c, alpha=0.6, label=f"{m} (earlier rounds)")
+            shown += old
     ax.set_xlabel("edits applied")
-    ax.set_ylabel("score")
-    ax.set_ylim(-0.02, 1.02)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.set_ylabel("score (share of edits)")
+    ax.set_xticks(x)
+    ax.set_ylim(*y_range(shown))
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # the legend sits beside the axes
     plt.close(fig)
     return path
 
@@ -98,18 +123,50 @@ def expert_load_plot(rounds: list[dict[str, Any]], path: Path) -> Path | None:
     w = 0.8 / len(rounds)
     for i, (r, load) in enumerate(zip(rounds, loads)):
         if load:
-            ax.bar(np.arange(len(load)) + i * w, load, w, label=f"after round {r['round'] + 1}")
+            ax.bar(np.arange(len(load)) + i * w, load, w, label=f"after round {r['round']}")
     ax.set_xticks(np.arange(n) + w * (len(rounds) - 1) / 2)
     ax.set_xticklabels([f"expert {e}" for e in range(n)], fontsize=8)
     ax.set_ylabel("share of routed tokens\n(the round's edit prompts)", fontsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # the legend sits beside the axes
     plt.close(fig)
     return path
 
 
-def compare_plot(finals: dict[str, dict[str, Any]], path: Path) -> Path:
+def retention_plot(curves: dict[str, list[dict[str, Any]]], path: Path, title: str,
+                   metric: str = "reliability") -> Path:
+    """One curve per method (or run): ``metric`` over all edits so far after every round (solid)
+    and on the earlier rounds' edits only (dashed): how much of the old edits survive new ones."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    shown: list[float | None] = []
+    for i, (label, rounds) in enumerate(curves.items()):
+        x = [r["edits_so_far"] for r in rounds]
+        ys = [r.get(metric) for r in rounds]
+        ax.plot(x, ys, "o-", color=f"C{i % 10}", label=f"{label}: all edits so far")
+        old = [(r["edits_so_far"], (r.get("earlier") or {}).get(metric)) for r in rounds]
+        old = [(a, b) for a, b in old if b is not None]
+        if old:
+            ax.plot(*zip(*old), "x--", color=f"C{i % 10}", alpha=0.6, label=f"{label}: earlier rounds' edits")
+        shown += ys + [b for _, b in old]
+    ax.set_xlabel("edits applied")
+    ax.set_ylabel(f"{metric} (share of edits)")
+    ax.set_ylim(*y_range(shown))
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # the legend sits beside the axes
+    plt.close(fig)
+    return path
+
+
+def compare_plot(finals: dict[str, dict[str, Any]], path: Path, title: str = "") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -119,14 +176,18 @@ def compare_plot(finals: dict[str, dict[str, Any]], path: Path) -> Path:
     metrics = [m for m in HEADLINE if any(m in f for f in finals.values())]
     names = list(finals)
     w = 0.8 / max(1, len(names))
-    fig, ax = plt.subplots(figsize=(7, 3.8))
+    fig, ax = plt.subplots(figsize=(8, 4))
     for i, n in enumerate(names):
-        ax.bar(np.arange(len(metrics)) + i * w, [finals[n].get(m) or 0.0 for m in metrics], w, label=n)
+        ax.bar(np.arange(len(metrics)) + i * w, [finals[n].get(m) or 0.0 for m in metrics], w, label=n,
+               color=f"C{i % 10}")
     ax.set_xticks(np.arange(len(metrics)) + w * (len(names) - 1) / 2)
     ax.set_xticklabels([m.replace("_", "\n") for m in metrics], fontsize=8)
     ax.set_ylim(0, 1.02)
-    ax.legend(fontsize=8)
+    ax.set_ylabel("score after the last round (share of edits)", fontsize=8)
+    ax.set_title("Comparison: " + title if title else "Comparison", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, title="method", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # the legend sits beside the axes
     plt.close(fig)
     return path

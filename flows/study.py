@@ -52,15 +52,18 @@ class Ctx:
             track(*args, **kwargs)
         else:
             self.pending.append(track.submit(*args, **kwargs))
+    name: str | None = None  # the MLflow run name (--name); default: the study's settings
+    tags: dict[str, str] = field(default_factory=dict)  # extra MLflow tags (--tag k=v)
 
     @classmethod
-    def make(cls, cfg: Config, out: str | None, runs_dir: str | None) -> "Ctx":
+    def make(cls, cfg: Config, out: str | None, runs_dir: str | None, name: str | None = None,
+             tags: dict | None = None) -> "Ctx":
         rd = Path(runs_dir).resolve() if runs_dir else default_runs_dir()
         o = Path(out).resolve() if out else rd / config_hash(cfg)
         o.mkdir(parents=True, exist_ok=True)
         uri = resolve_uri(cfg.tracking.mlflow_uri, rd)
         _clean_tmp(rd / "store" / "tmp")
-        return cls(cfg, rd, o, rd / "store", uri)
+        return cls(cfg, rd, o, rd / "store", uri, name=name, tags={str(k): str(v) for k, v in (tags or {}).items()})
 
     def tick(self, phase: str, seconds: float) -> None:
         self.timings[phase] = self.timings.get(phase, 0.0) + seconds
@@ -199,7 +202,7 @@ def _run_rounds(ctx: Ctx, method, data: dict, base: dict, parent_run: str | None
     md, mc, ec = cfg.model.model_dump(mode="json"), method.model_dump(mode="json"), cfg.eval.model_dump(mode="json")
     prev, rounds, table_path = None, [], None
     n_rounds, batch = len(data["rounds"]), data["n_edits"] // len(data["rounds"])
-    train_compute = eval_compute = peak_mb = 0.0
+    train_compute = eval_compute = peak_mb = setup_s = 0.0
     pfx = f"{label}." if label else ""
     bar = Reporter(f"{label or method.name}: rounds", 2 * n_rounds, key=_artifact_key(f"{label or method.name}-rounds"))
     for t in range(n_rounds):
@@ -215,12 +218,13 @@ def _run_rounds(ctx: Ctx, method, data: dict, base: dict, parent_run: str | None
                       seed=cfg.seed, model_cfg=md, store=str(ctx.store), threads=cfg.threads)
         prev, table_path = tr_res["state"], ev["table"]
         train_compute += tr_res["seconds"]
+        setup_s += float((tr_res["stats"] or {}).get("setup_s") or 0.0)  # one-time cost (MEMIT's key statistics)
         peak_mb = max(peak_mb, tr_res.get("peak_memory_mb") or 0.0)
         eval_compute += ev["seconds"]
         import polars as pl
 
         summ = report.summaries(pl.read_parquet(ev["table"]))
-        entry = {"round": t, "edits_so_far": (t + 1) * batch, **summ, "n_scored": ev["n_scored"],
+        entry = {"round": t + 1, "edits_so_far": (t + 1) * batch, **summ, "n_scored": ev["n_scored"],
                  "n_earlier_scored": ev["n_earlier_scored"], "train": tr_res["stats"],
                  "diagnostics": ev.get("diagnostics") or {},
                  "cached": {"train": ctx.task_states[f"{pfx}train_round_{t}"] == "Cached",
@@ -230,14 +234,14 @@ def _run_rounds(ctx: Ctx, method, data: dict, base: dict, parent_run: str | None
                  + ", ".join(f"{m}={entry[m]:.3f}" for m in report.HEADLINE if m in entry)
                  + (" (cached)" if entry["cached"]["train"] and entry["cached"]["evaluate"] else ""))
         t0 = time.perf_counter()
-        rid = tr.start(f"round-{t}", {"memoe.round": str(t), "memoe.method": method.name}, parent=parent_run)
+        rid = tr.start(f"round-{t + 1}", {"memoe.round": str(t + 1), "memoe.method": method.name}, parent=parent_run)
         metrics = _metric_dict({k: v for k, v in summ.items()}) | {
             f"train.{k}": v for k, v in _metric_dict(tr_res["stats"]).items()} | {
             f"diag.{k}": v for k, v in _metric_dict(ev.get("diagnostics") or {}).items()} | {
             "train.seconds": tr_res["seconds"], "eval.seconds": ev["seconds"],
             "eval.n_scored": ev["n_scored"], "eval.retention_sample_size": ev["n_earlier_scored"]}
         ctx.track(tracking, rid, metrics=metrics, step=entry["edits_so_far"],
-                  params={"round": t, "edits_in_round": batch}, artifacts=[(ev["table"], "per_edit")], end="FINISHED")
+                  params={"round": t + 1, "edits_in_round": batch}, artifacts=[(ev["table"], "per_edit")], end="FINISHED")
         ctx.track(tracking, parent_run, step=entry["edits_so_far"],
                   metrics=_metric_dict({k: summ[k] for k in summ if k in report.HEADLINE
                                         or k in (*report.AVERAGES, "earlier", "current")}))
@@ -248,7 +252,8 @@ def _run_rounds(ctx: Ctx, method, data: dict, base: dict, parent_run: str | None
 
     final = {k: v for k, v in report.summaries(pl.read_parquet(table_path)).items()
              if not isinstance(v, dict)}
-    costs = {"edit_s_per_100": round(100 * train_compute / max(1, data["n_edits"]), 2),
+    costs = {"setup_s": round(setup_s, 2),
+             "edit_s_per_100": round(100 * (train_compute - setup_s) / max(1, data["n_edits"]), 2),
              "peak_memory_mb": round(peak_mb, 1)}
     return {"final": final, "rounds": rounds, "state": prev, "table": table_path, "costs": costs,
             "compute": {"train_compute": train_compute, "evaluate_compute": eval_compute}}
@@ -259,15 +264,58 @@ def _write_common(ctx: Ctx, results: dict) -> None:
     (ctx.out / "results.json").write_text(json.dumps(results, indent=2, default=str))
 
 
+def method_labels(cfg: Config) -> list[str]:
+    """compare: each method's label (its name, or name-i when a method appears twice)."""
+    names = [m.name for m in cfg.methods or [cfg.method]]
+    return [n if names.count(n) == 1 else f"{n}-{i}" for i, n in enumerate(names)]
+
+
+def default_run_name(cfg: Config) -> str:
+    """e.g. ``memoe-sequential-3x5-zsre-smollm2-135m``: the settings that tell studies apart."""
+    rounds = cfg.protocol.rounds if cfg.protocol.mode == "sequential" else 1
+    model = cfg.model.name.replace("embedded:", "").rstrip("/").rsplit("/", 1)[-1]
+    return f"{'+'.join(method_labels(cfg))}-{cfg.protocol.mode}-{rounds}x{cfg.edits_per_round()}-{cfg.data.format}-{model}"
+
+
+def parent_params(cfg: Config) -> dict[str, Any]:
+    """The parent run's params: the flattened config; for compare each method's settings under
+    ``methods.<label>.`` instead of the unused default ``method.*``."""
+    flat = {k: v for k, v in flatten(cfg.to_dict()).items() if k != "methods"}
+    if cfg.methods:
+        flat = {k: v for k, v in flat.items() if not k.startswith("method.")}
+        for label, m in zip(method_labels(cfg), cfg.methods):
+            flat |= flatten(m.model_dump(mode="json"), f"methods.{label}.")
+    return flat
+
+
+def _first_finished(tr, chash: str) -> str | None:
+    """The first FINISHED study of this config that is not itself a rerun, if any."""
+    try:
+        runs = tr.client.search_runs([tr.experiment_id], f"tags.`memoe.config_hash` = '{chash}' "
+                                     "and attributes.status = 'FINISHED'", order_by=["attributes.start_time ASC"],
+                                     max_results=50)
+    except Exception:  # noqa: BLE001 - best effort
+        return None
+    return next((r.info.run_id for r in runs if "memoe.rerun_of" not in r.data.tags
+                 and "mlflow.parentRunId" not in r.data.tags), None)
+
+
 def _start_parent(ctx: Ctx, kind: str, data: dict | None = None) -> str | None:
     cfg, chash = ctx.cfg, config_hash(ctx.cfg)
     tr = tracker(**_tracking(ctx))
     _mark_stale_runs(ctx, tr, chash)
+    if not tr.enabled:
+        return None
     tags = {"memoe.config_hash": chash, "memoe.git_commit": git_commit(), "memoe.model": cfg.model.name,
             "memoe.dataset": Path(cfg.data.path).name, "memoe.data_format": cfg.data.format,
             "memoe.protocol": cfg.protocol.mode, "memoe.flow": kind, "memoe.host": socket.gethostname(),
             "memoe.pid": str(os.getpid()), "memoe.out": str(ctx.out),
-            "memoe.method": ",".join(m.name for m in (cfg.methods or [cfg.method]))}
+            "memoe.method": ",".join(m.name for m in (cfg.methods or [cfg.method]))} | ctx.tags
+    name = ctx.name or default_run_name(cfg)
+    first = _first_finished(tr, chash)
+    if first:  # the same config again: marked, so that `memoe ls` and the UI tell it from the first
+        tags["memoe.rerun_of"] = first
+        name += " (rerun)"
     try:
         from prefect.runtime import flow_run
 
@@ -279,8 +327,8 @@ def _start_parent(ctx: Ctx, kind: str, data: dict | None = None) -> str | None:
             tags |= current_sweep_tags()  # a sweep's cell: memoe.sweep + the sweep run as parent
     except Exception:  # noqa: BLE001
         pass
-    rid = tr.start(f"{kind}-{chash}", tags)
-    tr.params(rid, flatten(cfg.to_dict()))
+    rid = tr.start(name, tags)
+    tr.params(rid, parent_params(cfg))
     return rid
 
 
@@ -296,7 +344,9 @@ def _finish_parent(ctx: Ctx, rid: str | None, data: dict, results: dict, extra: 
                        source=str(resolve_path(ctx.cfg.data.path)))
         except Exception as e:  # noqa: BLE001 - the dataset input is informative, never fatal
             get_run_logger().warning(f"could not log the dataset input: {e}")
-        tr.tags(rid, {"memoe.cached_tasks": str(sum(s == "Cached" for s in ctx.task_states.values())),
+        n_cached = sum(s == "Cached" for s in ctx.task_states.values())
+        tr.tags(rid, {"memoe.cached_tasks": str(n_cached), "memoe.cached_rerun": str(
+                          n_cached == len(ctx.task_states)).lower(),
                       "memoe.tasks": str(len(ctx.task_states)), "memoe.n_edits": str(data["n_edits"])})
         tr.metrics(rid, {"final." + k: v for k, v in _metric_dict(results.get("final", {})).items()},
                    step=data["n_edits"])
@@ -305,6 +355,13 @@ def _finish_parent(ctx: Ctx, rid: str | None, data: dict, results: dict, extra: 
             tr.artifact(rid, path, folder)
         tr.end(rid, "FINISHED")
     ctx.tick("tracking", time.perf_counter() - t0)
+    try:
+        from flows import artifacts
+
+        artifacts.publish(results, tr.client.get_run(rid).info.run_name if rid else config_hash(ctx.cfg),
+                          tr.experiment_id)
+    except Exception as e:  # noqa: BLE001 - the Prefect UI's view is informative, never fatal
+        get_run_logger().warning(f"could not publish the Prefect artifacts: {e}")
 
 
 def _results_base(ctx: Ctx, rid: str | None) -> dict:
@@ -321,10 +378,11 @@ def _timings(ctx: Ctx, t_start: float, compute: dict) -> dict:
     return tm
 
 
-def _single(config: dict, out: str | None, runs_dir: str | None, kind: str) -> dict:
+def _single(config: dict, out: str | None, runs_dir: str | None, kind: str, name: str | None = None,
+            tags: dict | None = None) -> dict:
     t_start = time.perf_counter()
     cfg = Config.model_validate(config)
-    ctx = Ctx.make(cfg, out, runs_dir)
+    ctx = Ctx.make(cfg, out, runs_dir, name, tags)
     rid = _start_parent(ctx, kind)
     try:
         data, base, anchors = _prepare(ctx)
@@ -336,7 +394,8 @@ def _single(config: dict, out: str | None, runs_dir: str | None, kind: str) -> d
             "anchors": anchors["coverage"] if anchors else None, "tasks": ctx.task_states}
         shutil.copyfile(res["table"], ctx.out / "per_edit.parquet")
         plots = [(report.rounds_plot(res["rounds"], ctx.out / "rounds.png",
-                                     f"{cfg.method.name} on {Path(cfg.data.path).name} ({kind})"), "plots")]
+                                     f"{report.method_title(cfg.method)}\n{Path(cfg.data.path).name}, {kind}, "
+                                     f"{cfg.model.name}"), "plots")]
         el = report.expert_load_plot(res["rounds"], ctx.out / "expert_load.png")
         if el:
             plots.append((el, "plots"))
@@ -354,18 +413,20 @@ def _single(config: dict, out: str | None, runs_dir: str | None, kind: str) -> d
 
 
 @flow(name="batch_edit", **HOOKS)
-def batch_edit(config: dict, out: str | None = None, runs_dir: str | None = None) -> dict:
+def batch_edit(config: dict, out: str | None = None, runs_dir: str | None = None, name: str | None = None,
+               tags: dict | None = None) -> dict:
     """All edits in one batch, then evaluation (the batch-editing protocol)."""
     cfg = Config.model_validate(config)
     cfg.protocol.mode = "batch"
-    return _single(cfg.to_dict(), out, runs_dir, "batch")
+    return _single(cfg.to_dict(), out, runs_dir, "batch", name, tags)
 
 
 @flow(name="sequential_study", **HOOKS)
-def sequential_study(config: dict, out: str | None = None, runs_dir: str | None = None) -> dict:
+def sequential_study(config: dict, out: str | None = None, runs_dir: str | None = None, name: str | None = None,
+                     tags: dict | None = None) -> dict:
     """T rounds of B edits; round t's editor state feeds round t+1; evaluation after every round
     on the round's edits and the earlier ones (retention)."""
-    return _single(config, out, runs_dir, "sequential")
+    return _single(config, out, runs_dir, "sequential", name, tags)
 
 
 def _one_method(ctx: Ctx, i: int, m, label: str, data: dict, base: dict, rid: str | None) -> dict:
@@ -412,13 +473,14 @@ def method_study(ctx: Ctx, i: int, m, label: str, data: dict, base: dict, rid: s
 
 
 @flow(name="compare", **HOOKS)
-def compare(config: dict, out: str | None = None, runs_dir: str | None = None, parallel: bool = False) -> dict:
+def compare(config: dict, out: str | None = None, runs_dir: str | None = None, parallel: bool = False,
+            name: str | None = None, tags: dict | None = None) -> dict:
     """Several methods (``methods:``) on the same edits and protocol, side by side. ``parallel``:
     the methods run as tasks on the flow's task runner (``with_options(task_runner=dask_runner(...))``),
     each in its own worker process; else one after the other in this process."""
     t_start = time.perf_counter()
     cfg = Config.model_validate(config)
-    ctx = Ctx.make(cfg, out, runs_dir)
+    ctx = Ctx.make(cfg, out, runs_dir, name, tags)
     tracking = _tracking(ctx)
     tr = tracker(**tracking)
     rid = _start_parent(ctx, "compare")
@@ -426,8 +488,7 @@ def compare(config: dict, out: str | None = None, runs_dir: str | None = None, p
         data, base, anchors = _prepare(ctx)
         methods: dict[str, Any] = {}
         table_rows, extra, compute = [], [], {}
-        names = [m.name for m in cfg.methods]
-        labels = [m.name if names.count(m.name) == 1 else f"{m.name}-{i}" for i, m in enumerate(cfg.methods)]
+        labels = method_labels(cfg)
         if parallel:
             futures = [method_study.submit(ctx, i, m, labels[i], data, base, rid) for i, m in enumerate(cfg.methods)]
             done = [f.result() for f in futures]
@@ -449,8 +510,19 @@ def compare(config: dict, out: str | None = None, runs_dir: str | None = None, p
                    f"{cfg.model.name})\n\n" + report.markdown_table(table_rows, cols, "method") + "\n")
         (ctx.out / "comparison.md").write_text(md_text)
         pl.DataFrame(table_rows).write_parquet(ctx.out / "comparison.parquet")
-        report.compare_plot({r["method"]: r for r in table_rows}, ctx.out / "comparison.png")
-        extra = [(str(ctx.out / n), None) for n in ("comparison.md", "comparison.parquet", "comparison.png")]
+        protocol = (f"{cfg.protocol.mode}, {len(data['rounds'])} x {data['n_edits'] // len(data['rounds'])} edits"
+                    if cfg.protocol.mode == "sequential" else f"batch of {data['n_edits']} edits")
+        report.compare_plot({r["method"]: r for r in table_rows}, ctx.out / "comparison.png",
+                            f"{Path(cfg.data.path).name}, {protocol}, {cfg.model.name}")
+        plots = ["comparison.md", "comparison.parquet", "comparison.png"]
+        if len(data["rounds"]) > 1:  # sequential: one retention curve per method
+            report.retention_plot({k: v["rounds"] for k, v in methods.items()}, ctx.out / "retention.png",
+                                  f"retention: {Path(cfg.data.path).name}, {protocol}, {cfg.model.name}")
+            plots.append("retention.png")
+        extra = [(str(ctx.out / n), None) for n in plots]
+        if rid:  # each method's headline metrics and costs on the parent, prefixed by its label
+            tr.metrics(rid, {f"{r['method']}.{k}": r[k] for r in table_rows for k in report.HEADLINE + ["avg"]
+                             + report.COSTS if isinstance(r.get(k), (int, float))}, step=data["n_edits"])
         results = _results_base(ctx, rid) | {
             "methods": methods, "tasks": ctx.task_states,
             "data": {k: data[k] for k in ("n_edits", "n_read", "n_kept", "n_skipped", "frame_hash")},
@@ -513,7 +585,8 @@ def flow_for(cfg: Config, dask: str | None = None):
 
 @flow(name="memoe-study", **HOOKS)
 def study(config_path: str | None = "configs/quickstart.yaml", overrides: list[str] | None = None,
-          out: str | None = None, runs_dir: str | None = None, dask: str | None = None) -> dict:
+          out: str | None = None, runs_dir: str | None = None, dask: str | None = None,
+          name: str | None = None, tags: dict | None = None) -> dict:
     """Deployment entry point: load a config file (relative to the project) plus overrides and run
     the matching flow (compare when ``methods`` is set, else batch or sequential). ``dask``: run a
     comparison's methods side by side on a Dask task runner (see ``dask_runner``)."""
@@ -521,4 +594,4 @@ def study(config_path: str | None = "configs/quickstart.yaml", overrides: list[s
 
     path = resolve_path(config_path) if config_path else None
     cfg = load_config(path, overrides or [])
-    return flow_for(cfg, dask)(cfg.to_dict(), out, runs_dir)
+    return flow_for(cfg, dask)(cfg.to_dict(), out, runs_dir, name=name, tags=tags)

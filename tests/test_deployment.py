@@ -85,6 +85,10 @@ def test_quickstart_deployment_runs_on_a_process_worker(tmp_path, tokenizer):
         cli("--no-prompt", "deploy", "--name", "quickstart", "--name", "nightly")  # gpu: a Kubernetes pool
         nightly = _get(f"{api}/deployments/name/memoe-study/nightly")
         assert [s["schedule"].get("cron") for s in nightly["schedules"]] == ["0 2 * * *"]
+        assert [s["active"] for s in nightly["schedules"]] == [False]  # deploying arms nothing
+        # the README's way to turn it on
+        cli("deployment", "schedule", "resume", "memoe-study/nightly", nightly["schedules"][0]["id"])
+        assert [s["active"] for s in _get(f"{api}/deployments/name/memoe-study/nightly")["schedules"]] == [True]
         assert nightly["work_pool_name"] == "memoe-process"
 
         out = tmp_path / "out"

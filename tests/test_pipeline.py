@@ -187,7 +187,7 @@ def test_two_concurrent_studies_have_separate_correct_mlflow_records(tmp_path, t
         seen_ids.add(parent.info.run_id)
         if k == "b":  # retention sample: 1 of the 2 earlier edits after round 2, all edits after the last
             assert [r["n_earlier_scored"] for r in res["rounds"]] == [0, 1, 4]
-            r2 = next(c for c in children if c.data.tags["memoe.round"] == "1")
+            r2 = next(c for c in children if c.data.tags["memoe.round"] == "2")  # rounds count from 1, as printed
             assert r2.data.metrics["eval.retention_sample_size"] == 1
     assert len(seen_ids) == 2
 

@@ -215,7 +215,7 @@ class MemitEditor(Editor):
                 w.copy_(self.original[l] + self.delta[l])
             upd_norms.append(float(upd.norm()))
         self.edits_applied += len(prompts)
-        return {**zstats, "stats_time_s": t_stats, "edit_time_s": time.perf_counter() - t0,
+        return {**zstats, "stats_time_s": t_stats, "setup_s": t_stats, "edit_time_s": time.perf_counter() - t0,
                 "upd_norm_mean": sum(upd_norms) / len(upd_norms)}
 
     # ------------------------------------------------------------------ state
