@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/tune_memoe.py --data zsre --start 500 --n 50 --set steps=40 --set lr=5e-3
     .venv/bin/python scripts/tune_memoe.py --data zsre --start 0 --n 100 --rounds 10   # sequential
+    .venv/bin/python scripts/tune_memoe.py --data zsre --start 600 --n 100 --set scope_negatives=4 --set 'augment=[chat]'
 
 ``--set`` keys are MEMoEMethod fields. Tune on a slice you will not report (e.g. --start 500);
 report on --start 0.
@@ -44,6 +45,7 @@ def main(argv=None) -> int:
     from memoe.editors.memoe import MEMoEEditor, router_diagnostics
     from memoe.metrics import evaluate, locality_predictions, summarize
     from memoe.models import load_model
+    from memoe.probes import add_probes
 
     raw = {}
     if args.config:
@@ -56,8 +58,8 @@ def main(argv=None) -> int:
     path, fmt = SHARED_DATASETS[args.data]
     df = load_edits(resolve_path(path), fmt)
     df = df[0] if isinstance(df, tuple) else df
-    recs = df.slice(args.start, args.n)
     model, tok = load_model("embedded:smollm2-135m", device="cpu")
+    recs = add_probes(df.slice(args.start, args.n), tok)  # subject specificity, restyled, chat-template
     base = locality_predictions(model, tok, recs)
     ed = MEMoEEditor(model, tok, cfg, seed=args.seed)
     t0 = time.perf_counter()
