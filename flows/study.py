@@ -24,6 +24,7 @@ from prefect.cache_policies import NONE as NO_CACHE
 from flows import report
 from memoe.config import Config, config_hash, flatten, resolve_path
 from tasks import steps
+from tasks.integrity import check_record, outputs_intact
 from tasks.tracking import default_uri, git_commit, tracker
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -43,6 +44,7 @@ class Ctx:
     timings: dict[str, float] = field(default_factory=dict)
     task_states: dict[str, str] = field(default_factory=dict)
     pending: list = field(default_factory=list)
+    runs: list = field(default_factory=list)  # nested MLflow runs started (closed on an interruption)
 
     @classmethod
     def make(cls, cfg: Config, out: str | None, runs_dir: str | None) -> "Ctx":
@@ -57,12 +59,14 @@ class Ctx:
         self.timings[phase] = self.timings.get(phase, 0.0) + seconds
 
     def call(self, fn, label: str, phase: str, **params) -> dict:
-        """Run a cached task; record whether it was a cache hit; recompute if its files are gone."""
+        """Run a cached task; record whether it was a cache hit; recompute if its files are gone or
+        damaged (``tasks.integrity``). A result record memoe did not write is set aside unread."""
         t = fn.with_options(result_storage=self.store / "results")
         t0 = time.perf_counter()
+        check_record(self.store / "results", fn.cache_key_fn(None, params))
         state = t(**params, return_state=True)
         res = state.result()
-        if not _outputs_exist(res):
+        if not outputs_intact(res):
             state = t.with_options(refresh_cache=True)(**params, return_state=True)
             res = state.result()
         self.tick(phase, time.perf_counter() - t0)
@@ -84,13 +88,6 @@ def _clean_tmp(folder: Path, older_than_s: float = 6 * 3600) -> None:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
         except OSError:
             pass
-
-
-def _outputs_exist(res: dict) -> bool:
-    for k in ("state", "table", "edits", "folder"):
-        if k in res and not Path(res[k]).exists():
-            return False
-    return all(Path(p).exists() for p in res.get("rounds", []))
 
 
 # ------------------------------------------------------------------ tracking tasks (never cached)
@@ -141,7 +138,39 @@ def _mark_stale_runs(ctx: Ctx, tr, chash: str) -> None:
     for r in runs:
         pid = r.data.tags.get("memoe.pid")
         if r.data.tags.get("memoe.host") == host and pid and pid.isdigit() and not _alive(int(pid)):
-            tr.end(r.info.run_id, "KILLED")
+            _end_tree(tr, r.info.run_id, "KILLED")
+
+
+def _end_tree(tr, run_id: str | None, status: str) -> None:
+    """End a run and every nested run below it (method runs, round runs) still RUNNING."""
+    if not run_id:
+        return
+    try:
+        children = tr.client.search_runs([tr.experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}' "
+                                         "and attributes.status = 'RUNNING'", max_results=1000)
+    except Exception:  # noqa: BLE001 - best effort: the run itself is still ended
+        children = []
+    for c in children:
+        _end_tree(tr, c.info.run_id, status)
+    tr.end(run_id, status)
+
+
+def _interrupted(ctx: "Ctx", rid: str | None, exc: BaseException) -> None:
+    """A study that stops early: its runs end KILLED (a signal, Ctrl-C) or FAILED (an error), the
+    parent and every nested run alike."""
+    from prefect.exceptions import ExternalSignal
+
+    status = "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit, ExternalSignal)) else "FAILED"
+    tr = tracker(**_tracking(ctx))
+    if not tr.enabled:
+        return
+    for r in ctx.runs:
+        try:
+            if tr.client.get_run(r).info.status == "RUNNING":
+                tr.end(r, status)
+        except Exception:  # noqa: BLE001 - best effort
+            pass
+    _end_tree(tr, rid, status)
 
 
 def _alive(pid: int) -> bool:
@@ -208,6 +237,7 @@ def _run_rounds(ctx: Ctx, method, data: dict, base: dict, parent_run: str | None
                  + (" (cached)" if entry["cached"]["train"] and entry["cached"]["evaluate"] else ""))
         t0 = time.perf_counter()
         rid = tr.start(f"round-{t}", {"memoe.round": str(t), "memoe.method": method.name}, parent=parent_run)
+        ctx.runs.append(rid)
         metrics = _metric_dict({k: v for k, v in summ.items()}) | {
             f"train.{k}": v for k, v in _metric_dict(tr_res["stats"]).items()} | {
             f"diag.{k}": v for k, v in _metric_dict(ev.get("diagnostics") or {}).items()} | {
@@ -320,8 +350,8 @@ def _single(config: dict, out: str | None, runs_dir: str | None, kind: str) -> d
         results["timings"] = _timings(ctx, t_start, res["compute"])
         _write_common(ctx, results)
         return results
-    except BaseException:
-        tracker(**_tracking(ctx)).end(rid, "FAILED")
+    except BaseException as e:
+        _interrupted(ctx, rid, e)
         raise
 
 
@@ -357,6 +387,7 @@ def compare(config: dict, out: str | None = None, runs_dir: str | None = None) -
         for i, m in enumerate(cfg.methods):
             label = m.name if names.count(m.name) == 1 else f"{m.name}-{i}"
             mrid = tr.start(label, {"memoe.method": m.name}, parent=rid)
+            ctx.runs.append(mrid)
             if mrid:
                 tr.params(mrid, flatten({"method": m.model_dump(mode="json")}))
             before = dict(ctx.timings)
@@ -390,8 +421,8 @@ def compare(config: dict, out: str | None = None, runs_dir: str | None = None) -
         results["timings"] = _timings(ctx, t_start, compute)
         _write_common(ctx, results)
         return results
-    except BaseException:
-        tr.end(rid, "FAILED")
+    except BaseException as e:
+        _interrupted(ctx, rid, e)
         raise
 
 
