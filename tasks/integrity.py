@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -95,4 +96,6 @@ def check_record(results_dir: Path, key: str) -> None:
     if why is not None:
         aside = path.with_name(path.name + ".rejected")
         os.replace(path, aside)
-        log.warning("store: rejected the result record %s (%s); moved to %s, the task runs again", path, why, aside)
+        msg = f"store: rejected the result record {path} ({why}); moved to {aside}, the task runs again"
+        log.warning(msg)
+        print(f"warning: {msg}", file=sys.stderr, flush=True)

@@ -17,7 +17,7 @@ import pytest
 from .conftest import ROOT
 from .test_pipeline import MEMOE, env_for, study_config, tiny_dir  # noqa: F401 (fixture)
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(900)
 
 
 def _group_alive(pgid: int) -> bool:
@@ -49,7 +49,7 @@ def test_sigterm_ends_a_study_promptly_marks_its_runs_killed_and_stops_the_prefe
     try:
         # round 0 is training (its inputs are stored, its state is not)
         assert _wait(lambda: results.is_dir() and any(f.name.startswith("locality-") for f in results.iterdir()),
-                     180), "the study did not reach training"
+                     600), "the study did not reach training"
         time.sleep(1.0)
         assert proc.poll() is None
         t0 = time.time()

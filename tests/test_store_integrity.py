@@ -21,7 +21,7 @@ import pytest
 from .conftest import ROOT
 from .test_pipeline import MEMOE, env_for, study_config, tiny_dir  # noqa: F401 (fixture)
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = pytest.mark.timeout(1500)
 
 GUARD = '''
 import os, sys
@@ -74,7 +74,7 @@ def guarded_env(tmp: Path, runs: Path) -> dict[str, str]:
 
 def run(cfg: Path, out: Path, env: dict) -> tuple[dict, subprocess.CompletedProcess]:
     p = subprocess.run(MEMOE + ["run", str(cfg), "--out", str(out)], env=env, cwd=ROOT, capture_output=True, text=True,
-                       timeout=400)
+                       timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return json.loads((out / "results.json").read_text()), p
 
