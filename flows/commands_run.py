@@ -74,8 +74,11 @@ def dry_run(cfg, info: dict, args) -> int:
     return 0
 
 
-def preflight(cfg) -> dict:
-    """Everything that can be checked without loading the model or starting Prefect."""
+def preflight(cfg, out: str | None = None) -> dict:
+    """Everything that can be checked without loading the model's weights or starting Prefect: the
+    methods, the model's name, device and layers (from its config file), the output folder, and every
+    data record, with the prompts' lengths against the model's context (its tokenizer)."""
+    from memoe.checks import LONG_PROMPT_TOKENS, check_device, check_layers, context_of, layer_count, model_folder
     from memoe.config import ConfigError, resolve_path
     from memoe.data import load_edits, sample_edits
     from memoe.editors import REGISTRY
@@ -83,22 +86,39 @@ def preflight(cfg) -> dict:
     for m in cfg.methods or [cfg.method]:
         if m.name not in REGISTRY:
             raise ConfigError(f"method.name: no editor '{m.name}' is registered (available: {sorted(REGISTRY)})")
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise ConfigError(f"--out: {out} exists and is not a folder")
+    check_device(cfg.model.device)
     name = cfg.model.name
     if not name.startswith("embedded:"):
         p = Path(name).expanduser()
         looks_local = name.startswith((".", "/", "~")) or p.exists()
         if looks_local and not (p / "config.json").is_file():
             raise ConfigError(f"model.name: {name} is not a model folder (no config.json)")
-        if not looks_local:
-            from huggingface_hub import try_to_load_from_cache
-
-            if not isinstance(try_to_load_from_cache(name, "config.json"), str):
-                raise ConfigError(f"model.name: '{name}' is neither a local folder nor in the Hugging Face cache "
-                                  "(the hub is offline: HF_HUB_OFFLINE=1)")
+    folder = model_folder(name)
+    if folder is None:
+        raise ConfigError(f"model.name: '{name}' is neither a local folder nor in the Hugging Face cache "
+                          "(the hub is offline: HF_HUB_OFFLINE=1)")
     path = resolve_path(cfg.data.path)
     if not path.is_file():
         raise ConfigError(f"data.path: file not found: {path}")
-    df, report = load_edits(path, cfg.data.format, skip_bad=cfg.data.skip_bad)
+    from transformers import AutoConfig, AutoTokenizer
+
+    model_cfg, tok = AutoConfig.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    n_layers = layer_count(model_cfg)
+    if n_layers:
+        for i, m in enumerate(cfg.methods or [cfg.method]):
+            check_layers(m, n_layers, f"methods[{i}]" if cfg.methods else "method")
+    long: list[int] = []
+
+    def count(text: str) -> int:
+        n = len(tok(text).input_ids)
+        if n > LONG_PROMPT_TOKENS:
+            long.append(n)
+        return n
+
+    df, report = load_edits(path, cfg.data.format, skip_bad=cfg.data.skip_bad,
+                            max_prompt_tokens=cfg.model.max_length or context_of(model_cfg, tok), count_tokens=count)
     df = sample_edits(df, cfg.data.n_edits, cfg.data.seed, cfg.data.sample)
     rounds = cfg.protocol.rounds if cfg.protocol.mode == "sequential" else 1
     need = rounds * cfg.edits_per_round()
@@ -106,8 +126,24 @@ def preflight(cfg) -> dict:
         raise ConfigError("data.n_edits / protocol.batch_size: the study has no edits")
     if need > df.height:
         raise ConfigError(f"protocol: {rounds} rounds x {cfg.edits_per_round()} edits = {need} edits, "
-                          f"but only {df.height} are available in {path}")
-    return {"n_available": df.height, "n_skipped": report.n_skipped, "rounds": rounds}
+                          f"but only {df.height} are available in {path}"
+                          + (f" ({report.n_skipped} bad records skipped)" if report.n_skipped else ""))
+    return {"n_available": df.height, "n_skipped": report.n_skipped, "skipped": report.skipped, "rounds": rounds,
+            "long_prompts": long}
+
+
+def print_warnings(info: dict) -> None:
+    """Skipped records (the first few and the count) and very long prompts, on stderr."""
+    from memoe.checks import LONG_PROMPT_TOKENS
+
+    if info["n_skipped"]:
+        print(f"warning: {info['n_skipped']} bad record(s) skipped (data.skip_bad), the first "
+              f"{min(3, info['n_skipped'])}:", file=sys.stderr)
+        for line in info["skipped"][:3]:
+            print(f"  {line}", file=sys.stderr)
+    if info["long_prompts"]:
+        print(f"warning: {len(info['long_prompts'])} prompt(s) over {LONG_PROMPT_TOKENS} tokens (longest "
+              f"{max(info['long_prompts'])}): training and evaluation cost grows with them", file=sys.stderr)
 
 
 def start_local_prefect() -> None:
@@ -162,7 +198,8 @@ def run(args) -> int:
 
     cfg_path = args.config if args.config is not None else (QUICKSTART if QUICKSTART.exists() else None)
     cfg = load_config(cfg_path, args.set)
-    info = preflight(cfg)
+    info = preflight(cfg, args.out)
+    print_warnings(info)
     tags = parse_tags(args.tag)
     if args.dry_run:
         return dry_run(cfg, info, args)
@@ -179,8 +216,14 @@ def run(args) -> int:
     print(f"memoe run: {getattr(fl, 'name', 'compare')}, {info['rounds']} round(s) x {cfg.edits_per_round()} edits, "
           f"method(s) {', '.join(m.name for m in (cfg.methods or [cfg.method]))}, model {cfg.model.name}, "
           f"config {config_hash(cfg)}", flush=True)
+    from prefect.exceptions import ExternalSignal
+
     try:
         results = fl(cfg.to_dict(), args.out, args.runs_dir, name=args.name, tags=tags)
+    except (KeyboardInterrupt, ExternalSignal):
+        print("interrupted: the study stopped; its MLflow runs are marked KILLED. The same command resumes it "
+              "from the last finished task.", file=sys.stderr)
+        return 130
     except Exception as e:  # noqa: BLE001 - Prefect has logged the traceback already
         print(f"error: the study failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1

@@ -26,11 +26,25 @@ def command(args) -> list[str]:
 
 
 def run(args) -> int:
+    """The MLflow server in its own process group, stopped (with its workers) when this command ends:
+    Ctrl-C, SIGTERM or an error."""
+    import signal
+
     cmd = command(args)
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_ENABLE_TELEMETRY="false")
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true",
+               DO_NOT_TRACK="true")
     print(f"MLflow UI on http://127.0.0.1:{args.port}  ({cmd[cmd.index('--backend-store-uri') + 1]}); Ctrl-C stops it",
           flush=True)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     try:
-        return subprocess.call(cmd, env=env)
-    except KeyboardInterrupt:
+        return proc.wait()
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (memoe.cli turns it into the same)
         return 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()

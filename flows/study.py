@@ -25,6 +25,7 @@ from flows import report
 from flows.hooks import HOOKS
 from memoe.config import Config, config_hash, flatten, resolve_path
 from tasks import steps
+from tasks.integrity import check_record, outputs_intact
 from tasks.progress import Reporter
 from tasks.tracking import git_commit, resolve_uri, tracker
 
@@ -46,14 +47,15 @@ class Ctx:
     task_states: dict[str, str] = field(default_factory=dict)
     pending: list = field(default_factory=list)
     inline: bool = False  # inside a task (a Dask worker): tracking calls run in place, not submitted
+    name: str | None = None  # the MLflow run name (--name); default: the study's settings
+    tags: dict[str, str] = field(default_factory=dict)  # extra MLflow tags (--tag k=v)
+    runs: list = field(default_factory=list)  # nested MLflow runs started (closed on an interruption)
 
     def track(self, *args, **kwargs) -> None:
         if self.inline:
             track(*args, **kwargs)
         else:
             self.pending.append(track.submit(*args, **kwargs))
-    name: str | None = None  # the MLflow run name (--name); default: the study's settings
-    tags: dict[str, str] = field(default_factory=dict)  # extra MLflow tags (--tag k=v)
 
     @classmethod
     def make(cls, cfg: Config, out: str | None, runs_dir: str | None, name: str | None = None,
@@ -69,12 +71,14 @@ class Ctx:
         self.timings[phase] = self.timings.get(phase, 0.0) + seconds
 
     def call(self, fn, label: str, phase: str, **params) -> dict:
-        """Run a cached task; record whether it was a cache hit; recompute if its files are gone."""
+        """Run a cached task; record whether it was a cache hit; recompute if its files are gone or
+        damaged (``tasks.integrity``). A result record memoe did not write is set aside unread."""
         t = fn.with_options(result_storage=self.store / "results")
         t0 = time.perf_counter()
+        check_record(self.store / "results", fn.cache_key_fn(None, params))
         state = t(**params, return_state=True)
         res = state.result()
-        if not _outputs_exist(res):
+        if not outputs_intact(res):
             state = t.with_options(refresh_cache=True)(**params, return_state=True)
             res = state.result()
         self.tick(phase, time.perf_counter() - t0)
@@ -105,13 +109,6 @@ def _clean_tmp(folder: Path, older_than_s: float = 6 * 3600) -> None:
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
         except OSError:
             pass
-
-
-def _outputs_exist(res: dict) -> bool:
-    for k in ("state", "table", "edits", "folder"):
-        if k in res and not Path(res[k]).exists():
-            return False
-    return all(Path(p).exists() for p in res.get("rounds", []))
 
 
 # ------------------------------------------------------------------ tracking tasks (never cached)
@@ -162,7 +159,39 @@ def _mark_stale_runs(ctx: Ctx, tr, chash: str) -> None:
     for r in runs:
         pid = r.data.tags.get("memoe.pid")
         if r.data.tags.get("memoe.host") == host and pid and pid.isdigit() and not _alive(int(pid)):
-            tr.end(r.info.run_id, "KILLED")
+            _end_tree(tr, r.info.run_id, "KILLED")
+
+
+def _end_tree(tr, run_id: str | None, status: str) -> None:
+    """End a run and every nested run below it (method runs, round runs) still RUNNING."""
+    if not run_id:
+        return
+    try:
+        children = tr.client.search_runs([tr.experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}' "
+                                         "and attributes.status = 'RUNNING'", max_results=1000)
+    except Exception:  # noqa: BLE001 - best effort: the run itself is still ended
+        children = []
+    for c in children:
+        _end_tree(tr, c.info.run_id, status)
+    tr.end(run_id, status)
+
+
+def _interrupted(ctx: "Ctx", rid: str | None, exc: BaseException) -> None:
+    """A study that stops early: its runs end KILLED (a signal, Ctrl-C) or FAILED (an error), the
+    parent and every nested run alike."""
+    from prefect.exceptions import ExternalSignal
+
+    status = "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit, ExternalSignal)) else "FAILED"
+    tr = tracker(**_tracking(ctx))
+    if not tr.enabled:
+        return
+    for r in ctx.runs:
+        try:
+            if tr.client.get_run(r).info.status == "RUNNING":
+                tr.end(r, status)
+        except Exception:  # noqa: BLE001 - best effort
+            pass
+    _end_tree(tr, rid, status)
 
 
 def _alive(pid: int) -> bool:
@@ -235,6 +264,7 @@ def _run_rounds(ctx: Ctx, method, data: dict, base: dict, parent_run: str | None
                  + (" (cached)" if entry["cached"]["train"] and entry["cached"]["evaluate"] else ""))
         t0 = time.perf_counter()
         rid = tr.start(f"round-{t + 1}", {"memoe.round": str(t + 1), "memoe.method": method.name}, parent=parent_run)
+        ctx.runs.append(rid)
         metrics = _metric_dict({k: v for k, v in summ.items()}) | {
             f"train.{k}": v for k, v in _metric_dict(tr_res["stats"]).items()} | {
             f"diag.{k}": v for k, v in _metric_dict(ev.get("diagnostics") or {}).items()} | {
@@ -407,8 +437,8 @@ def _single(config: dict, out: str | None, runs_dir: str | None, kind: str, name
         results["timings"] = _timings(ctx, t_start, res["compute"])
         _write_common(ctx, results)
         return results
-    except BaseException:
-        tracker(**_tracking(ctx)).end(rid, "FAILED")
+    except BaseException as e:
+        _interrupted(ctx, rid, e)
         raise
 
 
@@ -434,6 +464,7 @@ def _one_method(ctx: Ctx, i: int, m, label: str, data: dict, base: dict, rid: st
     tracking = _tracking(ctx)
     tr = tracker(**tracking)
     mrid = tr.start(label, {"memoe.method": m.name}, parent=rid)
+    ctx.runs.append(mrid)
     if mrid:
         tr.params(mrid, flatten({"method": m.model_dump(mode="json")}))
     before = dict(ctx.timings)
@@ -532,8 +563,8 @@ def compare(config: dict, out: str | None = None, runs_dir: str | None = None, p
         results["timings"] = _timings(ctx, t_start, compute)
         _write_common(ctx, results)
         return results
-    except BaseException:
-        tr.end(rid, "FAILED")
+    except BaseException as e:
+        _interrupted(ctx, rid, e)
         raise
 
 

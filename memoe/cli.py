@@ -7,11 +7,14 @@ import argparse
 import importlib
 import importlib.util
 import os
+import signal
 import sys
 
 for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-               "MLFLOW_ENABLE_TELEMETRY": "false", "TOKENIZERS_PARALLELISM": "false",
+               # nothing leaves the machine: MLflow 3 reads MLFLOW_DISABLE_TELEMETRY=true or DO_NOT_TRACK=true
+               # (not "1"), Prefect DO_NOT_TRACK in 1/true/yes and its server's analytics setting
+               "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+               "TOKENIZERS_PARALLELISM": "false",
                "TRANSFORMERS_VERBOSITY": "error",
                # Prefect gives its temporary server 20 s to create a fresh database and answer; a busy
                # 2-core machine can take longer (CI saw it time out), and waiting costs nothing when fast.
@@ -48,7 +51,16 @@ def add_config_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+def _terminate(signum, frame):
+    """SIGTERM (what a worker, Kubernetes or ``kill`` sends) unwinds like Ctrl-C: ``finally`` blocks
+    and exit handlers run (temporary folders removed, runs marked, child servers stopped). Inside a
+    Prefect flow, Prefect's own handler raises its TerminationSignal instead."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminate)
     parser = argparse.ArgumentParser(prog="memoe", description="MEMoE model editing")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (mod, help_) in COMMANDS.items():

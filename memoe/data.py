@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import re
 from dataclasses import dataclass, field
@@ -73,6 +74,16 @@ def _req_str(rec: dict, key: str, path, rid) -> str:
     return v
 
 
+def _opt_str(rec: dict, key: str, path, rid) -> str | None:
+    """An optional string field: absent, null or empty -> None; anything but a string is an error."""
+    v = rec.get(key)
+    if v is None or v == "":
+        return None
+    if not isinstance(v, str):
+        raise EditDataError(path, f"expected a string, got {type(v).__name__}", rid, key)
+    return v
+
+
 def _opt_list(rec: dict, key: str, path, rid) -> list[str]:
     v = rec.get(key)
     if v is None or v == "":
@@ -116,9 +127,9 @@ def _portability(rec: dict, path, rid) -> tuple[list[str], list[str]]:
 
 def _zsre(rec: dict, path, rid) -> dict:
     answers = rec.get("answers")
-    target_true = None
-    if isinstance(answers, list) and answers and isinstance(answers[0], str):
-        target_true = answers[0]
+    if answers is not None and not (isinstance(answers, list) and all(isinstance(a, str) for a in answers)):
+        raise EditDataError(path, f"expected a list of strings, got {answers!r}", rid, "answers")
+    target_true = answers[0] if answers else None
     pp, pa = _portability(rec, path, rid)
     return dict(
         id=str(rec.get("case_id", rid)),
@@ -141,15 +152,16 @@ def _counterfact(rec: dict, path, rid) -> dict:
         raise EditDataError(path, "expected a mapping", rid, "requested_rewrite")
     subject = _str_at(rec, "requested_rewrite.subject", path, rid)
     template = _str_at(rec, "requested_rewrite.prompt", path, rid)
-    if "{}" not in template:
-        raise EditDataError(path, "prompt template has no '{}' for the subject", rid, "requested_rewrite.prompt")
+    if template.count("{}") != 1:
+        raise EditDataError(path, f"prompt template has {template.count('{}')} '{{}}' placeholders; expected exactly "
+                            "one, for the subject", rid, "requested_rewrite.prompt")
     target_true = _str_at(rec, "requested_rewrite.target_true.str", path, rid)
     neigh = _opt_list(rec, "neighborhood_prompts", path, rid)
     pp, pa = _portability(rec, path, rid)
     return dict(
         id=str(rec.get("case_id", rid)),
         subject=subject,
-        prompt=template.format(subject),
+        prompt=template.replace("{}", subject),
         target_new=_str_at(rec, "requested_rewrite.target_new.str", path, rid),
         target_true=target_true,
         rephrase_prompts=_opt_list(rec, "paraphrase_prompts", path, rid),
@@ -169,7 +181,7 @@ def _counterfact_flat(rec: dict, path, rid) -> dict:
         subject=_req_str(rec, "subject", path, rid),
         prompt=_req_str(rec, "prompt", path, rid),
         target_new=_req_str(rec, "target_new", path, rid),
-        target_true=rec.get("ground_truth") or None,
+        target_true=_opt_str(rec, "ground_truth", path, rid),
         rephrase_prompts=_opt_list(rec, "rephrase_prompt", path, rid),
         locality_prompts=loc,
         locality_answers=loc_ans,
@@ -196,7 +208,7 @@ def _user(rec: dict, path, rid) -> dict:
         subject=_req_str(rec, "subject", path, rid),
         prompt=_req_str(rec, "prompt", path, rid),
         target_new=_req_str(rec, "target_new", path, rid),
-        target_true=(rec.get("target_true") or None),
+        target_true=_opt_str(rec, "target_true", path, rid),
         rephrase_prompts=lst("rephrases") or lst("rephrase_prompts"),
         locality_prompts=lst("locality_prompts"),
         locality_answers=lst("locality_answers"),
@@ -215,13 +227,26 @@ PARSERS: dict[str, Callable[[dict, Any, Any], dict]] = {
 }
 
 
+def _read_text(path: Path) -> str:
+    """The file as text: UTF-8, a leading byte-order mark dropped; other bytes are an error naming
+    the file and the place."""
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise EditDataError(path, f"not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+
+
 def _read_records(path: Path, fmt: str) -> Iterable[tuple[Any, Any]]:
-    """Yield (record number, raw record). Malformed files raise EditDataError naming the place."""
+    """Yield (record number, raw record). Malformed files raise EditDataError naming the place.
+
+    CSV is parsed by the csv module on the text as it is (quoted cells keep their newlines; the
+    record number is the line its row starts on); JSONL splits on newline characters only, so a
+    U+2028 or U+0085 inside a string is data, not a line break."""
     if not path.is_file():
         raise EditDataError(path, "file not found")
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     if fmt == "jsonl":
-        for i, line in enumerate(text.splitlines(), start=1):
+        for i, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             try:
@@ -230,14 +255,22 @@ def _read_records(path: Path, fmt: str) -> Iterable[tuple[Any, Any]]:
                 yield f"line {i}", EditDataError(path, f"malformed JSON: {e.msg} (column {e.colno})", f"line {i}")
         return
     if fmt == "csv":
-        reader = csv.DictReader(text.splitlines())
-        if not reader.fieldnames:
-            raise EditDataError(path, "empty CSV file (no header)")
-        for i, row in enumerate(reader, start=2):
-            if None in row:
-                yield f"line {i}", EditDataError(path, "more cells than header columns", f"line {i}")
-            else:
-                yield f"line {i}", {k: (v if v != "" else None) for k, v in row.items()}
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        try:
+            if not reader.fieldnames:
+                raise EditDataError(path, "empty CSV file (no header)")
+            while True:
+                start = reader.line_num + 1
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    break
+                if None in row:
+                    yield f"line {start}", EditDataError(path, "more cells than header columns", f"line {start}")
+                else:
+                    yield f"line {start}", {k: (v if v != "" else None) for k, v in row.items()}
+        except csv.Error as e:
+            raise EditDataError(path, f"malformed CSV at line {reader.line_num}: {e}") from None
         return
     try:
         data = json.loads(text)
@@ -249,7 +282,10 @@ def _read_records(path: Path, fmt: str) -> Iterable[tuple[Any, Any]]:
 
 
 def _validate(row: dict, path, rid, max_prompt_tokens: int | None, count_tokens) -> None:
-    if _norm(row["subject"]) not in _norm(row["prompt"]):
+    if not _norm(row["subject"]):
+        raise EditDataError(path, f"subject {row['subject']!r} has no letters or digits", rid, "subject")
+    # whole words only: 'corp' does not occur in "Widget Corporation"
+    if f" {_norm(row['subject'])} " not in f" {_norm(row['prompt'])} ":
         raise EditDataError(path, f"subject {row['subject']!r} does not occur in the prompt {row['prompt']!r}", rid, "subject")
     if len(row["locality_prompts"]) != len(row["locality_answers"]):
         raise EditDataError(path, f"{len(row['locality_prompts'])} locality prompts but {len(row['locality_answers'])} answers", rid, "locality_answers")

@@ -32,9 +32,24 @@ def encode_pair(tokenizer, prompt: str, target: str) -> tuple[list[int], int]:
     return p + t, len(p)
 
 
-def _batches(order: Sequence[int], size: int) -> Iterable[list[int]]:
-    for i in range(0, len(order), size):
-        yield list(order[i:i + size])
+TOKENS_PER_ROW = 64  # a batch of ``size`` rows holds at most size x 64 padded tokens (a longer row: alone)
+
+
+def _batches(order: Sequence[int], size: int, lengths: Sequence[int] | None = None) -> Iterable[list[int]]:
+    """Consecutive rows of ``order`` in batches of at most ``size`` rows and, with ``lengths``, at most
+    ``size * TOKENS_PER_ROW`` padded tokens: one very long prompt is not padded onto its neighbours."""
+    budget = size * TOKENS_PER_ROW
+    batch: list[int] = []
+    longest = 0
+    for i in order:
+        n = lengths[i] if lengths is not None else 0
+        if batch and (len(batch) == size or (len(batch) + 1) * max(longest, n) > budget):
+            yield batch
+            batch, longest = [], 0
+        batch.append(i)
+        longest = max(longest, n)
+    if batch:
+        yield batch
 
 
 def _route(editor, prompts):
@@ -67,7 +82,7 @@ def teacher_forced(model, tokenizer, prompts: Sequence[str], targets: Sequence[s
     body, head = _body_and_head(model)
     dev = next(model.parameters()).device
     pad = tokenizer.pad_token_id or 0
-    for idx in _batches(order, batch_size):
+    for idx in _batches(order, batch_size, [len(e[0]) for e in enc]):
         L = max(len(enc[i][0]) for i in idx)
         ids = torch.full((len(idx), L), pad, dtype=torch.long)
         mask = torch.zeros((len(idx), L), dtype=torch.long)
@@ -113,7 +128,8 @@ def generate(model, tokenizer, prompts: Sequence[str], *, editor=None, batch_siz
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        for idx in _batches(order, batch_size):
+        lengths = [len(tokenizer(p).input_ids) + max_new_tokens for p in prompts]
+        for idx in _batches(order, batch_size, lengths):
             batch = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(dev)
             with _route(editor, [prompts[i] for i in idx]):
                 gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,

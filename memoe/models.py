@@ -171,34 +171,127 @@ def _save_plain(model: nn.Module, folder: Path) -> None:
               folder / "model.safetensors", metadata={"format": "pt"})
 
 
+CHECKSUM = ".memoe-checksum.json"  # sha256 of every file of a converted model, written at conversion
+VERIFIED = ".memoe-verified.json"  # (size, mtime) of each file when last found to match its checksum
+
+
+class DamagedModelError(ValueError):
+    """A converted model in the cache does not match its checksum and could not be rebuilt."""
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _model_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith((CHECKSUM, VERIFIED)))
+
+
+def _write_checksum(folder: Path) -> None:
+    import json
+
+    tmp = folder / f"{CHECKSUM}.{os.getpid()}"
+    tmp.write_text(json.dumps({p.name: _sha256(p) for p in _model_files(folder) if p != tmp}, indent=1))
+    os.replace(tmp, folder / CHECKSUM)
+
+
+def _stamp(folder: Path, names) -> dict[str, list[int]]:
+    return {n: [(folder / n).stat().st_size, (folder / n).stat().st_mtime_ns] for n in names}
+
+
+def cache_problem(folder: Path) -> str | None:
+    """Why a converted model folder cannot be used as it is (None: it is complete and every file
+    matches the checksum written at conversion). Files are hashed again only when their size or
+    modification time changed since they last matched. A folder converted before checksums were kept
+    gets one now (trusted on first use)."""
+    import json
+
+    for need in ("model.safetensors", "config.json"):
+        if not (folder / need).is_file():
+            return f"{need} is missing"
+    if not (folder / CHECKSUM).is_file():
+        _write_checksum(folder)
+    try:
+        sums = json.loads((folder / CHECKSUM).read_text())
+        seen = json.loads((folder / VERIFIED).read_text()) if (folder / VERIFIED).is_file() else {}
+    except ValueError:
+        return f"{CHECKSUM} is unreadable"
+    missing = [n for n in sums if not (folder / n).is_file()]
+    if missing:
+        return f"{', '.join(missing)} missing"
+    now = _stamp(folder, sums)
+    if now == seen:
+        return None
+    bad = [n for n in sums if now[n] != seen.get(n) and _sha256(folder / n) != sums[n]]
+    if bad:
+        return f"{', '.join(bad)} do(es) not match the checksum written at conversion"
+    tmp = folder / f"{VERIFIED}.{os.getpid()}"
+    tmp.write_text(json.dumps(now))
+    os.replace(tmp, folder / VERIFIED)
+    return None
+
+
+def _convert(name: str, gguf: Path, tmp: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    _save_plain(model, tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "MEMOE_SOURCE.txt").write_text(f"converted from {gguf.name} ({EMBEDDED[name].package}), licence {EMBEDDED[name].license}\n")
+    _write_checksum(tmp)
+
+
 def embedded_checkpoint(name: str) -> Path:
-    """Path of the converted safetensors checkpoint, converting it once if needed."""
+    """Path of the converted safetensors checkpoint, converting it once if needed.
+
+    The folder is checked against the checksum written at conversion (``cache_problem``); a damaged
+    or incomplete one is converted again (once; a second failure is an error naming the folder).
+    One process converts at a time (a lock file); a conversion killed half-way leaves a temporary
+    folder that the next conversion removes."""
+    import fcntl
+
     if name not in EMBEDDED:
         raise ValueError(f"unknown embedded model {name!r}; known: {sorted(EMBEDDED)}")
     target = cache_dir() / "models" / name
-    if (target / "model.safetensors").exists() and (target / "config.json").exists():
+    if target.is_dir() and cache_problem(target) is None:
         return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf = find_gguf(name)
-    t0 = time.perf_counter()
-    log.info("converting embedded model %s from %s (once)", name, gguf)
-    print(f"[memoe] converting embedded model {name} from GGUF (once; cached in {target})", file=sys.stderr)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        _save_plain(model, tmp)
-        tok.save_pretrained(tmp)
-        (tmp / "MEMOE_SOURCE.txt").write_text(f"converted from {gguf.name} ({EMBEDDED[name].package}), licence {EMBEDDED[name].license}\n")
+    with open(target.parent / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        problem = cache_problem(target) if target.is_dir() else None
+        if target.is_dir() and problem is None:  # another process converted it meanwhile
+            return target
+        for stale in target.parent.glob(f".{name}-*"):  # left by a killed conversion (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        gguf = find_gguf(name)
+        t0 = time.perf_counter()
+        why = f" (the cached copy is damaged: {problem})" if problem else ""
+        log.info("converting embedded model %s from %s%s", name, gguf, why)
+        print(f"[memoe] converting embedded model {name} from GGUF{why} (once; cached in {target})", file=sys.stderr)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
         try:
+            _convert(name, gguf, tmp)
+            if target.exists():
+                aside = Path(tempfile.mkdtemp(prefix=f".{name}-damaged-", dir=target.parent))
+                os.rename(target, aside / name)
             os.rename(tmp, target)
-        except OSError:  # another process finished first: keep theirs
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            raise
+        finally:
+            for stale in target.parent.glob(f".{name}-damaged-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+        problem = cache_problem(target)
+        if problem is not None:
+            raise DamagedModelError(f"embedded model {name!r}: the fresh conversion in {target} fails its own "
+                                    f"check ({problem}); delete the folder and try again")
     log.info("converted %s in %.1fs", name, time.perf_counter() - t0)
     return target
 

@@ -25,15 +25,33 @@ from typing import Any
 
 from prefect import task
 
+from tasks.integrity import intact
 from tasks.keys import code_version, digest, file_digest, folder_digest, model_fingerprint
 
 TRANSIENT = (OSError, TimeoutError, ConnectionError)
+# OSErrors a second try cannot fix: a missing file stays missing, a permission stays refused
+PERMANENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+class DamagedStoreError(ValueError):
+    """A store file does not have the content its name is the hash of (permanent: not retried)."""
+
+
+def verified(path: str | Path) -> str:
+    """``path`` if it has the content it is named by, else a DamagedStoreError naming it."""
+    if not intact(path):
+        raise DamagedStoreError(f"run store: {path} is damaged or missing (its content does not match the hash it "
+                                "is named by); delete it and run again to recompute it")
+    return str(path)
 
 
 def _transient(task_, task_run, state) -> bool:
-    """Retry only faults that a second try can fix (I/O, a locked database), not a bad config."""
+    """Retry only faults that a second try can fix (I/O, a locked database), not a bad config or a
+    missing file."""
     try:
         state.result()
+    except PERMANENT:
+        return False
     except TRANSIENT:
         return True
     except Exception as e:  # noqa: BLE001
@@ -79,9 +97,9 @@ def publish_file(tmp: Path, folder: Path, suffix: str) -> Path:
     """Move ``tmp`` to ``folder/<content hash><suffix>`` (atomic; equal content -> same name)."""
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{file_digest(tmp)}{suffix}"
-    if final.exists():
+    if intact(final):
         tmp.unlink()
-    else:
+    else:  # absent, or damaged under the right name: the fresh bytes replace it
         os.replace(tmp, final)
     return final
 
@@ -89,9 +107,13 @@ def publish_file(tmp: Path, folder: Path, suffix: str) -> Path:
 def publish_folder(tmp: Path, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / folder_digest(tmp)
-    if final.exists():
+    if intact(final):
         shutil.rmtree(tmp)
     else:
+        if final.exists():  # damaged under the right name: move it aside, then the fresh copy in
+            aside = Path(tempfile.mkdtemp(prefix="damaged-", dir=tmp.parent))
+            os.rename(final, aside / final.name)
+            shutil.rmtree(aside, ignore_errors=True)
         try:
             os.rename(tmp, final)
         except OSError:  # a concurrent study published the same content first
@@ -279,7 +301,7 @@ def train_round(round_index: int, records: str, prev_state: str | None, method_c
         editor.on_step = steps
     try:
         if prev_state:
-            editor.load(prev_state)
+            editor.load(verified(prev_state))
         recs = pl.read_parquet(records)
         with PeakMemory(editor.device) as mem:  # the process's peak while this round trains
             t0 = time.perf_counter()
@@ -333,6 +355,7 @@ def evaluate_round(round_index: int, rounds: list[str], state: str, base: str, m
     from memoe.metrics import evaluate
 
     final = round_index == len(rounds) - 1
+    verified(Path(rounds[0]).parent), verified(state), verified(base)
     records, n_earlier = eval_set(rounds, round_index, eval_cfg.get("retention_sample"), seed, final)
     model, tok = model_and_tokenizer(model_cfg, threads)
     editor = make_editor(model, tok, method_from_dict(method_cfg), seed=seed * 1000 + round_index)

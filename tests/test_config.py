@@ -32,8 +32,8 @@ def test_bad_choice_is_named():
 
 
 def test_overrides_apply_and_unknown_override_is_rejected():
-    cfg = load_config(None, ["data.n_edits=7", "protocol.mode=sequential", "protocol.rounds=3", "method.lr=0.5"])
-    assert cfg.data.n_edits == 7 and cfg.protocol.rounds == 3 and cfg.method.lr == 0.5
+    cfg = load_config(None, ["data.n_edits=6", "protocol.mode=sequential", "protocol.rounds=3", "method.lr=0.5"])
+    assert cfg.data.n_edits == 6 and cfg.protocol.rounds == 3 and cfg.method.lr == 0.5
     with pytest.raises(ConfigError, match=r"unknown key 'method.colour'"):
         load_config(None, ["method.colour=red"])
     with pytest.raises(ConfigError, match="key=value"):

@@ -43,6 +43,8 @@ def study_config(folder: Path, model: Path, steps: int = 10, rounds: int = 3, ba
            "threads": 1}
     for k, v in extra.items():
         cfg.setdefault(k.split("__")[0], {})[k.split("__")[1]] = v
+    if cfg["protocol"]["mode"] == "batch":  # rounds and batch_size are sequential settings
+        cfg["protocol"] = {"mode": "batch"}
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "study.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -121,7 +123,10 @@ def test_rerun_is_all_cache_hits_and_kill_resume_gives_identical_metrics(tmp_pat
     (["--set", "protocol.rounds=0"], "protocol.rounds"),
     (["--set", "method.bogus=1"], "unknown key 'method.bogus'"),
     (["--set", "data.path=/nonexistent/edits.json"], "/nonexistent/edits.json"),
-    (["--set", "data.n_edits=4", "--set", "protocol.rounds=3", "--set", "protocol.batch_size=2"], "only 4 are available"),
+    (["--set", "data.n_edits=4", "--set", "protocol.rounds=3", "--set", "protocol.batch_size=2"],
+     "data.n_edits=4 but protocol.rounds x protocol.batch_size = 3 x 2 = 6"),
+    (["--set", "data.n_edits=3000", "--set", "protocol.rounds=3", "--set", "protocol.batch_size=1000"],
+     "only 1037 are available"),
 ])
 def test_bad_config_fails_before_any_work(tmp_path, tiny_dir, overrides, message):
     cfg = study_config(tmp_path, tiny_dir)
@@ -228,4 +233,4 @@ def test_run_without_config_uses_the_quickstart(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     quick = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
     b, n = quick["protocol"]["batch_size"], quick["data"]["n_edits"]
-    assert p.returncode == 2 and f"100 rounds x {b} edits = {100 * b} edits, but only {n} are available" in p.stderr
+    assert p.returncode == 2 and f"data.n_edits={n} but protocol.rounds x protocol.batch_size = 100 x {b}" in p.stderr

@@ -36,6 +36,10 @@ def make_editor(model, tokenizer, method_cfg, **kw) -> "Editor":
     name = method_cfg.name
     if name not in REGISTRY:
         raise ValueError(f"unknown method {name!r}; known: {sorted(REGISTRY)}")
+    from memoe.checks import check_layers
+    from memoe.models import num_layers
+
+    check_layers(method_cfg, num_layers(model))  # never a layer index wrapped round (l % n)
     return REGISTRY[name](model, tokenizer, method_cfg, **kw)
 
 

@@ -184,18 +184,23 @@ def edit_batches(tokenizer, records, batch_size: int | None, device) -> list[dic
     return [edit_batch(tokenizer, prompts[i:i + bs], targets[i:i + bs], device) for i in range(0, len(prompts), bs)]
 
 
-def token_groups(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+def token_groups(lengths: Sequence[int], max_tokens: int, capacity: int | None = None) -> list[list[int]]:
     """Consecutive rows in groups of at most ``max_tokens`` tokens (a longer row: a group of its own),
-    as few groups as that allows: a step's rows in micro-batches that bound its memory."""
+    as few groups as that allows: a step's rows in micro-batches that bound its memory. With
+    ``capacity`` (the packed sequence length), a row longer than it is a group of its own too, so one
+    long prompt does not stretch every packed sequence of the step to its length."""
+    long = [[i] for i, n in enumerate(lengths) if capacity and n > capacity]
     groups: list[list[int]] = [[]]
     n = 0
     for i, length in enumerate(lengths):
+        if capacity and length > capacity:
+            continue
         if groups[-1] and n + length > max_tokens:
             groups.append([])
             n = 0
         groups[-1].append(i)
         n += length
-    return groups if groups[0] else []
+    return (groups if groups[0] else []) + long
 
 
 def length_buckets(lengths: Sequence[int], row_cost: int = 48) -> list[list[int]]:

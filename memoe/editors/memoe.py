@@ -411,7 +411,7 @@ class MEMoEEditor(Editor):
         cfg = self.cfg
         lengths = [len(encode_pair(self.tokenizer, p, t)[0]) for p, t, _ in chunk]
         if packed:  # packed rows: one batch per step, in micro-batches of bounded size
-            groups = token_groups(lengths, cfg.max_batch_tokens)
+            groups = token_groups(lengths, cfg.max_batch_tokens, cfg.pack_tokens)
         elif cfg.length_buckets:
             groups = length_buckets(lengths)
         else:
