@@ -263,7 +263,7 @@ def embedded_checkpoint(name: str) -> Path:
     if target.is_dir() and cache_problem(target) is None:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{name}.lock", "w") as lock:
+    with open(target.parent.parent / f".convert-{name}.lock", "w") as lock:  # outside models/: only models there
         fcntl.flock(lock, fcntl.LOCK_EX)
         problem = cache_problem(target) if target.is_dir() else None
         if target.is_dir() and problem is None:  # another process converted it meanwhile
