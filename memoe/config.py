@@ -106,6 +106,8 @@ class MEMoEMethod(_Strict):
         0, ge=0, description="relation-aware scope: per edit, this many prompts of its subject with other relations "
         "(memoe/probes.py SCOPE_RELATIONS) on which the adapter's term is trained towards zero (0: off, the paper)")
     scope_weight: float = Field(1.0, ge=0.0, description="weight of the scope loss (relative squared adapter term)")
+    scope_stop_loss: float = Field(
+        1.0, ge=0.0, description="with scope negatives, the early stop also waits for the scope loss to fall below this")
     drop_in: bool = Field(
         True, description="the edited model applies its edits in any plain forward / generate call: each row's "
         "anchor is found from its token ids inside the forward (route() still sets it explicitly)")

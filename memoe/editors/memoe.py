@@ -491,7 +491,8 @@ class MEMoEEditor(Editor):
                         self.step_times.append(time.perf_counter() - t_step)
                         if self.on_step is not None:
                             self.on_step(step, losses[-1])
-                        if losses[-1] < cfg.early_stop_loss:
+                        if losses[-1] < cfg.early_stop_loss and (
+                                not scope_losses or scope_losses[-1] < cfg.scope_stop_loss):
                             break
             finally:
                 self.adapter.eval()
