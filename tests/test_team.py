@@ -5,6 +5,7 @@ Everything started here binds to 127.0.0.1 and is stopped here."""
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import re
 import signal
@@ -117,7 +118,8 @@ def _tiny(tmp_path, tokenizer) -> Path:
 
 def _study_overrides(model: Path) -> list[str]:
     return [f"model.name={model}", "method.layers=[2]", "method.steps=5", "data.n_edits=4", "data.sample=random",
-            "protocol.rounds=2", "protocol.batch_size=2", "eval.max_new_tokens=4", "threads=1"]
+            "protocol.mode=sequential", "protocol.rounds=2", "protocol.batch_size=2", "eval.max_new_tokens=4",
+            "threads=1"]
 
 
 def _env(tmp_path: Path, **extra) -> dict:
@@ -139,14 +141,20 @@ def test_local_sweep_reports_a_failed_cell_and_runs_the_others(tmp_path, tokeniz
             "--out", str(tmp_path / "sweep.json")]
     for o in _study_overrides(model):
         args += ["--set", o]
-    args += ["--set", "method.layers=[9],[2]"]  # the tiny model has 4 layers: cell 0 fails while training
+    # a model folder whose config and tokenizer pass every check made before the run, but whose weights are
+    # damaged: cell 1 fails when its study loads them, cell 2 (the intact model) runs
+    broken = tmp_path / "broken-llama"
+    shutil.copytree(model, broken)
+    weights = next(broken.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    args += ["--set", f"model.name={broken},{model}"]
     p = subprocess.run(args, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=500)
     assert p.returncode == 1, p.stdout[-3000:] + p.stderr[-3000:]
     s = json.loads((tmp_path / "sweep.json").read_text())
     assert [c["state"] for c in s["cells"]] == ["FAILED", "COMPLETED"]
-    assert "layer" in s["cells"][0]["error"].lower() or "index" in s["cells"][0]["error"].lower()
-    assert "failed: cell 1 [method.layers=[9]]" in p.stderr
-    assert "cell 2/2 [method.layers=[2]] COMPLETED" in p.stdout
+    assert s["cells"][0]["error"]
+    assert f"failed: cell 1 [model.name={broken}]" in p.stderr
+    assert f"cell 2/2 [model.name={model}] COMPLETED" in p.stdout
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     exp = client.get_experiment_by_name("memoe")
     sweep_run = client.get_run(s["mlflow"]["run_id"])
