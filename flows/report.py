@@ -58,6 +58,21 @@ def y_range(values: list[float | None]) -> tuple[float, float]:
     return max(-0.02, lo - pad), min(1.02, hi + pad)
 
 
+def _finish(fig, ax, path: Path, title: str, shown: list) -> Path:
+    """A curve plot's common end: a y-range that shows the differences, grid, title, the legend beside
+    the axes, saved and closed."""
+    import matplotlib.pyplot as plt
+
+    ax.set_ylim(*y_range(shown))
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=8)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def rounds_plot(rounds: list[dict[str, Any]], path: Path, title: str) -> Path:
     import matplotlib
 
@@ -79,14 +94,7 @@ def rounds_plot(rounds: list[dict[str, Any]], path: Path, title: str) -> Path:
     ax.set_xlabel("edits applied")
     ax.set_ylabel("score (share of edits)")
     ax.set_xticks(x)
-    ax.set_ylim(*y_range(shown))
-    ax.grid(alpha=0.3)
-    ax.set_title(title, fontsize=8)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")  # the legend sits beside the axes
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, title, shown)
 
 
 def expert_load(round_: dict[str, Any]) -> list[float] | None:
@@ -156,14 +164,7 @@ def retention_plot(curves: dict[str, list[dict[str, Any]]], path: Path, title: s
         shown += ys + [b for _, b in old]
     ax.set_xlabel("edits applied")
     ax.set_ylabel(f"{metric} (share of edits)")
-    ax.set_ylim(*y_range(shown))
-    ax.grid(alpha=0.3)
-    ax.set_title(title, fontsize=8)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")  # the legend sits beside the axes
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, title, shown)
 
 
 def compare_plot(finals: dict[str, dict[str, Any]], path: Path, title: str = "") -> Path:

@@ -14,17 +14,9 @@ import pytest
 import yaml
 
 from .conftest import ROOT, ZSRE, tiny_model
-from .test_pipeline import MEMOE, env_for, memoe_run, study_config
+from .test_pipeline import MEMOE, env_for, memoe_run, study_config, tiny_dir  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.timeout(1800)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory, tokenizer):
-    d = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama", len(tokenizer)).save_pretrained(d)
-    tokenizer.save_pretrained(d)
-    return d
 
 
 # ------------------------------------------------------------------ paths, schedules
