@@ -1,4 +1,8 @@
+from pathlib import Path
+
 import pytest
+import yaml
+from pydantic import BaseModel
 
 from memoe.config import Config, ConfigError, config_hash, load_config
 
@@ -64,9 +68,65 @@ def test_missing_and_malformed_files(tmp_path):
 
 
 def test_shipped_configs_validate():
-    from pathlib import Path
-
     files = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
     assert files
     for f in files:
         load_config(f)
+
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+
+
+def _stated_defaults(raw: dict, model: BaseModel, where: str) -> list[str]:
+    """The keys a config file states at their default value. A method's defaults are those of its
+    class for its name (ft-l's lr is 5e-4); ``method.name: memoe`` is the default method; the name of
+    an entry of ``methods`` selects it and is never a default."""
+    is_method = where.startswith("method")
+    base = type(model)(name=model.name) if is_method else type(model)()
+    found = []
+    for key, stated in raw.items():
+        value, default = getattr(model, key), getattr(base, key)
+        if key == "name" and is_method:
+            if where == "method." and value == Config().method.name:
+                found.append("method.name")
+        elif isinstance(stated, dict):
+            found += _stated_defaults(stated, value, f"{where}{key}.")
+        elif key == "methods":
+            for i, (r, m) in enumerate(zip(stated, value)):
+                found += _stated_defaults(r, m, f"{where}methods[{i}].")
+        elif value == default:
+            found.append(where + key)
+    return found
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_configs_state_only_what_differs_from_the_defaults(path):
+    """A config restating a default (memoe/config.py) would drift when the default moves: every method's
+    settings live in one place, its class's defaults, and a config states only its own differences."""
+    raw = yaml.safe_load(path.read_text()) or {}
+    assert _stated_defaults(raw, load_config(path), "") == []
+
+
+def test_nightly_and_the_comparison_run_the_same_method_settings():
+    """The nightly regression tests the methods of the comparison table, with the same settings; so do the
+    per-method configs (configs/<method>.yaml, configs/memoe_*.yaml)."""
+    compare = {m.name: m for m in load_config(CONFIGS / "compare.yaml").methods}
+    nightly = load_config(CONFIGS / "nightly.yaml").methods
+    assert {m.name for m in nightly} <= set(compare)
+    for m in nightly:
+        assert m == compare[m.name], m.name
+    singles = [f for f in CONFIGS.glob("*.yaml") if f.stem.split("_")[0] in compare]
+    assert len(singles) == 8
+    for f in singles:
+        m = load_config(f).method
+        assert m.name == f.stem.split("_")[0] and m == compare[m.name], f.name
+
+
+def test_ft_defaults_follow_the_name():
+    """FT-L and FT-M share a class; the name picks EasyEdit's FT-L bound and lr, or FT-M's tuned lr."""
+    from memoe.config import FTMethod
+
+    assert (FTMethod(name="ft-l").lr, FTMethod(name="ft-l").norm_constraint) == (5e-4, 5e-4)
+    assert (FTMethod(name="ft-m").lr, FTMethod(name="ft-m").norm_constraint) == (5e-3, None)
+    assert FTMethod().lr == 5e-3 and FTMethod(name="ft-l", lr=1e-2).lr == 1e-2
+    assert load_config(None, ["method.name=ft-l"]).method.lr == 5e-4

@@ -26,10 +26,13 @@ def _default(info) -> Any:
 
 def rows(model: BaseModel, prefix: str = "") -> Iterator[tuple[str, Any, Any, str]]:
     """(key, value, default, description) for every leaf key; a sub-model's default is that of its
-    own fields (a method's defaults are those of the method's own class)."""
-    for name, info in type(model).model_fields.items():
+    own fields (a method's defaults are those of the method's own class for its name: ft-l's lr is 5e-4)."""
+    fields = type(model).model_fields
+    named = type(model)(name=model.name) if "name" in fields and prefix.startswith("method") else None
+    for name, info in fields.items():
         value = getattr(model, name)
         key = f"{prefix}{name}"
+        default = getattr(named, name) if named is not None and name != "name" else _default(info)
         if isinstance(value, BaseModel):
             yield from rows(value, key + ".")
         elif isinstance(value, list) and value and all(isinstance(v, BaseModel) for v in value):
@@ -37,7 +40,7 @@ def rows(model: BaseModel, prefix: str = "") -> Iterator[tuple[str, Any, Any, st
             for i, v in enumerate(value):
                 yield from rows(v, f"{key}[{i}].")
         else:
-            yield key, value, _default(info), info.description or (type(model).__doc__ or "").strip().split("\n")[0] \
+            yield key, value, default, info.description or (type(model).__doc__ or "").strip().split("\n")[0] \
                 if name == "name" and prefix.startswith("method") else (info.description or "")
 
 
