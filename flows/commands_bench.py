@@ -103,14 +103,15 @@ def run(args) -> int:
               f"against {res['train_step']['cached_s']:.3f} s eager: compiled_step_ratio {res['compiled_step_ratio']:.2f})")
     for n, v in res["edit_throughput"].items():
         print(f"edit {n:>5} edits     {v['seconds']:.1f} s ({v['edits_per_s']:.2f} edits/s)")
-    print(f"peak RSS (MiB)      " + ", ".join(f"{k} {v:.0f}" for k, v in res["peak_rss_mb"].items()))
+    print("peak RSS (MiB)      " + ", ".join(f"{k} {v:.0f}" for k, v in res["peak_rss_mb"].items()))
     if "scale" in res:
         sc, last = res["scale"], res["scale"]["per_round"][-1]
         print(f"scale {sc['rounds']} x {sc['batch']} edits: training per round median {sc['train_s_median']:.1f} s, "
               f"largest deviation {sc['train_s_max_dev']:.1%}, trend {sc['train_s_slope_per_round']:+.1%} of it per round "
               f"(rounds 2-{sc['rounds']}); CPU time: largest deviation {sc['train_cpu_s_max_dev']:.1%}, trend "
               f"{sc['train_cpu_s_slope_per_round']:+.1%}; over the round's own evaluation time: largest deviation "
-              f"{sc.get('train_per_eval_max_dev', float('nan')):.1%}, trend {sc.get('train_per_eval_slope_per_round', float('nan')):+.1%}; "
+              f"{sc.get('train_per_eval_max_dev', float('nan')):.1%}, "
+              f"trend {sc.get('train_per_eval_slope_per_round', float('nan')):+.1%}; "
               + (f"at the host's typical speed (gauge): largest deviation {sc['train_s_host_adjusted_max_dev']:.1%}, "
                  f"trend {sc['train_s_host_adjusted_slope_per_round']:+.1%}; " if "train_s_host_adjusted_max_dev" in sc else "")
               + f"after {last['edits_so_far']} "

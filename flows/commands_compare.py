@@ -6,8 +6,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flows.history import (HistoryError, add_store_arguments, client_for, curve, final_metrics, find_run,
-                           is_compare, method_children, print_table, protocol, write_csv)
+from flows.history import (
+    HistoryError,
+    add_store_arguments,
+    client_for,
+    curve,
+    final_metrics,
+    find_run,
+    is_compare,
+    method_children,
+    print_table,
+    protocol,
+    write_csv,
+)
 from flows.report import COSTS, HEADLINE, retention_plot
 
 IGNORE = ("tracking.", "threads", "model.device")

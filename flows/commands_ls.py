@@ -3,8 +3,18 @@ protocol, status and the headline metrics after the last round (a compare study:
 method below it). Cached reruns of a config are hidden (``--all`` shows them)."""
 from __future__ import annotations
 
-from flows.history import (add_store_arguments, client_for, final_metrics, is_compare, method_children,
-                           print_table, protocol, studies, when, write_csv)
+from flows.history import (
+    add_store_arguments,
+    client_for,
+    final_metrics,
+    is_compare,
+    method_children,
+    print_table,
+    protocol,
+    studies,
+    when,
+    write_csv,
+)
 from flows.report import HEADLINE
 
 COLS = ["run", "date", "name", "flow", "model", "data", "protocol", "status", *HEADLINE, "avg", "rerun_of"]

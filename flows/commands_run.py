@@ -27,7 +27,8 @@ def add_arguments(p):
                    help="compare: run the methods side by side on Dask (N local worker processes, one per GPU with "
                         "'cuda', or a running scheduler)")
     p.add_argument("--name", default=None, help="MLflow run name (default: methods-protocol-RxB-data-model)")
-    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE", help="an MLflow tag on the study's run (repeatable)")
+    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
+                   help="an MLflow tag on the study's run (repeatable)")
     p.add_argument("--dry-run", action="store_true",
                    help="check everything and show what would run (flow, rounds, edits, methods, earlier runs), run nothing")
 
@@ -208,8 +209,8 @@ def run(args) -> int:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    from memoe.config import config_hash
     from flows.study import flow_for
+    from memoe.config import config_hash
 
     start_local_prefect()
     fl = flow_for(cfg, getattr(args, "dask", None))

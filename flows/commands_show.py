@@ -7,8 +7,19 @@ import json
 import tempfile
 from pathlib import Path
 
-from flows.history import (add_store_arguments, client_for, curve, final_metrics, find_run, is_compare,
-                           method_children, print_table, protocol, when, write_csv)
+from flows.history import (
+    add_store_arguments,
+    client_for,
+    curve,
+    final_metrics,
+    find_run,
+    is_compare,
+    method_children,
+    print_table,
+    protocol,
+    when,
+    write_csv,
+)
 from flows.report import COSTS, HEADLINE
 
 

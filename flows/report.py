@@ -123,7 +123,6 @@ def expert_load_plot(rounds: list[dict[str, Any]], path: Path) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     import numpy as np
 
     fig, ax = plt.subplots(figsize=(6, 3.6))

@@ -54,7 +54,9 @@ def records(prompts: Sequence[str] | str, target_new: Sequence[str] | str, subje
     """The edit-record frame (``memoe.data.SCHEMA``) for lists in EasyEdit's argument names, checked."""
     from memoe.data import SCHEMA, EditDataError, validate_frame
 
-    as_list = (lambda v: [v] if isinstance(v, str) else list(v))
+    def as_list(v):
+        return [v] if isinstance(v, str) else list(v)
+
     prompts, target_new, subject = as_list(prompts), as_list(target_new), as_list(subject)
     n = len(prompts)
     for name, v in (("target_new", target_new), ("subject", subject)):

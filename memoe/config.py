@@ -27,7 +27,8 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
-    name: str = Field("embedded:smollm2-135m", description="'embedded:smollm2-135m', 'embedded:gemma3-270m', a HF id or a local path")
+    name: str = Field("embedded:smollm2-135m",
+                      description="'embedded:smollm2-135m', 'embedded:gemma3-270m', a HF id or a local path")
     device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?|xpu(:\d+)?)$",
                         description="'auto' picks CUDA when present, else CPU; or 'cpu', 'cuda', 'cuda:N', 'mps', 'xpu'")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -68,7 +69,8 @@ class MEMoEMethod(_Strict):
     anchor_pooling: Literal["mean", "last", "sum"] = Field(
         "mean", description="how the anchor's token embeddings are pooled for the router")
     gate_mode: Literal["anchor", "always"] = Field(
-        "anchor", description="'anchor': adapter silent on inputs without a known anchor; 'always': the paper's formula literally")
+        "anchor",
+        description="'anchor': adapter silent on inputs without a known anchor; 'always': the paper's formula literally")
     expert_sees_anchor: bool = Field(True, description="experts also take the anchor embedding (beyond the paper)")
     lr: float = Field(3e-2, gt=0, description="AdamW learning rate")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
@@ -327,7 +329,8 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in {"memoe", "ft-l", "ft-m", "lora", "grace", "memit", "wise"}))
+        names = {"memoe", "ft-l", "ft-m", "lora", "grace", "memit", "wise"}  # the union's tags in pydantic's error paths
+        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in names))
         if e["type"] == "extra_forbidden":
             lines.append(f"  unknown key '{loc}'")
         elif not loc:  # a check across keys: its message names them

@@ -136,7 +136,7 @@ def compute_layer_stats(model, tok, layers: Sequence[int], corpus: str = "shakes
         by_len: dict[int, list[list[int]]] = {}
         for c in chunks:
             by_len.setdefault(len(c), []).append(c)
-        for L, cs in by_len.items():
+        for cs in by_len.values():
             for i in range(0, len(cs), batch_size):
                 ids = torch.tensor(cs[i:i + batch_size], device=dev)
                 try:

@@ -288,7 +288,8 @@ def _validate(row: dict, path, rid, max_prompt_tokens: int | None, count_tokens)
     if f" {_norm(row['subject'])} " not in f" {_norm(row['prompt'])} ":
         raise EditDataError(path, f"subject {row['subject']!r} does not occur in the prompt {row['prompt']!r}", rid, "subject")
     if len(row["locality_prompts"]) != len(row["locality_answers"]):
-        raise EditDataError(path, f"{len(row['locality_prompts'])} locality prompts but {len(row['locality_answers'])} answers", rid, "locality_answers")
+        raise EditDataError(path, f"{len(row['locality_prompts'])} locality prompts but "
+                            f"{len(row['locality_answers'])} answers", rid, "locality_answers")
     for k in LIST_FIELDS:
         for j, s in enumerate(row[k]):
             if not s.strip():

@@ -22,6 +22,7 @@ import numpy as np
 import polars as pl
 import torch
 
+
 # --------------------------------------------------------------------------- tokenisation
 def encode_pair(tokenizer, prompt: str, target: str) -> tuple[list[int], int]:
     """Token ids of prompt + " " + target, and the number of prompt tokens."""
@@ -92,7 +93,9 @@ def teacher_forced(model, tokenizer, prompts: Sequence[str], targets: Sequence[s
             ids[r, :len(seq)] = torch.tensor(seq)
             mask[r, :len(seq)] = 1
             for j in range(npr, len(seq)):
-                rows.append(r); cols.append(j - 1); labels.append(seq[j])
+                rows.append(r)
+                cols.append(j - 1)
+                labels.append(seq[j])
         with _route(editor, [prompts[i] for i in idx]):
             h = body(input_ids=ids.to(dev), attention_mask=mask.to(dev)).last_hidden_state
         logits = head(h[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)]).float()
@@ -101,7 +104,7 @@ def teacher_forced(model, tokenizer, prompts: Sequence[str], targets: Sequence[s
         am = logits.argmax(-1).tolist()
         tok_lp = logp.gather(1, lab[:, None])[:, 0].tolist()
         k = 0
-        for r, i in enumerate(idx):
+        for i in idx:
             seq, npr = enc[i]
             m = len(seq) - npr
             pred[i] = am[k:k + m]
@@ -171,7 +174,9 @@ def _flat(df: pl.DataFrame, prompts_col: str, answers_col: str | None = None, an
         ps = row[prompts_col] or []
         ans = row[answers_col] if answers_col else [row[answer_scalar]] * len(ps)
         for p, a in zip(ps, ans):
-            owner.append(r); prompts.append(p); answers.append(a)
+            owner.append(r)
+            prompts.append(p)
+            answers.append(a)
     return owner, prompts, answers
 
 

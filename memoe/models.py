@@ -7,7 +7,6 @@
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import shutil
@@ -244,7 +243,8 @@ def _convert(name: str, gguf: Path, tmp: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     _save_plain(model, tmp)
     tok.save_pretrained(tmp)
-    (tmp / "MEMOE_SOURCE.txt").write_text(f"converted from {gguf.name} ({EMBEDDED[name].package}), licence {EMBEDDED[name].license}\n")
+    (tmp / "MEMOE_SOURCE.txt").write_text(
+        f"converted from {gguf.name} ({EMBEDDED[name].package}), licence {EMBEDDED[name].license}\n")
     _write_checksum(tmp)
 
 

@@ -45,8 +45,8 @@ def run_one(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from memoe.data import load_edits, sample_edits, split_rounds
     from memoe.config import resolve_path
+    from memoe.data import load_edits, sample_edits, split_rounds
     from memoe.editors import make_editor
     from memoe.metrics import evaluate, locality_predictions, summarize
     from memoe.models import load_model
@@ -72,7 +72,8 @@ def run_one(args) -> dict:
     out = {"method": args.method, "data": args.data, "n": args.n, "rounds": args.rounds, **s,
            "edit_s": edit_s, "edit_s_per_100": edit_s * 100 / args.n,
            "peak_rss_mb_before_edit": rss0, "peak_rss_mb_after_edit": rss1,
-           "cfg": cfg.model_dump(mode="json") if cfg is not None else None, "stats_last": {k: v for k, v in stats[-1].items() if isinstance(v, (int, float))}}
+           "cfg": cfg.model_dump(mode="json") if cfg is not None else None,
+           "stats_last": {k: v for k, v in stats[-1].items() if isinstance(v, (int, float))}}
     if torch.cuda.is_available():
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out

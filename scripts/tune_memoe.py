@@ -38,10 +38,9 @@ def main(argv=None) -> int:
     import yaml
 
     torch.set_num_threads(args.threads)
-    from memoe.config import MEMoEMethod, _parse_value
+    from memoe.config import MEMoEMethod, _parse_value, resolve_path
     from memoe.data import load_edits
     from memoe.datasets import SHARED_DATASETS
-    from memoe.config import resolve_path
     from memoe.editors.memoe import MEMoEEditor, router_diagnostics
     from memoe.metrics import evaluate, locality_predictions, summarize
     from memoe.models import load_model
@@ -74,7 +73,8 @@ def main(argv=None) -> int:
     table = evaluate(model, tok, recs, base, editor=ed, generation=not args.no_generation)
     t_eval = time.perf_counter() - t1
     out = {"tag": args.tag, "data": args.data, "start": args.start, "n": args.n, "rounds": args.rounds,
-           "set": args.set, "config": args.config, "edit_s": round(t_edit, 1), "edit_cpu_s": round(c_edit, 1), "eval_s": round(t_eval, 1),
+           "set": args.set, "config": args.config, "edit_s": round(t_edit, 1), "edit_cpu_s": round(c_edit, 1),
+           "eval_s": round(t_eval, 1),
            "steps": [s["steps"] for s in stats], "loss_final": [round(s["loss_final"], 4) for s in stats],
            "curve": stats[-1]["loss_curve"]}
     out.update({k: round(v, 4) for k, v in summarize(table).items()})

@@ -41,7 +41,14 @@ def on_worker() -> bool:
 def _bar(description: str, total: float):
     """A bar in the process's one live rich display (created with the first bar, closed with the last)."""
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     with _lock:
         if _live["progress"] is None:

@@ -110,7 +110,7 @@ class Tracker:
 
         items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
         for i in range(0, len(items), 100):
-            _retry(lambda: self.client.log_batch(run_id, params=items[i:i + 100], synchronous=True))
+            _retry(lambda i=i: self.client.log_batch(run_id, params=items[i:i + 100], synchronous=True))
 
     def metrics(self, run_id: str | None, values: dict[str, float], step: int = 0) -> None:
         if not run_id:
@@ -121,7 +121,7 @@ class Tracker:
         items = [Metric(k, float(v), ts, step) for k, v in sorted(values.items())
                  if isinstance(v, (int, float)) and v == v]
         for i in range(0, len(items), 1000):
-            _retry(lambda: self.client.log_batch(run_id, metrics=items[i:i + 1000], synchronous=True))
+            _retry(lambda i=i: self.client.log_batch(run_id, metrics=items[i:i + 1000], synchronous=True))
 
     def tags(self, run_id: str | None, tags: dict[str, str]) -> None:
         if not run_id:

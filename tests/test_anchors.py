@@ -1,7 +1,6 @@
 import torch
 
-from memoe.anchors import (NO_ANCHOR, AnchorExtractor, anchor_embeddings, anchor_end_token, capitalised_span,
-                           gold_anchor)
+from memoe.anchors import NO_ANCHOR, AnchorExtractor, anchor_embeddings, anchor_end_token, capitalised_span, gold_anchor
 
 
 def test_longest_known_match_wins():

@@ -160,10 +160,9 @@ def test_memit(tiny, tmp_path, cache):
 
 
 def test_memit_closed_form_uses_statistics(tokenizer, cache, monkeypatch):
-    from tests.conftest import tiny_model
-
     from memoe.editors import memit as memit_mod
     from memoe.editors.memit import memit_update
+    from tests.conftest import tiny_model
 
     g = torch.Generator().manual_seed(0)
     K, R = torch.randn(6, 3, generator=g), torch.randn(4, 3, generator=g)

@@ -129,7 +129,8 @@ def test_skip_bad_counts(tmp_path):
 def test_user_formats(tmp_path):
     p = tmp_path / "d.csv"
     p.write_text('subject,prompt,target_new,target_true,rephrases,locality_prompts,locality_answers\n'
-                 'Paris,Paris is the capital of,Italy,France,"[""The capital Paris is in""]",Rome is in|Oslo is in,Italy|Norway\n')
+                 'Paris,Paris is the capital of,Italy,France,"[""The capital Paris is in""]",'
+                 'Rome is in|Oslo is in,Italy|Norway\n')
     df, _ = load_edits(p, "csv")
     r = df.row(0, named=True)
     assert r["rephrase_prompts"] == ["The capital Paris is in"] and r["locality_answers"] == ["Italy", "Norway"]

@@ -13,7 +13,6 @@ from memoe.checks import check_layers
 from memoe.config import ConfigError, load_config
 from memoe.data import EditDataError, load_edits
 
-
 # ------------------------------------------------------------------ item 4: the reader keeps the data
 
 def test_csv_keeps_newlines_inside_quoted_cells_and_counts_lines(tmp_path):

@@ -5,8 +5,15 @@ import pytest
 from memoe.config import MEMoEMethod
 from memoe.editors.memoe import MEMoEEditor
 from memoe.metrics import evaluate, locality_predictions, summarize, teacher_forced
-from memoe.probes import (PROBE_RELATIONS, SCOPE_RELATIONS, add_probes, chat_prompt, relation_templates, restyle,
-                          scope_negatives)
+from memoe.probes import (
+    PROBE_RELATIONS,
+    SCOPE_RELATIONS,
+    add_probes,
+    chat_prompt,
+    relation_templates,
+    restyle,
+    scope_negatives,
+)
 
 from .conftest import tiny_model
 from .test_adapter import _records

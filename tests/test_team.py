@@ -5,9 +5,9 @@ Everything started here binds to 127.0.0.1 and is stopped here."""
 from __future__ import annotations
 
 import json
-import shutil
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys

@@ -63,9 +63,9 @@ def lines(cfg, changed: bool = False) -> list[str]:
 
 
 def run(args) -> int:
-    from memoe.config import load_config
-
     from pathlib import Path
+
+    from memoe.config import load_config
 
     quick = Path(__file__).resolve().parent.parent.parent / "configs" / "quickstart.yaml"
     path = args.config if args.config is not None else (quick if quick.exists() else None)

@@ -94,10 +94,10 @@ class Editor(ABC):
         """JSON-serialisable state beside the tensors (e.g. known subjects)."""
         return {}
 
-    def load_extra_state(self, state: dict[str, Any]) -> None:
+    def load_extra_state(self, state: dict[str, Any]) -> None:  # noqa: B027 (an optional hook: nothing by default)
         pass
 
-    def remove(self) -> None:
+    def remove(self) -> None:  # noqa: B027 (an optional hook: nothing by default)
         """Restore the unedited model."""
 
     def save(self, folder: str | Path) -> Path:

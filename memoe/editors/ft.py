@@ -55,7 +55,7 @@ class FTEditor(Editor):
         opt = torch.optim.Adam([w], lr=cfg.lr, weight_decay=cfg.weight_decay)
         losses: list[float] = []
         try:
-            for step in range(cfg.steps):
+            for _ in range(cfg.steps):
                 tot = 0.0
                 for b, cache in zip(batches, caches):
                     opt.zero_grad(set_to_none=True)

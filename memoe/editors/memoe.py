@@ -21,12 +21,21 @@ import torch
 from memoe.adapter import LayerCache, MEMoEAdapter, final_norm, supports_layer_cache
 from memoe.anchors import Anchor, AnchorExtractor, anchor_embeddings, anchor_end_token, gold_anchor
 from memoe.editors.base import Editor, register
-from memoe.editors.common import (can_compile, compiled_layers, edit_batch, head_nll_sum, length_buckets,
-                                  packed_batch, packing_is_exact, resolve_precision, token_groups,
-                                  training_precision)
+from memoe.editors.common import (
+    can_compile,
+    compiled_layers,
+    edit_batch,
+    head_nll_sum,
+    length_buckets,
+    packed_batch,
+    packing_is_exact,
+    resolve_precision,
+    token_groups,
+    training_precision,
+)
 from memoe.metrics import encode_pair
-from memoe.probes import chat_prompt, restyle, scope_negatives
 from memoe.models import decoder_layers, mlp_of
+from memoe.probes import chat_prompt, restyle, scope_negatives
 
 ROME_STARTS = ["The", "Therefore", "Because", "I", "You"]
 
