@@ -67,6 +67,8 @@ def main() -> int:
         base_env |= srv.client_env() | {"PREFECT_HOME": str(work / "prefect-home"), "OMP_NUM_THREADS": "1",
                                         "PWD": str(ROOT), "DO_NOT_TRACK": "1"}
         py = [sys.executable, "-m"]
+        # this process reads the flow runs' states back: from the team server, not a temporary one
+        os.environ.update(srv.client_env() | {"PREFECT_HOME": str(work / "prefect-home")})
         subprocess.run(py + ["prefect", "work-pool", "create", "memoe-process", "--type", "process"], env=base_env,
                        cwd=ROOT, check=True, capture_output=True)
         subprocess.run(py + ["prefect", "--no-prompt", "deploy", "--name", "quickstart"], env=base_env, cwd=ROOT,
