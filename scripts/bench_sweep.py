@@ -50,6 +50,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.team import TeamServer, free_port, stop_process
 
@@ -67,8 +68,6 @@ def main() -> int:
         base_env |= srv.client_env() | {"PREFECT_HOME": str(work / "prefect-home"), "OMP_NUM_THREADS": "1",
                                         "PWD": str(ROOT), "DO_NOT_TRACK": "1"}
         py = [sys.executable, "-m"]
-        # this process reads the flow runs' states back: from the team server, not a temporary one
-        os.environ.update(srv.client_env() | {"PREFECT_HOME": str(work / "prefect-home")})
         subprocess.run(py + ["prefect", "work-pool", "create", "memoe-process", "--type", "process"], env=base_env,
                        cwd=ROOT, check=True, capture_output=True)
         subprocess.run(py + ["prefect", "--no-prompt", "deploy", "--name", "quickstart"], env=base_env, cwd=ROOT,
@@ -92,7 +91,9 @@ def main() -> int:
                     stop_process(w)
             summary = json.loads((work / f"sweep-{n}.json").read_text())
             cells = []
-            with get_client(sync_client=True) as client:
+            # the flow runs' states, read back from the team server (prefect's settings were read at
+            # import: without this the client would start a temporary server of its own)
+            with temporary_settings(updates={PREFECT_API_URL: srv.prefect_api}), get_client(sync_client=True) as client:
                 for c in summary["cells"]:
                     states = client.read_flow_run_states(c["flow_run_id"])
                     picked = min(s.timestamp for s in states if s.type.value == "PENDING")
