@@ -17,6 +17,11 @@ Left padding is read from the ``attention_mask`` the body receives (a pre-hook o
 Packed batches (several rows per sequence, for training) give the context per token instead:
 ``anchor`` (B, T, d_a) and ``active`` (B, T).
 
+A grown adapter (``grow``) holds several *blocks*, each a full set of experts for every edited
+layer; ``RouteState.block`` names each row's block (an int for the whole batch, or (B,) per row;
+None: block 0). Only the row's own block runs on it, so per-token compute does not grow with the
+number of blocks; ``grow`` freezes every earlier block.
+
 This module knows nothing about the editor or about how anchors are found.
 """
 from __future__ import annotations
@@ -43,23 +48,24 @@ class RouteState:
     record: list | None = None  # when a list: each hook call appends routing info (diagnostics)
     default_gate: float = 0.0  # gate for a forward call made without any route context
     explicit: bool = False  # the context was set by the caller (route()); auto-routing then stays off
+    block: int | torch.Tensor | None = None  # grown adapter: the block of every row (int) or of each row (B,)
     # drop-in routing: (input_ids (B, T), attention_mask (B, T) | None) -> {anchor, gate, start}
     auto: Callable[[torch.Tensor, torch.Tensor | None], dict] | None = None
 
     def clear(self) -> None:
-        self.anchor = self.gate = self.start = self.active = None
+        self.anchor = self.gate = self.start = self.active = self.block = None
 
     def set(self, ctx: dict | None, explicit: bool = True) -> tuple:
         """Install a routing context ({anchor, gate, start[, active]}; None clears it); returns the
         previous one for ``restore``."""
-        old = (self.anchor, self.gate, self.start, self.active, self.explicit)
+        old = (self.anchor, self.gate, self.start, self.active, self.block, self.explicit)
         ctx = ctx or {}
         self.anchor, self.gate, self.start = ctx.get("anchor"), ctx.get("gate"), ctx.get("start")
-        self.active, self.explicit = ctx.get("active"), explicit
+        self.active, self.block, self.explicit = ctx.get("active"), ctx.get("block"), explicit
         return old
 
     def restore(self, old: tuple) -> None:
-        self.anchor, self.gate, self.start, self.active, self.explicit = old
+        self.anchor, self.gate, self.start, self.active, self.block, self.explicit = old
 
 
 class MoELayer(nn.Module):
@@ -134,15 +140,39 @@ class MEMoEAdapter(nn.Module):
         d_model = model.config.hidden_size if hasattr(model.config, "hidden_size") else d
         ffn = getattr(model.config, "intermediate_size", None) or getattr(model.config, "n_inner", None) or 4 * d_model
         param = next(model.parameters())
-        self.moe = nn.ModuleDict({
+        self._make = lambda: nn.ModuleDict({
             str(l): MoELayer(d_model, d, num_experts, top_k, form, rank, ffn, lam, noise, expert_sees_anchor, act)
-            for l in self.layer_ids})
-        self.to(device=param.device, dtype=param.dtype)
+            for l in self.layer_ids}).to(device=param.device, dtype=param.dtype)
+        self.moe = self._make()  # block 0
+        self.grown = nn.ModuleList()  # blocks 1.. (``grow``)
         self.state = RouteState()
         self._handles: list = []
         self._model = [model]  # not a submodule: the adapter's state_dict holds only its own weights
         self.load_stats: dict[int, torch.Tensor] = {}
         self.attach()
+
+    # ------------------------------------------------------------------ blocks
+    @property
+    def n_blocks(self) -> int:
+        return 1 + len(self.grown)
+
+    def block(self, i: int) -> nn.ModuleDict:
+        """Block ``i``'s experts and router, one ``MoELayer`` per edited layer (by layer id string)."""
+        if not 0 <= i < self.n_blocks:
+            raise IndexError(f"adapter block {i} does not exist (the adapter has {self.n_blocks})")
+        return self.moe if i == 0 else self.grown[i - 1]
+
+    def grow(self) -> int:
+        """Add a fresh block (its output projections zero: it adds nothing yet) and freeze every
+        earlier one; returns the new block's index. The new block's initial weights come from torch's
+        global generator (callers seed it)."""
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.grown.append(self._make().train(self.training))  # a new module would be in training mode
+        return self.n_blocks - 1
+
+    def parameter_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parameters())
 
     # ------------------------------------------------------------------ hooks
     @property
@@ -234,23 +264,39 @@ class MEMoEAdapter(nn.Module):
                 a = st.anchor.to(device=x.device, dtype=x.dtype)
             else:
                 a = st.anchor.to(device=x.device, dtype=x.dtype)[:, None, :].expand(B, T, -1)
-            moe = self.moe[str(layer)]
-            if torch.is_autocast_enabled(x.device.type):
-                # mixed-precision training: the adapter runs in its own (fp32) precision and its small
-                # early contributions are added at that precision, not rounded away in a bf16 sum
-                dt = moe.w_in.dtype
-                with torch.autocast(x.device.type, enabled=False):
-                    delta, probs, idx = moe(x.reshape(B * T, d).to(dt), a.reshape(B * T, -1).to(dt), active.reshape(-1))
-                output = output.to(dt)
+            # the block of each token's row: one block for the batch, or each row's own
+            if st.block is None or isinstance(st.block, int):
+                parts = [(int(st.block or 0), active.reshape(-1))]
             else:
-                delta, probs, idx = moe(x.reshape(B * T, d), a.reshape(B * T, -1), active.reshape(-1))
-            if self.training and probs is not None:
-                self.load_stats[layer] = (probs, idx)
-            if st.record is not None:
-                full = torch.full((B * T, idx.shape[1]), -1, dtype=torch.long)
-                full[active.reshape(-1).cpu()] = idx.cpu()
+                if st.block.shape[0] != B:
+                    raise RuntimeError(f"route context has blocks for {st.block.shape[0]} rows but the batch has {B}")
+                tok_block = st.block.to(x.device)[:, None].expand(B, T).reshape(-1)
+                flat = active.reshape(-1)
+                parts = [(int(b), flat & (tok_block == b)) for b in torch.unique(tok_block[flat]).tolist()]
+            autocast = torch.is_autocast_enabled(x.device.type)
+            dt = self.moe[str(layer)].w_in.dtype
+            xs, as_ = x.reshape(B * T, d), a.reshape(B * T, -1)
+            total = None
+            full = torch.full((B * T, self.moe[str(layer)].k), -1, dtype=torch.long) if st.record is not None else None
+            for b, act_b in parts:
+                moe = self.block(b)[str(layer)]
+                if autocast:
+                    # mixed-precision training: the adapter runs in its own (fp32) precision and its small
+                    # early contributions are added at that precision, not rounded away in a bf16 sum
+                    with torch.autocast(x.device.type, enabled=False):
+                        delta, probs, idx = moe(xs.to(dt), as_.to(dt), act_b)
+                else:
+                    delta, probs, idx = moe(xs, as_, act_b)
+                total = delta if total is None else total + delta
+                if self.training and probs is not None:
+                    self.load_stats[layer] = (probs, idx)
+                if full is not None and idx is not None:
+                    full[act_b.cpu()] = idx.cpu()
+            if full is not None:
                 st.record.append({"layer": layer, "active": active.cpu(), "idx": full.view(B, T, -1)})
-            return output + delta.view(B, T, d)
+            if autocast:
+                output = output.to(dt)
+            return output + total.view(B, T, d)
         return hook
 
     def load_balance_loss(self) -> torch.Tensor:
@@ -267,8 +313,9 @@ class MEMoEAdapter(nn.Module):
 
     def set_generator(self, seed: int) -> None:
         dev = next(self.parameters()).device
-        for m in self.moe.values():
-            m.generator = torch.Generator(device=dev).manual_seed(seed)
+        for m in self.modules():
+            if isinstance(m, MoELayer):
+                m.generator = torch.Generator(device=dev).manual_seed(seed)
 
 
 # ---------------------------------------------------------------------- layer cache

@@ -110,6 +110,10 @@ class MEMoEMethod(_Strict):
     scope_weight: float = Field(1.0, ge=0.0, description="weight of the scope loss (relative squared adapter term)")
     scope_stop_loss: float = Field(
         1.0, ge=0.0, description="with scope negatives, the early stop also waits for the scope loss to fall below this")
+    growth: Literal["shared", "round"] = Field(
+        "shared", description="sequential: 'shared': every round trains the same adapter (the paper's protocol, with "
+        "`replay`); 'round': each round adds a new block of experts and freezes the earlier ones, and the anchor index "
+        "routes each subject to the block that holds its latest edits (a re-edited subject's other edits move with it)")
     drop_in: bool = Field(
         True, description="the edited model applies its edits in any plain forward / generate call: each row's "
         "anchor is found from its token ids inside the forward (route() still sets it explicitly)")
@@ -118,6 +122,9 @@ class MEMoEMethod(_Strict):
     def _check(self):
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k ({self.top_k}) > num_experts ({self.num_experts})")
+        if self.growth == "round" and self.gate_mode != "anchor":
+            raise ValueError("growth 'round' routes each input by its known anchor to a block: it needs "
+                             "gate_mode 'anchor'")
         return self
 
 

@@ -50,6 +50,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.team import TeamServer, free_port, stop_process
 
@@ -90,7 +91,9 @@ def main() -> int:
                     stop_process(w)
             summary = json.loads((work / f"sweep-{n}.json").read_text())
             cells = []
-            with get_client(sync_client=True) as client:
+            # the flow runs' states, read back from the team server (prefect's settings were read at
+            # import: without this the client would start a temporary server of its own)
+            with temporary_settings(updates={PREFECT_API_URL: srv.prefect_api}), get_client(sync_client=True) as client:
                 for c in summary["cells"]:
                     states = client.read_flow_run_states(c["flow_run_id"])
                     picked = min(s.timestamp for s in states if s.type.value == "PENDING")

@@ -324,3 +324,84 @@ def test_compile_falls_back_to_eager_where_it_cannot_build(tokenizer, monkeypatc
     with pytest.warns(UserWarning, match="cannot build kernels"):
         ed = MEMoEEditor(model, tokenizer, cfg)
     assert ed.edit(_recs())["compiled"] is False
+
+
+GROW = [("The mother tongue of Danielle Darrieux is", "Klingon", "Danielle Darrieux"),
+        ("Homer's most famous poem is", "Blue Lagoon", "Homer"),
+        ("The capital of Laos is", "Yamoussoukro", "Laos")]
+
+
+def _one(p, t, s):
+    return _records([p], [t], [s])
+
+
+def test_grown_adapter_freezes_earlier_blocks_and_routes_each_subject_to_its_block(tokenizer, tmp_path):
+    model = tiny_model("llama", len(tokenizer))
+    loc_before = model(**tokenizer([LOC], return_tensors="pt")).logits
+    cfg = MEMoEMethod(**{**FAST, "steps": 100, "growth": "round"})
+    ed = MEMoEEditor(model, tokenizer, cfg)
+    snapshots, sizes = [], []
+    for i, edit in enumerate(GROW):
+        st = ed.edit(_one(*edit))
+        assert st["block"] == i and st["n_blocks"] == i + 1 and st["n_replayed"] == 0
+        sizes.append(st["adapter_bytes"])
+        snapshots.append({k: v.clone() for k, v in ed.state_dict().items()})
+    # a later round trains only its own block: every earlier block's weights are bit-identical
+    for i, snap in enumerate(snapshots[:-1]):
+        prefix = "moe." if i == 0 else f"grown.{i - 1}."
+        later = ed.state_dict()
+        assert all(torch.equal(v, later[k]) for k, v in snap.items() if k.startswith(prefix))
+    assert sizes[1] - sizes[0] == sizes[2] - sizes[1] == sizes[0]  # one block's bytes per round
+    assert ed.block_of == {"danielle darrieux": 0, "homer": 1, "laos": 2}
+    prompts, targets = [p for p, _, _ in GROW], [t for _, t, _ in GROW]
+    assert min(teacher_forced(model, tokenizer, prompts, targets, editor=ed).acc()) == 1.0
+    assert min(teacher_forced(model, tokenizer, prompts, targets).acc()) == 1.0  # drop-in: a plain forward
+    assert torch.equal(loc_before, model(**tokenizer([LOC], return_tensors="pt")).logits)
+    # routing a row to another block changes its output: the blocks really hold different edits
+    with ed.route([prompts[0]]):
+        ed.adapter.state.block = torch.tensor([2])
+        wrong = teacher_forced(model, tokenizer, prompts[:1], targets[:1]).acc()
+    assert wrong[0] < 1.0
+    ed.save(tmp_path / "grown")
+    fresh = tiny_model("llama", len(tokenizer))
+    ed2 = MEMoEEditor(fresh, tokenizer, cfg)
+    ed2.load(tmp_path / "grown")
+    assert ed2.adapter.n_blocks == 3 and ed2.block_of == ed.block_of
+    a = teacher_forced(model, tokenizer, prompts, targets, editor=ed).logprob
+    assert a == teacher_forced(fresh, tokenizer, prompts, targets, editor=ed2).logprob
+
+
+@pytest.mark.parametrize("growth", ["shared", "round"])
+def test_a_re_edit_answers_the_latest_target_and_the_old_one_does_not_come_back(tokenizer, growth):
+    model = tiny_model("llama", len(tokenizer))
+    ed = MEMoEEditor(model, tokenizer, MEMoEMethod(**{**FAST, "steps": 100, "growth": growth}))
+    (p0, t0, s0), (p1, t1, s1), (p2, t2, s2) = GROW
+    ed.edit(_records([p0, p1], [t0, t1], [s0, s1]))
+    # the same prompt with a new target, and another subject
+    p1_again = "Homer's   most famous poem is"  # the same prompt up to spacing
+    st = ed.edit(_records([p1_again, p2], ["Star Wars", t2], [s1, s2]))
+    assert st["n_superseded"] == 1
+    assert [h[1] for h in ed.history if h[2] == s1] == ["Star Wars"]
+    if growth == "round":
+        assert st["n_replayed"] == 0 and ed.block_of["homer"] == 1 and ed.block_of["danielle darrieux"] == 0
+    else:
+        assert st["n_replayed"] == 1  # Danielle Darrieux's edit; never Homer's superseded one
+    new = teacher_forced(model, tokenizer, [p1, p0, p2], ["Star Wars", t0, t2], editor=ed).acc()
+    old = teacher_forced(model, tokenizer, [p1], [t1], editor=ed).acc()
+    assert min(new) == 1.0 and old[0] < 1.0
+
+
+def test_a_grown_block_takes_the_re_edited_subjects_other_edits_with_it(tokenizer):
+    model = tiny_model("llama", len(tokenizer))
+    ed = MEMoEEditor(model, tokenizer, MEMoEMethod(**{**FAST, "steps": 100, "growth": "round"}))
+    other = "The birthplace of Homer is"
+    ed.edit(_records(["Homer's most famous poem is", other], ["Blue Lagoon", "Mars"], ["Homer", "Homer"]))
+    st = ed.edit(_records(["Homer's most famous poem is"], ["Star Wars"], ["Homer"]))
+    assert st["n_replayed"] == 1 and ed.block_of["homer"] == 1  # the birthplace edit moved to block 1
+    acc = teacher_forced(model, tokenizer, ["Homer's most famous poem is", other], ["Star Wars", "Mars"], editor=ed).acc()
+    assert min(acc) == 1.0
+
+
+def test_growth_round_needs_anchor_gating():
+    with pytest.raises(ValueError, match="gate_mode 'anchor'"):
+        MEMoEMethod(growth="round", gate_mode="always")

@@ -19,7 +19,8 @@ import polars as pl
 import torch
 
 from memoe.adapter import LayerCache, MEMoEAdapter, final_norm, supports_layer_cache
-from memoe.anchors import Anchor, AnchorExtractor, anchor_embeddings, anchor_end_token, gold_anchor
+from memoe.anchors import (Anchor, AnchorExtractor, anchor_embeddings, anchor_end_token, gold_anchor,
+                           normalise_subject)
 from memoe.editors.base import Editor, register
 from memoe.editors.common import (
     can_compile,
@@ -76,7 +77,9 @@ class MEMoEEditor(Editor):
         if cfg.drop_in:
             self.adapter.state.auto = self._auto_context
         self.extractor = AnchorExtractor(ner=cfg.ner_fallback)
-        self.history: list[tuple[str, str, str]] = []  # (prompt, target, subject) of every edit so far
+        self.history: list[tuple[str, str, str]] = []  # (prompt, target, subject) of every edit in force
+        self.block_of: dict[str, int] = {}  # growth 'round': normalised subject -> the block holding its edits
+        self._train_block: int | None = None  # growth 'round', inside edit(): the block being trained
         self.templates: list[str] | None = None
         self.rounds = 0
         self.uses_layer_cache = bool(cfg.layer_cache) and supports_layer_cache(model)
@@ -104,7 +107,12 @@ class MEMoEEditor(Editor):
             if starts is None:
                 starts = [anchor_end_token(self.tokenizer, t, a) if a.found else 0 for t, a in zip(texts, anchors)]
             start = torch.tensor(list(starts), dtype=torch.long, device=self.device)
-        return dict(anchor=emb, gate=gate, start=start)
+        ctx = dict(anchor=emb, gate=gate, start=start)
+        if self.cfg.growth == "round":  # the anchor index: each known subject's block (training: the new one)
+            ctx["block"] = self._train_block if self._train_block is not None else torch.tensor(
+                [self.block_of.get(normalise_subject(a.text), 0) if a.known else 0 for a in anchors],
+                dtype=torch.long, device=self.device)
+        return ctx
 
     @contextlib.contextmanager
     def _set(self, ctx: dict[str, torch.Tensor | None]) -> Iterator[None]:
@@ -290,7 +298,7 @@ class MEMoEEditor(Editor):
         if ctx["start"] is not None:
             active = active & (batch["position_ids"] >= ctx["start"][r])
         anchor = ctx["anchor"][r] * real[..., None].to(ctx["anchor"].dtype)
-        return dict(anchor=anchor, gate=None, start=None, active=active)
+        return dict(anchor=anchor, gate=None, start=None, active=active, block=ctx.get("block"))
 
     # ------------------------------------------------------------------ scope: same subject, other relations
     def scope_rows(self, items: Sequence[tuple[str, str, str]]) -> list[tuple[str, str]]:
@@ -449,15 +457,52 @@ class MEMoEEditor(Editor):
             nll += float(loss_sum.detach())
         return nll
 
+    @staticmethod
+    def _prompt_key(prompt: str) -> str:
+        return " ".join(prompt.split())
+
     def edit(self, records: pl.DataFrame) -> dict[str, Any]:
         cfg = self.cfg
         t0 = time.perf_counter()
         new = self._rows(records)
         self.extractor.add(s for _, _, s in new)
-        rng = random.Random(self.seed * 1000 + self.rounds)
-        old = list(self.history)
-        if cfg.replay is not None and len(old) > cfg.replay:
-            old = rng.sample(old, cfg.replay)
+        # a re-edit (an earlier edit's prompt with a new target) supersedes the earlier edit: it is
+        # never replayed again, so the old target cannot come back
+        keys = {self._prompt_key(p) for p, _, _ in new}
+        history = [h for h in self.history if self._prompt_key(h[0]) not in keys]
+        n_superseded = len(self.history) - len(history)
+        block = 0
+        if cfg.growth == "round":
+            # the new block takes over this round's subjects: their earlier edits still in force move
+            # with them (the anchor index then routes those subjects here); nothing else is replayed
+            subjects = {normalise_subject(s) for _, _, s in new}
+            old = [h for h in history if normalise_subject(h[2]) in subjects]
+            if self.rounds > 0:
+                with torch.random.fork_rng(devices=[] if self.device.type == "cpu" else [self.device]):
+                    torch.manual_seed(self.seed * 1000 + self.rounds)
+                    block = self.adapter.grow()
+            self._train_block = block
+        else:
+            rng = random.Random(self.seed * 1000 + self.rounds)
+            old = list(history)
+            if cfg.replay is not None and len(old) > cfg.replay:
+                old = rng.sample(old, cfg.replay)
+        try:
+            stats = self._train(new, old, t0)
+        finally:
+            self._train_block = None
+        if cfg.growth == "round":
+            for _, _, s in new + old:
+                self.block_of[normalise_subject(s)] = block
+        self.history = history + new
+        self.rounds += 1
+        self.edits_applied += len(new)
+        return {**stats, "n_superseded": n_superseded, "block": block, "n_blocks": self.adapter.n_blocks,
+                "adapter_bytes": self.adapter.parameter_bytes(), "time_s": round(time.perf_counter() - t0, 3)}
+
+    def _train(self, new: list[tuple[str, str, str]], old: list[tuple[str, str, str]], t0: float) -> dict[str, Any]:
+        """One round's training of the adapter's trainable parameters on ``new`` and ``old`` edits."""
+        cfg = self.cfg
         rows = self._examples(new + old)
         scope_rows = self.scope_rows(new + old)
         bs = cfg.batch_size * (1 + len(self.context_templates()) + len(cfg.augment)) if cfg.batch_size else len(rows)
@@ -507,9 +552,6 @@ class MEMoEEditor(Editor):
                 self.adapter.eval()
                 self.adapter.load_stats = {}
                 self._head_weight = None
-        self.history.extend(new)
-        self.rounds += 1
-        self.edits_applied += len(new)
         return {"loss_first": losses[0], "loss_final": losses[-1], "steps": step, "n_edits": len(new),
                 "n_replayed": len(old), "n_train_rows": len(rows),
                 "n_scope_negatives": len(scope_rows),
@@ -517,7 +559,7 @@ class MEMoEEditor(Editor):
                 "packed": packed, "compiled": self.compiles,
                 "precision": str(dtype or torch.float32).replace("torch.", ""),
                 "buckets": sum(len(p) for p in steps_data),
-                "prep_s": round(t_prep, 3), "time_s": round(time.perf_counter() - t0, 3),
+                "prep_s": round(t_prep, 3),
                 "loss_curve": [round(x, 4) for x in losses[::max(1, len(losses) // 10)]]}
 
     # ------------------------------------------------------------------ state
@@ -525,17 +567,29 @@ class MEMoEEditor(Editor):
         return {k: v.detach().clone() for k, v in self.adapter.state_dict().items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        blocks = 1 + max((int(k.split(".")[1]) + 1 for k in state if k.startswith("grown.")), default=0)
+        self._grow_to(blocks)
         self.adapter.load_state_dict(state)
+
+    def _grow_to(self, blocks: int) -> None:
+        if blocks > 1 and self.cfg.growth != "round":
+            raise ValueError(f"this adapter state has {blocks} blocks (growth 'round') but the editor's "
+                             f"config has growth {self.cfg.growth!r}")
+        while self.adapter.n_blocks < blocks:
+            self.adapter.grow()
 
     def extra_state(self) -> dict[str, Any]:
         return {"known_subjects": self.extractor.subjects, "templates": self.templates,
-                "history": [list(h) for h in self.history], "rounds": self.rounds}
+                "history": [list(h) for h in self.history], "rounds": self.rounds,
+                "blocks": self.adapter.n_blocks, "block_of": dict(self.block_of)}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.extractor = AnchorExtractor(state.get("known_subjects", []), ner=self.cfg.ner_fallback)
         self.templates = state.get("templates")
         self.history = [tuple(h) for h in state.get("history", [])]
         self.rounds = state.get("rounds", 0)
+        self.block_of = {k: int(v) for k, v in state.get("block_of", {}).items()}
+        self._grow_to(int(state.get("blocks", 1)))
 
     def remove(self) -> None:
         self.adapter.remove()
