@@ -19,8 +19,7 @@ import polars as pl
 import torch
 
 from memoe.adapter import LayerCache, MEMoEAdapter, final_norm, supports_layer_cache
-from memoe.anchors import (Anchor, AnchorExtractor, anchor_embeddings, anchor_end_token, gold_anchor,
-                           normalise_subject)
+from memoe.anchors import Anchor, AnchorExtractor, anchor_embeddings, anchor_end_token, gold_anchor, normalise_subject
 from memoe.editors.base import Editor, register
 from memoe.editors.common import (
     can_compile,
