@@ -212,7 +212,8 @@ def _prepare(ctx: Ctx) -> tuple[dict, dict, dict | None]:
     batch = cfg.edits_per_round()
     md = cfg.model.model_dump(mode="json")
     data = ctx.call(steps.prepare_dataset, "prepare_dataset", "prepare", data_cfg=cfg.data.model_dump(mode="json"),
-                    model_cfg=md, rounds=rounds, batch_size=batch, store=str(ctx.store))
+                    model_cfg=md, rounds=rounds, batch_size=batch, store=str(ctx.store),
+                    re_edit=[cfg.protocol.re_edit.round, cfg.protocol.re_edit.of_round] if cfg.protocol.re_edit else None)
     base = ctx.call(steps.base_locality, "base_locality", "locality_base", edits=data["edits"], model_cfg=md,
                     batch_size=cfg.eval.batch_size, store=str(ctx.store), threads=cfg.threads)
     anchors = None

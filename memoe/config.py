@@ -220,11 +220,19 @@ MethodConfig = Annotated[
 ]
 
 
+class ReEditConfig(_Strict):
+    round: int = Field(ge=2, description="the (1-based) round that re-edits an earlier round's edits with new targets")
+    of_round: int = Field(1, ge=1, description="the round whose edits are re-edited")
+
+
 class ProtocolConfig(_Strict):
     mode: Literal["batch", "sequential"] = Field(
         "batch", description="'batch': all edits at once; 'sequential': `rounds` rounds of `batch_size` edits")
     rounds: int = Field(1, ge=1, description="sequential: number of rounds")
     batch_size: int | None = Field(None, ge=1, description="edits per round; default n_edits / rounds")
+    re_edit: ReEditConfig | None = Field(
+        None, description="sequential: one round re-edits an earlier round's edits (same prompts, new targets): "
+        "scored as reedit_reliability (the latest target) and overwritten_reliability (the earlier one)")
 
 
 class EvalConfig(_Strict):
@@ -267,7 +275,12 @@ class Config(_Strict):
             if p.rounds != 1:
                 raise ValueError(f"protocol.rounds={p.rounds} applies to sequential mode only; leave it out or set "
                                  "protocol.mode: sequential")
+            if p.re_edit is not None:
+                raise ValueError("protocol.re_edit applies to sequential mode only; set protocol.mode: sequential")
             return self
+        if p.re_edit is not None and not p.re_edit.of_round < p.re_edit.round <= p.rounds:
+            raise ValueError(f"protocol.re_edit: round {p.re_edit.round} cannot re-edit round {p.re_edit.of_round} "
+                             f"of a {p.rounds}-round study (need 1 <= of_round < round <= protocol.rounds)")
         if p.batch_size is not None:
             need = p.rounds * p.batch_size
             if "n_edits" not in d.model_fields_set:

@@ -352,12 +352,46 @@ def sample_edits(df: pl.DataFrame, n: int | None, seed: int = 0, how: str = "fir
     return df.sample(n=n, seed=seed, shuffle=True)
 
 
-def split_rounds(df: pl.DataFrame, rounds: int, batch_size: int) -> list[pl.DataFrame]:
-    """Split edits into ``rounds`` consecutive batches of ``batch_size`` (the sequential protocol)."""
-    need = rounds * batch_size
+RE_EDIT = "#re"  # an id with this suffix: a re-edit of the record whose id precedes it
+
+
+def split_rounds(df: pl.DataFrame, rounds: int, batch_size: int, re_edit: tuple[int, int] | None = None,
+                 seed: int = 0) -> list[pl.DataFrame]:
+    """Split edits into ``rounds`` consecutive batches of ``batch_size`` (the sequential protocol).
+    ``re_edit=(r, q)`` (1-based rounds, q < r): round r re-edits round q's edits instead of taking new
+    ones (``re_edits``), so the study needs (rounds - 1) x batch_size edits."""
+    unique = rounds - (1 if re_edit else 0)
+    need = unique * batch_size
     if need > df.height:
-        raise ValueError(f"{rounds} rounds x {batch_size} edits = {need} edits, but only {df.height} available")
-    return [df.slice(t * batch_size, batch_size) for t in range(rounds)]
+        raise ValueError(f"{unique} rounds x {batch_size} edits = {need} edits, but only {df.height} available")
+    parts = [df.slice(t * batch_size, batch_size) for t in range(unique)]
+    if re_edit:
+        r, q = re_edit
+        if not 1 <= q < r <= rounds:
+            raise ValueError(f"protocol.re_edit: round {r} cannot re-edit round {q} of a {rounds}-round study "
+                             "(need 1 <= of_round < round <= rounds)")
+        parts.insert(r - 1, re_edits(parts[q - 1], r, seed))
+    return parts
+
+
+def re_edits(part: pl.DataFrame, round_no: int, seed: int = 0) -> pl.DataFrame:
+    """The same edits again with new targets: each record takes another record's ``target_new`` (a
+    seeded derangement over the distinct targets, so no record keeps its own); its earlier target
+    becomes ``target_true`` (what the edited model said before), its id gets ``#re<round>``."""
+    import random
+
+    old = part["target_new"].to_list()
+    if len(set(old)) < 2:
+        raise ValueError("protocol.re_edit: the re-edited round needs at least two distinct targets")
+    order = list(range(len(old)))
+    rng = random.Random(seed * 1000 + round_no)
+    while True:  # a derangement of the targets (a few tries at most)
+        rng.shuffle(order)
+        new = [old[j] for j in order]
+        if all(a != b for a, b in zip(new, old)):
+            break
+    return part.with_columns(pl.Series("target_new", new, pl.String), pl.Series("target_true", old, pl.String),
+                             (pl.col("id") + f"{RE_EDIT}{round_no}").alias("id"))
 
 
 def frame_hash(df: pl.DataFrame) -> str:

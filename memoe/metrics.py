@@ -312,7 +312,8 @@ def evaluate(model, tokenizer, records: pl.DataFrame, base: pl.DataFrame | None 
 
 
 METRICS = ["reliability", "generality", "locality", "specificity", "restyled_generality", "chat_generality",
-           "portability", "generation_reliability", "efficacy", "paraphrase", "neighborhood", "fluency"]
+           "portability", "generation_reliability", "efficacy", "paraphrase", "neighborhood", "fluency",
+           "reedit_reliability", "overwritten_reliability"]
 
 
 def summarize(table: pl.DataFrame) -> dict[str, float]:
@@ -330,5 +331,6 @@ def summarize(table: pl.DataFrame) -> dict[str, float]:
     if all(k in out for k in ("efficacy", "paraphrase", "neighborhood")):
         vals = [out["efficacy"], out["paraphrase"], out["neighborhood"]]
         out["cf_score"] = float(len(vals) / sum(1 / max(v, 1e-9) for v in vals))
-    out["n_edits"] = float(table.height)
+    # edits in force (an overwritten edit's row carries only overwritten_reliability)
+    out["n_edits"] = float(table["reliability"].drop_nulls().len() if "reliability" in table.columns else table.height)
     return out

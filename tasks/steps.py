@@ -170,13 +170,16 @@ def prepare_key(ctx, p: dict[str, Any]) -> str:
 
     data = {k: v for k, v in p["data_cfg"].items() if k != "path"}
     return "data-" + digest(file_digest(resolve_path(p["data_cfg"]["path"])), data, p["rounds"],
-                            p["batch_size"], p["model_cfg"].get("max_length"),
+                            p["batch_size"], p.get("re_edit"), p["model_cfg"].get("max_length"),
                             _model_key(p["model_cfg"], p["store"])["fingerprint"], code_version())
 
 
 @task(name="prepare_dataset", cache_key_fn=prepare_key, **COMMON)
-def prepare_dataset(data_cfg: dict, model_cfg: dict, rounds: int, batch_size: int, store: str) -> dict:
+def prepare_dataset(data_cfg: dict, model_cfg: dict, rounds: int, batch_size: int, store: str,
+                    re_edit: list[int] | None = None) -> dict:
     """Load, validate (context length with the model's tokenizer), sample and split the edits."""
+    import polars as pl
+
     from memoe.config import Config
     from memoe.data import frame_hash, split_rounds
     from memoe.datasets import load_for_config
@@ -185,8 +188,8 @@ def prepare_dataset(data_cfg: dict, model_cfg: dict, rounds: int, batch_size: in
     cfg = Config.model_validate({"data": data_cfg, "model": model_cfg})
     model, tok = model_and_tokenizer(model_cfg)
     df, report = load_for_config(cfg, tok, context_length(model, tok))
-    parts = split_rounds(df, rounds, batch_size)
-    df = df.head(rounds * batch_size)
+    parts = split_rounds(df, rounds, batch_size, tuple(re_edit) if re_edit else None, seed=data_cfg.get("seed", 0))
+    df = pl.concat(parts)  # every edit applied (re-edits too: the unedited model's predictions are by id)
     tmp = _tmp(store, "data")
     df.write_parquet(tmp / "edits.parquet")
     for t, part in enumerate(parts):
@@ -351,12 +354,20 @@ def evaluate_round(round_index: int, rounds: list[str], state: str, base: str, m
     """Per-edit metrics after round t on the round's edits and (a sample of) the earlier ones."""
     import polars as pl
 
+    from memoe.data import RE_EDIT
     from memoe.editors import make_editor
-    from memoe.metrics import evaluate
+    from memoe.metrics import evaluate, teacher_forced
 
     final = round_index == len(rounds) - 1
     verified(Path(rounds[0]).parent), verified(state), verified(base)
     records, n_earlier = eval_set(rounds, round_index, eval_cfg.get("retention_sample"), seed, final)
+    # edits re-edited by round t or before are no longer in force: their earlier target is scored apart
+    # (overwritten_reliability: it should be gone), the re-edit as any edit (and as reedit_reliability)
+    re_ids = [i for r in rounds[:round_index + 1] for i in pl.read_parquet(r, columns=["id"])["id"].to_list()
+              if RE_EDIT in i]
+    gone = {i.rsplit(RE_EDIT, 1)[0] for i in re_ids}
+    overwritten = records.filter(pl.col("id").is_in(list(gone)))
+    records = records.filter(~pl.col("id").is_in(list(gone)))
     model, tok = model_and_tokenizer(model_cfg, threads)
     editor = make_editor(model, tok, method_from_dict(method_cfg), seed=seed * 1000 + round_index)
     try:
@@ -365,6 +376,8 @@ def evaluate_round(round_index: int, rounds: list[str], state: str, base: str, m
         table = evaluate(model, tok, records.drop("round_of_edit", "current"), pl.read_parquet(base), editor=editor,
                          batch_size=eval_cfg["batch_size"], generation=eval_cfg["generation"],
                          max_new_tokens=eval_cfg["max_new_tokens"], fluency=eval_cfg["fluency"])
+        old_acc = (teacher_forced(model, tok, overwritten["prompt"].to_list(), overwritten["target_new"].to_list(),
+                                  editor=editor, batch_size=eval_cfg["batch_size"]).acc() if overwritten.height else [])
         # router diagnostics (expert load, anchor hits) on the round's own edits: cheap enough per round
         diagnostics = _diagnostics(editor, records.filter(pl.col("current")).drop("round_of_edit", "current"),
                                    eval_cfg)
@@ -376,6 +389,12 @@ def evaluate_round(round_index: int, rounds: list[str], state: str, base: str, m
     shown = [c for c in ("subject", "prompt", "target_new", "target_true") if c not in table.columns]
     table = table.with_columns(records["round_of_edit"], records["current"], *(records[c] for c in shown))
     table = table.select(["id", *shown, *(c for c in table.columns if c not in ("id", *shown))])
+    if re_ids:
+        table = table.with_columns(pl.when(pl.col("id").str.contains(RE_EDIT, literal=True))
+                                   .then(pl.col("reliability")).otherwise(None).alias("reedit_reliability"))
+    if overwritten.height:
+        table = pl.concat([table, overwritten.select("id", "round_of_edit", "current", *shown).with_columns(
+            pl.Series("overwritten_reliability", old_acc, pl.Float64))], how="diagonal_relaxed")
     tmp = _tmp(store, "eval", ".parquet")
     table.write_parquet(tmp)
     return {"table": str(publish_file(tmp, Path(store) / "evals", ".parquet")), "seconds": seconds,

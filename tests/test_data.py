@@ -144,3 +144,19 @@ def test_user_formats(tmp_path):
 def test_file_not_found(tmp_path):
     with pytest.raises(EditDataError, match="file not found"):
         load_edits(tmp_path / "none.json", "zsre")
+
+
+def test_a_re_edit_round_brings_an_earlier_rounds_edits_back_with_new_targets():
+    a = load_edits(ZSRE, "zsre")[0].head(8)
+    rounds = split_rounds(a, 4, 2, re_edit=(3, 1), seed=0)
+    assert [r.height for r in rounds] == [2, 2, 2, 2]
+    first, again = rounds[0], rounds[2]
+    assert again["id"].to_list() == [i + "#re3" for i in first["id"].to_list()]
+    assert again["prompt"].to_list() == first["prompt"].to_list()
+    assert again["target_true"].to_list() == first["target_new"].to_list()  # what the edited model said
+    assert all(n != o for n, o in zip(again["target_new"], first["target_new"]))
+    assert sorted(again["target_new"]) == sorted(first["target_new"])  # a derangement of the round's targets
+    assert rounds[3]["id"].to_list() == a["id"].to_list()[4:6]  # later rounds take the next new edits
+    assert split_rounds(a, 4, 2, re_edit=(3, 1), seed=0)[2].equals(again)  # seeded
+    with pytest.raises(ValueError, match="re_edit: round 2 cannot re-edit round 2"):
+        split_rounds(a, 4, 2, re_edit=(2, 2))

@@ -234,3 +234,17 @@ def test_run_without_config_uses_the_quickstart(tmp_path):
     quick = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
     b, n = quick["protocol"]["batch_size"], quick["data"]["n_edits"]
     assert p.returncode == 2 and f"data.n_edits={n} but protocol.rounds x protocol.batch_size = 100 x {b}" in p.stderr
+
+
+def test_a_re_edit_study_scores_the_latest_target_and_the_overwritten_one(tmp_path, tiny_dir):
+    """Grown adapter through the pipeline: round 3 re-edits round 1's edits with new targets."""
+    cfg = study_config(tmp_path, tiny_dir, steps=200, rounds=3, method__growth="round",
+                       protocol__re_edit={"round": 3, "of_round": 1})
+    res, _ = memoe_run(cfg, tmp_path / "out", env_for(tmp_path / "runs", tmp_path / "prefect"))
+    assert [r["train"]["n_blocks"] for r in res["rounds"]] == [1, 2, 3]
+    assert [r["train"]["n_superseded"] for r in res["rounds"]] == [0, 0, 2]
+    assert "reedit_reliability" not in res["rounds"][1]
+    last = res["rounds"][-1]
+    assert last["n_edits"] == 4  # in force: round 2's edits and the two re-edits
+    assert last["reedit_reliability"] == 1.0 and last["overwritten_reliability"] < 0.5
+    assert res["final"]["reedit_reliability"] == 1.0 and res["final"]["reliability"] == 1.0
