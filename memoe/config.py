@@ -221,7 +221,7 @@ MethodConfig = Annotated[
 
 
 class ReEditConfig(_Strict):
-    round: int = Field(ge=2, description="the (1-based) round that re-edits an earlier round's edits with new targets")
+    round: int = Field(2, ge=2, description="the (1-based) round that re-edits an earlier round's edits with new targets")
     of_round: int = Field(1, ge=1, description="the round whose edits are re-edited")
 
 
