@@ -9,6 +9,18 @@ HEADLINE = ["reliability", "generality", "locality", "specificity", "restyled_ge
 AVERAGES = ["avg", "fact_avg"]  # mean of Rel/Gen/Loc; mean of Rel/Gen/subject specificity
 # one-time set-up seconds (MEMIT's key statistics); training seconds per 100 edits without them; peak memory (MiB)
 COSTS = ["setup_s", "edit_s_per_100", "peak_memory_mb"]
+# Lifelong-editing figures published by peers, as quoted in memoe's issue 16 (their models and protocols,
+# not ours): drawn beside a sequential study's curves where their edit count is inside the plot's range
+PUBLISHED = [
+    {"name": "WISE", "protocol": "LLaMA-2-7B, ZsRE, 1,000 single edits", "edits": 1000,
+     "reliability": 0.77, "generality": 0.72, "locality": 1.00},
+    {"name": "LEMoE", "protocol": "LLaMA-2-7B, ZsRE, 1,000 edits", "edits": 1000,
+     "reliability": 0.80, "generality": 0.60, "locality": 1.00},
+    {"name": "AlphaEdit", "protocol": "8B, 2,000 edits in batches of 100", "edits": 2000,
+     "reliability": 0.94, "generality": 0.91},
+    {"name": "UltraEdit", "protocol": "7-8B, 20,000 edits", "edits": 20000, "reliability": 0.90, "generality": 0.87},
+]
+PEER_MARKERS = ["s", "^", "D", "v"]
 KEY_SETTINGS = ("layers", "layer", "steps", "lr", "rank", "num_experts", "top_k", "target_modules", "eps")
 
 
@@ -91,10 +103,30 @@ def rounds_plot(rounds: list[dict[str, Any]], path: Path, title: str) -> Path:
         if any(y is not None for y in old):
             ax.plot(x, old, "x--", color=c, alpha=0.6, label=f"{m} (earlier rounds)")
             shown += old
+    shown += _peers(ax, x, [("reliability", "C0"), ("generality", "C1"), ("locality", "C2")])
     ax.set_xlabel("edits applied")
     ax.set_ylabel("score (share of edits)")
     ax.set_xticks(x)
     return _finish(fig, ax, path, title, shown)
+
+
+def _peers(ax, x: list, metrics: list[tuple[str, str]]) -> list[float]:
+    """The published lifelong figures (``PUBLISHED``) inside the x range of a sequential plot (two rounds
+    or more), hollow markers in each metric's colour, named with their protocol in the legend."""
+    if len(x) < 2:
+        return []
+    shown = []
+    for peer, marker in zip(PUBLISHED, PEER_MARKERS):
+        if not min(x) <= peer["edits"] <= 1.05 * max(x):
+            continue
+        first = True
+        for m, c in metrics:
+            if m in peer:
+                ax.plot([peer["edits"]], [peer[m]], marker, mfc="none", mec=c, ms=8, ls="none",
+                        label=f"{peer['name']} ({peer['protocol']}, published)" if first else None)
+                first = False
+                shown.append(peer[m])
+    return shown
 
 
 def expert_load(round_: dict[str, Any]) -> list[float] | None:
@@ -161,6 +193,8 @@ def retention_plot(curves: dict[str, list[dict[str, Any]]], path: Path, title: s
         if old:
             ax.plot(*zip(*old), "x--", color=f"C{i % 10}", alpha=0.6, label=f"{label}: earlier rounds' edits")
         shown += ys + [b for _, b in old]
+    xs = sorted({r["edits_so_far"] for rounds in curves.values() for r in rounds})
+    shown += _peers(ax, xs, [(metric, "0.3")])
     ax.set_xlabel("edits applied")
     ax.set_ylabel(f"{metric} (share of edits)")
     return _finish(fig, ax, path, title, shown)
