@@ -80,13 +80,12 @@ def preflight(cfg, out: str | None = None) -> dict:
     methods, the model's name, device and layers (from its config file), the output folder, and every
     data record, with the prompts' lengths against the model's context (its tokenizer)."""
     from memoe.checks import LONG_PROMPT_TOKENS, check_device, check_layers, context_of, layer_count, model_folder
-    from memoe.config import ConfigError, resolve_path
+    from memoe.config import METHODS, ConfigError, resolve_path
     from memoe.data import load_edits, sample_edits
-    from memoe.editors import REGISTRY
 
     for m in cfg.methods or [cfg.method]:
-        if m.name not in REGISTRY:
-            raise ConfigError(f"method.name: no editor '{m.name}' is registered (available: {sorted(REGISTRY)})")
+        if m.name not in METHODS:
+            raise ConfigError(f"method.name: no editor '{m.name}' is registered (available: {sorted(METHODS)})")
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise ConfigError(f"--out: {out} exists and is not a folder")
     check_device(cfg.model.device)

@@ -23,7 +23,7 @@ from prefect.cache_policies import NONE as NO_CACHE
 
 from flows import report
 from flows.hooks import HOOKS
-from memoe.config import Config, config_hash, flatten, resolve_path
+from memoe.config import METHODS, Config, config_hash, flatten, resolve_path
 from tasks import steps
 from tasks.integrity import check_record, outputs_intact
 from tasks.progress import Reporter
@@ -218,7 +218,7 @@ def _prepare(ctx: Ctx) -> tuple[dict, dict, dict | None]:
                     batch_size=cfg.eval.batch_size, store=str(ctx.store), threads=cfg.threads)
     anchors = None
     methods = cfg.methods or [cfg.method]
-    if any(m.name == "memoe" for m in methods) and steps.anchors_available():
+    if any(METHODS[m.name].editor_class().uses_anchors for m in methods) and steps.anchors_available():
         anchors = ctx.call(steps.extract_anchors, "extract_anchors", "anchors", edits=data["edits"],
                            store=str(ctx.store))
     return data, base, anchors

@@ -80,16 +80,16 @@ def records(prompts: Sequence[str] | str, target_new: Sequence[str] | str, subje
 def method_config(method: Any = "memoe", **hparams):
     """A method config from a name (``"memoe"``, ``"ft-m"``, ...), a dict or a config object, with
     ``hparams`` overriding its fields (an unknown one is a ConfigError naming it)."""
-    from pydantic import BaseModel, TypeAdapter, ValidationError
+    from pydantic import BaseModel, ValidationError
 
-    from memoe.config import ConfigError, MethodConfig
+    from memoe.config import ConfigError, validate_method
 
     d = method.model_dump(mode="json") if isinstance(method, BaseModel) else \
         dict(method) if isinstance(method, dict) else {"name": method}
     d.setdefault("name", "memoe")
     d.update(hparams)
     try:
-        return TypeAdapter(MethodConfig).validate_python(d)
+        return validate_method(d)
     except ValidationError as e:
         raise ConfigError("method: " + "; ".join(f"{'.'.join(map(str, x['loc'][1:])) or x['loc'][0]}: {x['msg']}"
                                                  for x in e.errors())) from None

@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+from memoe.registry import Registry
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ZSRE = "../shared/data/zsre/zsre_mend_eval_portability_gpt4.json"
@@ -215,9 +219,77 @@ class WiseMethod(_Strict):
     early_stop_loss: float = Field(0.01, ge=0.0, description="stop when the mean target NLL is below this")
 
 
-MethodConfig = Annotated[
-    Union[MEMoEMethod, FTMethod, LoRAMethod, GraceMethod, MemitMethod, WiseMethod], Field(discriminator="name")
-]
+@dataclass(frozen=True)
+class Method:
+    """An editing method: its settings class (the names of its ``name`` Literal are the method's names)
+    and its editor, an ``Editor`` subclass or the ``"module:Class"`` that holds it (imported on first
+    use, so reading a config imports no torch)."""
+    config: type[BaseModel]
+    editor: type | str
+
+    @property
+    def editor_module(self) -> str:
+        return self.editor.partition(":")[0] if isinstance(self.editor, str) else self.editor.__module__
+
+    def editor_class(self) -> type:
+        if not isinstance(self.editor, str):
+            return self.editor
+        module, _, name = self.editor.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+METHODS: Registry = Registry("method", on_change=lambda: _rebuild())
+MethodConfig: Any = None  # the discriminated union of the registered settings classes (kept current by _rebuild)
+_method_adapter: TypeAdapter | None = None
+
+
+def register_method(config: type[BaseModel], editor: type | str) -> None:
+    """Register a method's settings class and its editor together, under every name of the class's
+    ``name`` Literal; ``method`` / ``methods`` of a config then accept it."""
+    names = get_args(config.model_fields["name"].annotation)
+    for n in names:
+        if n in METHODS:
+            raise ValueError(f"method {n!r} is already registered")
+    for n in names:
+        METHODS[n] = Method(config, editor)
+
+
+def unregister_method(config: type[BaseModel]) -> None:
+    for n in [n for n, m in METHODS.items() if m.config is config]:
+        del METHODS[n]
+
+
+def _rebuild() -> None:
+    """The method union from the registry; once ``Config`` exists, its ``method`` and ``methods`` too."""
+    global MethodConfig, _method_adapter
+    configs = tuple(dict.fromkeys(m.config for m in METHODS.values()))
+    MethodConfig = Annotated[Union[configs], Field(discriminator="name")]
+    _method_adapter = None
+    if "Config" in globals():
+        fields = Config.__pydantic_fields__
+        fields["method"] = copy.copy(fields["method"])
+        fields["method"].annotation = Union[configs]  # the discriminator is on the field
+        fields["methods"] = copy.copy(fields["methods"])
+        fields["methods"].annotation = list[MethodConfig] | None
+        Config.model_rebuild(force=True)
+
+
+def validate_method(d: dict[str, Any]) -> BaseModel:
+    """A method's settings from a dict: its ``name`` picks the registered class (a ValidationError
+    otherwise, as pydantic reports it)."""
+    global _method_adapter
+    if _method_adapter is None:
+        _method_adapter = TypeAdapter(MethodConfig)
+    return _method_adapter.validate_python(d)
+
+
+# the built-in methods: each settings class registered with its editor
+register_method(MEMoEMethod, "memoe.editors.memoe:MEMoEEditor")
+register_method(FTMethod, "memoe.editors.ft:FTEditor")
+register_method(LoRAMethod, "memoe.editors.lora:LoRAEditor")
+register_method(GraceMethod, "memoe.editors.grace:GraceEditor")
+register_method(MemitMethod, "memoe.editors.memit:MemitEditor")
+register_method(WiseMethod, "memoe.editors.wise:WiseEditor")
 
 
 class ReEditConfig(_Strict):
@@ -349,8 +421,8 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
     for e in err.errors():
-        names = {"memoe", "ft-l", "ft-m", "lora", "grace", "memit", "wise"}  # the union's tags in pydantic's error paths
-        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in names))
+        # the method union's tags (the registered method names) in pydantic's error paths are left out
+        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in METHODS))
         if e["type"] == "extra_forbidden":
             lines.append(f"  unknown key '{loc}'")
         elif not loc:  # a check across keys: its message names them

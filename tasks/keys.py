@@ -96,13 +96,10 @@ def code_version(method: str | None = None) -> str:
     and the task code. Another editor's module or a command-line front end is not part of it."""
     roots = list(CORE)
     if method is not None:
-        try:
-            from memoe.editors import REGISTRY
+        from memoe.config import METHODS
 
-            if method in REGISTRY:
-                roots.append(REGISTRY[method].__module__)
-        except Exception:  # noqa: BLE001 - an editor that fails to import is reported where it is used
-            pass
+        if method in METHODS:
+            roots.append(METHODS[method].editor_module)
     seen: set[Path] = set()
     todo = [f for f in map(_module_file, roots) if f]
     while todo:

@@ -86,11 +86,9 @@ def _model_key(model_cfg: dict[str, Any], store: str) -> dict[str, Any]:
 
 
 def method_from_dict(d: dict[str, Any]):
-    from pydantic import TypeAdapter
+    from memoe.config import validate_method
 
-    from memoe.config import MethodConfig
-
-    return TypeAdapter(MethodConfig).validate_python(d)
+    return validate_method(d)
 
 
 def publish_file(tmp: Path, folder: Path, suffix: str) -> Path:
@@ -402,16 +400,12 @@ def evaluate_round(round_index: int, rounds: list[str], state: str, base: str, m
 
 
 def _diagnostics(editor, records, eval_cfg: dict) -> dict:
-    """The editor module's own diagnostics where it has them (MEMoE: ``router_diagnostics``, with
+    """The editor's own diagnostics (``Editor.diagnostics``; MEMoE: ``router_diagnostics``, with
     the expert load ``load_expert_e`` and anchor hit rates); never fails the evaluation."""
-    import importlib
     import logging
 
-    fn = getattr(importlib.import_module(type(editor).__module__), "router_diagnostics", None)
-    if fn is None:
-        return {}
     try:
-        return _jsonable(fn(editor, records, batch_size=eval_cfg["batch_size"]))
+        return _jsonable(editor.diagnostics(records, batch_size=eval_cfg["batch_size"]))
     except Exception as e:  # noqa: BLE001
         logging.getLogger("memoe.tasks").warning("router diagnostics failed: %s", e)
         return {"error": str(e)}

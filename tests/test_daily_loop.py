@@ -68,13 +68,14 @@ def _tiny_methods():
 
 
 def test_every_editor_checks_its_frame_as_the_loaders_do(tokenizer, tmp_path, monkeypatch):
+    from memoe.config import METHODS
     from memoe.data import EditDataError
-    from memoe.editors import REGISTRY, make_editor
+    from memoe.editors import make_editor
 
     monkeypatch.setenv("MEMOE_CACHE", str(tmp_path / "cache"))
     model = tiny_model("llama", len(tokenizer))
     methods = _tiny_methods()
-    assert set(methods) == set(REGISTRY)
+    assert set(methods) == set(METHODS)
     four = pl.DataFrame({"id": ["1"], "prompt": ["Paris is the capital of"], "target_new": ["Italy"],
                          "rephrase_prompts": [["The capital of which country is Paris?"]]})
     wrong = pl.DataFrame({"id": ["1", "2"], "subject": ["Paris", "Rome"], "prompt": ["Paris is in", "Berlin is in"],

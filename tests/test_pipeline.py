@@ -32,9 +32,9 @@ def tiny_dir(tmp_path_factory, tokenizer):
 
 
 def study_config(folder: Path, model: Path, steps: int = 10, rounds: int = 3, batch: int = 2, **extra) -> Path:
-    from memoe.editors import REGISTRY
+    from memoe.config import METHODS
 
-    assert "memoe" in REGISTRY, "the MEMoE editor must be registered"
+    assert "memoe" in METHODS, "the MEMoE editor must be registered"
     cfg = {"model": {"name": str(model), "device": "cpu", "dtype": "float32"},
            "data": {"path": str(ZSRE), "format": "zsre", "n_edits": rounds * batch},
            "method": {"name": "memoe", "layers": [2], "steps": steps, "early_stop_loss": 0.0},

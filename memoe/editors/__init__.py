@@ -1,13 +1,6 @@
 """Editors behind one interface (``memoe.editors.base.Editor``).
 
-Importing this package imports every module in it, so each editor registers itself with
-``@register("name")`` and nothing else needs editing when an editor is added.
+Each method is registered with its settings class and its editor in ``memoe.config.METHODS``
+(``register_method``); ``make_editor`` imports the editor's module when it is first used.
 """
-import importlib
-import pkgutil
-
-from memoe.editors.base import REGISTRY, Editor, load_edited, make_editor, register  # noqa: F401
-
-for _m in pkgutil.iter_modules(__path__):
-    if _m.name not in ("base", "common"):
-        importlib.import_module(f"{__name__}.{_m.name}")
+from memoe.editors.base import Editor, load_edited, make_editor  # noqa: F401

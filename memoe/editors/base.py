@@ -1,4 +1,5 @@
-"""The interface every editor (MEMoE and the baselines) implements, and the registry of editors.
+"""The interface every editor (MEMoE and the baselines) implements (editors are registered with
+their settings in ``memoe.config.METHODS``).
 
 An editor is built on a frozen model and tokenizer; ``edit(records)`` trains on one batch of edits
 (called once per round in the sequential protocol, continuing from its current state);
@@ -17,30 +18,18 @@ import polars as pl
 import torch
 from safetensors.torch import load_file, save_file
 
-REGISTRY: dict[str, type["Editor"]] = {}
-
-
-def register(*names: str) -> Callable[[type["Editor"]], type["Editor"]]:
-    def deco(cls: type["Editor"]) -> type["Editor"]:
-        for n in names:
-            if n in REGISTRY:
-                raise ValueError(f"editor name {n!r} is already registered by {REGISTRY[n].__name__}")
-            REGISTRY[n] = cls
-        return cls
-    return deco
-
 
 def make_editor(model, tokenizer, method_cfg, **kw) -> "Editor":
-    from memoe import editors  # noqa: F401  (registers the built-in editors)
-
-    name = method_cfg.name
-    if name not in REGISTRY:
-        raise ValueError(f"unknown method {name!r}; known: {sorted(REGISTRY)}")
+    """The registered editor of ``method_cfg.name`` (``memoe.config.METHODS``) on ``model``."""
     from memoe.checks import check_layers
+    from memoe.config import METHODS
     from memoe.models import num_layers
 
+    name = method_cfg.name
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; known: {sorted(METHODS)}")
     check_layers(method_cfg, num_layers(model))  # never a layer index wrapped round (l % n)
-    return REGISTRY[name](model, tokenizer, method_cfg, **kw)
+    return METHODS[name].editor_class()(model, tokenizer, method_cfg, **kw)
 
 
 def _validating(edit: Callable) -> Callable:
@@ -57,7 +46,11 @@ def _validating(edit: Callable) -> Callable:
 
 
 class Editor(ABC):
+    """An editing method's editor; registered with its settings class in ``memoe.config.METHODS``.
+    Capabilities the pipeline asks of the class: ``uses_anchors`` (the study extracts knowledge
+    anchors for it) and ``diagnostics`` (per-round figures of its own)."""
     name: str = "editor"
+    uses_anchors: bool = False
 
     def __init_subclass__(cls, **kw):
         """Every editor's ``edit(records)`` first checks its frame as the data loaders check a file
@@ -82,6 +75,11 @@ class Editor(ABC):
     def route(self, prompts: list[str]) -> Iterator[None]:
         """Tell input-dependent editors which prompt each batch row holds. Default: nothing."""
         yield
+
+    def diagnostics(self, records: pl.DataFrame, **kw) -> dict[str, Any]:
+        """Figures of the editor's own on evaluated records (MEMoE: expert load, anchor hit rates),
+        logged beside the metrics each round. Default: none."""
+        return {}
 
     @abstractmethod
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -124,9 +122,7 @@ def load_edited(folder: str | Path, device: str = "auto", dtype: str = "auto", m
     of its run store). The base model is the one the edit was made on (``editor.json`` records it;
     ``model_name`` overrides). The editor is attached: a plain ``model(...)``, ``model.generate(...)``
     or a ``transformers`` pipeline applies the edits."""
-    from pydantic import TypeAdapter
-
-    from memoe.config import MethodConfig
+    from memoe.config import validate_method
     from memoe.models import load_model
 
     folder = Path(folder)
@@ -138,6 +134,6 @@ def load_edited(folder: str | Path, device: str = "auto", dtype: str = "auto", m
     if not name:
         raise ValueError(f"{meta_path}: no 'model' recorded; pass model_name")
     model, tok = load_model(name, device, dtype)
-    editor = make_editor(model, tok, TypeAdapter(MethodConfig).validate_python(meta["method"]))
+    editor = make_editor(model, tok, validate_method(meta["method"]))
     editor.load(folder)
     return model, tok, editor

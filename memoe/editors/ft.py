@@ -18,7 +18,7 @@ from typing import Any
 import polars as pl
 import torch
 
-from memoe.editors.base import Editor, register
+from memoe.editors.base import Editor
 from memoe.editors.common import body_hidden, edit_batches, head_nll, layer_cache
 from memoe.models import arch_of, mlp_of, num_layers
 
@@ -27,7 +27,6 @@ def out_proj_of(model, layer: int) -> torch.nn.Module:
     return getattr(mlp_of(model, layer), arch_of(model).out_proj)
 
 
-@register("ft-l", "ft-m")
 class FTEditor(Editor):
     name = "ft"
 

@@ -26,7 +26,7 @@ from typing import Any, Iterator
 import polars as pl
 import torch
 
-from memoe.editors.base import Editor, register
+from memoe.editors.base import Editor
 from memoe.editors.common import body_hidden, edit_batch, head_nll, layer_cache
 from memoe.models import mlp_of, num_layers
 
@@ -50,7 +50,6 @@ def _past_length(kwargs: dict) -> int:
     return 0
 
 
-@register("grace")
 class GraceEditor(Editor):
     name = "grace"
 

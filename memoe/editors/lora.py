@@ -14,7 +14,7 @@ from typing import Any
 import polars as pl
 import torch
 
-from memoe.editors.base import Editor, register
+from memoe.editors.base import Editor
 from memoe.editors.common import body_hidden, edit_batches, head_nll
 from memoe.models import arch_of, num_layers
 
@@ -42,7 +42,6 @@ def resolve_targets(model, names: list[str], layers: list[int] | None) -> list[s
     return out
 
 
-@register("lora")
 class LoRAEditor(Editor):
     name = "lora"
 

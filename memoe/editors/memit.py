@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from memoe.adapter import final_norm
 from memoe.corpus import layer_stats
-from memoe.editors.base import Editor, register
+from memoe.editors.base import Editor
 from memoe.editors.common import body_hidden, edit_batch, layer_cache
 from memoe.models import arch_of, decoder_layers, mlp_of, num_layers
 
@@ -55,7 +55,6 @@ def _hidden(output):
     return output[0] if isinstance(output, tuple) else output
 
 
-@register("memit")
 class MemitEditor(Editor):
     name = "memit"
 

@@ -20,7 +20,7 @@ import torch
 
 from memoe.adapter import LayerCache, MEMoEAdapter, final_norm, supports_layer_cache
 from memoe.anchors import Anchor, AnchorExtractor, anchor_embeddings, anchor_end_token, gold_anchor, normalise_subject
-from memoe.editors.base import Editor, register
+from memoe.editors.base import Editor
 from memoe.editors.common import (
     can_compile,
     compiled_layers,
@@ -55,9 +55,9 @@ def _cast_floats(obj, dtype: torch.dtype):
     return obj
 
 
-@register("memoe")
 class MEMoEEditor(Editor):
     name = "memoe"
+    uses_anchors = True  # the study extracts knowledge anchors for it
 
     def __init__(self, model, tokenizer, cfg=None, seed: int = 0):
         from memoe.config import MEMoEMethod
@@ -560,6 +560,10 @@ class MEMoEEditor(Editor):
                 "buckets": sum(len(p) for p in steps_data),
                 "prep_s": round(t_prep, 3),
                 "loss_curve": [round(x, 4) for x in losses[::max(1, len(losses) // 10)]]}
+
+    def diagnostics(self, records: pl.DataFrame, **kw) -> dict[str, float]:
+        """``router_diagnostics``: expert load, anchor hit rates, routing agreement."""
+        return router_diagnostics(self, records, **kw)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, torch.Tensor]:

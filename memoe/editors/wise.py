@@ -23,13 +23,12 @@ import polars as pl
 import torch
 
 from memoe.corpus import token_chunks
-from memoe.editors.base import Editor, register
+from memoe.editors.base import Editor
 from memoe.editors.common import body_hidden, edit_batch, head_nll, layer_cache
 from memoe.editors.grace import _past_length
 from memoe.models import arch_of, mlp_of, num_layers
 
 
-@register("wise")
 class WiseEditor(Editor):
     name = "wise"
 
