@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from memoe.registry import Registry
 
@@ -42,8 +43,7 @@ class ModelConfig(_Strict):
 
 class DataConfig(_Strict):
     path: str = Field(DEFAULT_ZSRE, description="edit data file (relative: the current folder, then the project root)")
-    format: Literal["zsre", "counterfact", "counterfact-flat", "jsonl", "csv"] = Field(
-        "zsre", description="file format (README: Data formats)")
+    format: str = Field("zsre", description="file format (README: Data formats; the registry memoe.data.FORMATS)")
     n_edits: int | None = Field(100, ge=1, description="number of edits sampled; null = all")
     seed: int = Field(0, description="seed of data.sample=random")
     sample: Literal["first", "random"] = Field(
@@ -51,6 +51,17 @@ class DataConfig(_Strict):
     skip_bad: bool = Field(False, description="skip and count bad records instead of failing")
     probes: bool = Field(True, description="add the hard probes to every record (memoe/probes.py): subject "
                          "specificity, restyled and chat-template rephrases")
+
+    @field_validator("format")
+    @classmethod
+    def _registered_format(cls, v: str) -> str:
+        from memoe.data import FORMATS  # the format registry (memoe.data registers the built-in ones)
+
+        if v not in FORMATS:
+            names = [repr(n) for n in FORMATS]
+            expected = " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+            raise PydanticCustomError("literal_error", "Input should be {expected}", {"expected": expected})
+        return v
 
 
 class MEMoEMethod(_Strict):

@@ -17,6 +17,8 @@ from typing import Any, Callable, Iterable
 
 import polars as pl
 
+from memoe.registry import Registry
+
 SCHEMA: dict[str, pl.DataType] = {
     "id": pl.String,
     "subject": pl.String,
@@ -218,15 +220,6 @@ def _user(rec: dict, path, rid) -> dict:
     )
 
 
-PARSERS: dict[str, Callable[[dict, Any, Any], dict]] = {
-    "zsre": _zsre,
-    "counterfact": _counterfact,
-    "counterfact-flat": _counterfact_flat,
-    "jsonl": _user,
-    "csv": _user,
-}
-
-
 def _read_text(path: Path) -> str:
     """The file as text: UTF-8, a leading byte-order mark dropped; other bytes are an error naming
     the file and the place."""
@@ -236,42 +229,8 @@ def _read_text(path: Path) -> str:
         raise EditDataError(path, f"not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
 
 
-def _read_records(path: Path, fmt: str) -> Iterable[tuple[Any, Any]]:
-    """Yield (record number, raw record). Malformed files raise EditDataError naming the place.
-
-    CSV is parsed by the csv module on the text as it is (quoted cells keep their newlines; the
-    record number is the line its row starts on); JSONL splits on newline characters only, so a
-    U+2028 or U+0085 inside a string is data, not a line break."""
-    if not path.is_file():
-        raise EditDataError(path, "file not found")
-    text = _read_text(path)
-    if fmt == "jsonl":
-        for i, line in enumerate(text.split("\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                yield f"line {i}", json.loads(line)
-            except json.JSONDecodeError as e:
-                yield f"line {i}", EditDataError(path, f"malformed JSON: {e.msg} (column {e.colno})", f"line {i}")
-        return
-    if fmt == "csv":
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        try:
-            if not reader.fieldnames:
-                raise EditDataError(path, "empty CSV file (no header)")
-            while True:
-                start = reader.line_num + 1
-                try:
-                    row = next(reader)
-                except StopIteration:
-                    break
-                if None in row:
-                    yield f"line {start}", EditDataError(path, "more cells than header columns", f"line {start}")
-                else:
-                    yield f"line {start}", {k: (v if v != "" else None) for k, v in row.items()}
-        except csv.Error as e:
-            raise EditDataError(path, f"malformed CSV at line {reader.line_num}: {e}") from None
-        return
+def read_json_list(path: Path, text: str) -> Iterable[tuple[Any, Any]]:
+    """A JSON list of records: (position, record)."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -279,6 +238,70 @@ def _read_records(path: Path, fmt: str) -> Iterable[tuple[Any, Any]]:
     if not isinstance(data, list):
         raise EditDataError(path, f"expected a JSON list of records, got {type(data).__name__}")
     yield from enumerate(data)
+
+
+def read_jsonl(path: Path, text: str) -> Iterable[tuple[Any, Any]]:
+    """One JSON object a line, split on newline characters only (a U+2028 or U+0085 inside a string
+    is data, not a line break); a malformed line is yielded as its EditDataError."""
+    for i, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield f"line {i}", json.loads(line)
+        except json.JSONDecodeError as e:
+            yield f"line {i}", EditDataError(path, f"malformed JSON: {e.msg} (column {e.colno})", f"line {i}")
+
+
+def read_csv(path: Path, text: str) -> Iterable[tuple[Any, Any]]:
+    """CSV with a header, parsed by the csv module on the text as it is (quoted cells keep their
+    newlines; the record number is the line its row starts on); empty cells are None."""
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        if not reader.fieldnames:
+            raise EditDataError(path, "empty CSV file (no header)")
+        while True:
+            start = reader.line_num + 1
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            if None in row:
+                yield f"line {start}", EditDataError(path, "more cells than header columns", f"line {start}")
+            else:
+                yield f"line {start}", {k: (v if v != "" else None) for k, v in row.items()}
+    except csv.Error as e:
+        raise EditDataError(path, f"malformed CSV at line {reader.line_num}: {e}") from None
+
+
+@dataclass(frozen=True)
+class Format:
+    """A data format: ``parse(rec, path, rid) -> dict`` turns one raw record into the edit fields;
+    ``read(path, text)`` yields (record number, raw record) from the file's text."""
+    parse: Callable[[dict, Any, Any], dict]
+    read: Callable[[Path, str], Iterable[tuple[Any, Any]]] = read_json_list
+
+
+FORMATS: Registry = Registry("data format")
+
+
+def register_format(name: str, parser: Callable[[dict, Any, Any], dict],
+                    reader: Callable[[Path, str], Iterable[tuple[Any, Any]]] = read_json_list) -> None:
+    """Register a data format: ``data.format`` and ``load_edits`` then accept ``name``."""
+    FORMATS[name] = Format(parser, reader)
+
+
+register_format("zsre", _zsre)
+register_format("counterfact", _counterfact)
+register_format("counterfact-flat", _counterfact_flat)
+register_format("jsonl", _user, read_jsonl)
+register_format("csv", _user, read_csv)
+
+
+def _read_records(path: Path, fmt: str) -> Iterable[tuple[Any, Any]]:
+    """Yield (record number, raw record). Malformed files raise EditDataError naming the place."""
+    if not path.is_file():
+        raise EditDataError(path, "file not found")
+    yield from FORMATS[fmt].read(path, _read_text(path))
 
 
 def _validate(row: dict, path, rid, max_prompt_tokens: int | None, count_tokens) -> None:
@@ -313,9 +336,9 @@ def load_edits(
 ) -> tuple[pl.DataFrame, LoadReport]:
     """Load a data file into the edit-record schema. Returns (frame, report)."""
     path = Path(path)
-    if fmt not in PARSERS:
-        raise EditDataError(path, f"unknown format {fmt!r}; expected one of {sorted(PARSERS)}")
-    parse = PARSERS[fmt]
+    if fmt not in FORMATS:
+        raise EditDataError(path, f"unknown format {fmt!r}; expected one of {sorted(FORMATS)}")
+    parse = FORMATS[fmt].parse
     report = LoadReport(path=str(path), format=fmt)
     rows: list[dict] = []
     seen: dict[str, Any] = {}

@@ -21,24 +21,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-DATA = {
-    "zsre": ("../shared/data/zsre/zsre_mend_eval_portability_gpt4.json", "zsre"),
-    "counterfact": ("../shared/data/counterfact/counterfact_portability_gpt4.json", "counterfact"),
-}
 
 
 def method_cfg(name: str, overrides: list[str]):
     import yaml
-    from pydantic import TypeAdapter
 
-    from memoe.config import MethodConfig, _parse_value
+    from memoe.config import _parse_value, validate_method
 
     p = ROOT / "configs" / f"{name}.yaml"
     raw = (yaml.safe_load(p.read_text()).get("method") if p.exists() else None) or {"name": name}
     for o in overrides:
         k, v = o.split("=", 1)
         raw[k] = _parse_value(v)
-    return TypeAdapter(MethodConfig).validate_python(raw)
+    return validate_method(raw)
 
 
 def run_one(args) -> dict:
@@ -47,12 +42,13 @@ def run_one(args) -> dict:
     torch.set_num_threads(args.threads)
     from memoe.config import resolve_path
     from memoe.data import load_edits, sample_edits, split_rounds
+    from memoe.datasets import SHARED_DATASETS
     from memoe.editors import make_editor
     from memoe.metrics import evaluate, locality_predictions, summarize
     from memoe.models import load_model
 
     model, tok = load_model(args.model, device=args.device)
-    path, fmt = DATA[args.data]
+    path, fmt = SHARED_DATASETS[args.data]
     df, _ = load_edits(resolve_path(path), fmt)
     df = sample_edits(df, args.n)
     base = locality_predictions(model, tok, df)
@@ -80,10 +76,12 @@ def run_one(args) -> dict:
 
 
 def main() -> None:
+    from memoe.datasets import SHARED_DATASETS
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--methods", nargs="+", default=["ft-l", "ft-m", "lora", "grace", "memit"])
     ap.add_argument("--method", help="run one method in this process ('none': the unedited model)")
-    ap.add_argument("--data", choices=sorted(DATA), default="zsre")
+    ap.add_argument("--data", choices=sorted(SHARED_DATASETS), default="zsre")
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--model", default="embedded:smollm2-135m")

@@ -20,8 +20,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def main(argv=None) -> int:
+    from memoe.datasets import SHARED_DATASETS
+
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default="zsre", choices=["zsre", "counterfact"])
+    ap.add_argument("--data", default="zsre", choices=sorted(SHARED_DATASETS))
     ap.add_argument("--start", type=int, default=0)
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=1, help=">1: sequential, n/rounds edits per round")
@@ -40,8 +42,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from memoe.config import MEMoEMethod, _parse_value, resolve_path
     from memoe.data import load_edits
-    from memoe.datasets import SHARED_DATASETS
-    from memoe.editors.memoe import MEMoEEditor, router_diagnostics
+    from memoe.editors.memoe import MEMoEEditor
     from memoe.metrics import evaluate, locality_predictions, summarize
     from memoe.models import load_model
     from memoe.probes import add_probes
@@ -79,7 +80,7 @@ def main(argv=None) -> int:
            "curve": stats[-1]["loss_curve"]}
     out.update({k: round(v, 4) for k, v in summarize(table).items()})
     if args.diagnostics:
-        out["diag"] = {k: round(v, 3) for k, v in router_diagnostics(ed, recs.head(32)).items()}
+        out["diag"] = {k: round(v, 3) for k, v in ed.diagnostics(recs.head(32)).items()}
     print(json.dumps(out), flush=True)
     return 0
 
