@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from flows.report import COSTS, HEADLINE
+from memoe.metric_registry import REGISTRY as METRIC_REGISTRY
 
-SHORT = {"reliability": "rel", "generality": "gen", "locality": "loc", "portability": "port",
-         "generation_reliability": "gen_rel", "avg": "avg", "setup_s": "setup_s", "edit_s_per_100": "s/100",
-         "peak_memory_mb": "peak_mb"}
+# column headings: the metrics' short names (the metric registry), then the costs'
+SHORT = {**{n: m.short for n, m in METRIC_REGISTRY.items() if m.short}, "avg": "avg", "setup_s": "setup_s",
+         "edit_s_per_100": "s/100", "peak_memory_mb": "peak_mb"}
 
 
 class HistoryError(FileNotFoundError):

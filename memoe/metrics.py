@@ -22,6 +22,8 @@ import numpy as np
 import polars as pl
 import torch
 
+from memoe.metric_registry import METRICS
+
 
 # --------------------------------------------------------------------------- tokenisation
 def encode_pair(tokenizer, prompt: str, target: str) -> tuple[list[int], int]:
@@ -311,13 +313,9 @@ def evaluate(model, tokenizer, records: pl.DataFrame, base: pl.DataFrame | None 
     return pl.DataFrame(cols, strict=False)
 
 
-METRICS = ["reliability", "generality", "locality", "specificity", "restyled_generality", "chat_generality",
-           "portability", "generation_reliability", "efficacy", "paraphrase", "neighborhood", "fluency",
-           "reedit_reliability", "overwritten_reliability"]
-
-
 def summarize(table: pl.DataFrame) -> dict[str, float]:
-    """Mean of each metric column over the records that have it; 'avg' = mean(Rel, Gen, Loc)."""
+    """Mean of each registered metric's column (``memoe.metric_registry``) over the records that have it;
+    'avg' = mean(Rel, Gen, Loc)."""
     out: dict[str, float] = {}
     for m in METRICS:
         if m in table.columns and table[m].drop_nulls().len():

@@ -1,0 +1,61 @@
+"""The metric registry: every per-edit metric of the evaluation (``memoe.metrics.evaluate``; the
+re-edit ones in ``tasks/steps.py: evaluate_round``), in the order of the tables, with a one-line
+description and whether it is a headline metric (the console table, ``memoe ls`` / ``show`` /
+``compare``, the plots, the Prefect artifacts and the headline MLflow metrics). ``METRICS`` and
+``HEADLINE`` are derived from it, kept current in place, so every importer sees a metric registered
+later. No torch here: the CLI's listing commands read it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from memoe.registry import Registry
+
+
+@dataclass(frozen=True)
+class Metric:
+    description: str  # what it scores, against what (README: What the metrics mean)
+    headline: bool = False
+    short: str | None = None  # its column heading in the run listings (default: the name)
+
+
+METRICS: list[str] = []  # every registered metric; ``summarize`` averages these columns
+HEADLINE: list[str] = []  # the headline ones
+
+
+def _derive() -> None:
+    METRICS[:] = list(REGISTRY)
+    HEADLINE[:] = [n for n, m in REGISTRY.items() if m.headline]
+
+
+REGISTRY: Registry = Registry("metric", on_change=_derive)
+
+
+def register_metric(name: str, description: str, *, headline: bool = False, short: str | None = None) -> None:
+    """Register a per-edit metric (its column in ``evaluate``'s table, one value per record, None where it
+    does not apply)."""
+    REGISTRY[name] = Metric(description, headline, short)
+
+
+register_metric("reliability", "the edit prompt, teacher-forced: share of the new target's tokens predicted",
+                headline=True, short="rel")
+register_metric("generality", "the data's rephrases of the edit prompt, against the new target", headline=True,
+                short="gen")
+register_metric("locality", "unrelated prompts: agreement with the unedited model's predictions", headline=True,
+                short="loc")
+register_metric("specificity", "the edited subject with other relations: agreement with the unedited model",
+                headline=True)
+register_metric("restyled_generality", "a rephrase lower-cased, upper-cased, after an unrelated sentence",
+                headline=True)
+register_metric("chat_generality", "a rephrase inside the tokenizer's chat template", headline=True)
+register_metric("portability", "a multi-hop question about the edited fact, against its answer", headline=True,
+                short="port")
+register_metric("generation_reliability", "greedy generation on the edit prompt starts with the new target",
+                headline=True, short="gen_rel")
+register_metric("efficacy", "CounterFact: the new target more likely than the true one on the edit prompt")
+register_metric("paraphrase", "CounterFact: the same on the rephrases")
+register_metric("neighborhood", "CounterFact: the true target still more likely on the neighbour prompts")
+register_metric("fluency", "n-gram entropy of generations on the generation prompts (eval.fluency)")
+register_metric("reedit_reliability", "reliability of the re-edits, a fact's newer target (protocol.re_edit)",
+                headline=True)
+register_metric("overwritten_reliability", "a re-edited fact's earlier target on its prompt: should be gone "
+                "(protocol.re_edit)", headline=True)
