@@ -3,7 +3,7 @@ import torch
 
 from memoe.adapter import LayerCache, MEMoEAdapter, supports_layer_cache
 from memoe.config import MEMoEMethod
-from memoe.editors.memoe import MEMoEEditor, router_diagnostics
+from memoe.editors.memoe import MEMoEEditor
 
 from .conftest import tiny_model
 
@@ -76,7 +76,7 @@ def test_routing_in_generate_equals_teacher_forcing(tiny, apply_from):
         ed.adapter.attach()
         assert not torch.allclose(plain, tf, atol=1e-3)  # the adapter really acted in both runs
     recs = _records(PROMPTS, ["Paris", "Homer"], ["Danielle Darrieux", "Iliad"])
-    d = router_diagnostics(ed, recs, max_new_tokens=4)
+    d = ed.diagnostics(recs, max_new_tokens=4)  # the editor's diagnostics: router_diagnostics
     assert d["route_agree_first"] == 1.0 and d["route_agree_tokens"] == 1.0
 
 
