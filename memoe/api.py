@@ -91,8 +91,9 @@ def method_config(method: Any = "memoe", **hparams):
     try:
         return validate_method(d)
     except ValidationError as e:
-        raise ConfigError("method: " + "; ".join(f"{'.'.join(map(str, x['loc'][1:])) or x['loc'][0]}: {x['msg']}"
-                                                 for x in e.errors())) from None
+        # loc: (tag, field, ...); () where the name itself matches no registered method
+        raise ConfigError("method: " + "; ".join(f"{'.'.join(map(str, x['loc'][1:])) or (x['loc'] or ('name',))[0]}: "
+                                                 f"{x['msg']}" for x in e.errors())) from None
 
 
 def edit(prompts, target_new, subject, rephrase_prompts=None, locality_prompts=None, locality_ground_truth=None,

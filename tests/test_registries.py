@@ -110,6 +110,13 @@ def test_the_method_union_is_back_after_the_test():
         load_config(None, ["method.name=toy"])
 
 
+def test_the_api_names_an_unknown_method_with_the_registered_ones():
+    from memoe.api import method_config
+
+    with pytest.raises(ConfigError, match="method: name: Input tag 'toy' .* expected tags: 'memoe', 'ft-l'"):
+        method_config("toy")
+
+
 def test_the_built_in_methods_and_their_capabilities():
     assert list(METHODS) == ["memoe", "ft-l", "ft-m", "lora", "grace", "memit", "wise"]
     for name, m in METHODS.items():
