@@ -276,7 +276,7 @@ def _rebuild() -> None:
     configs = tuple(dict.fromkeys(m.config for m in METHODS.values()))
     MethodConfig = Annotated[Union[configs], Field(discriminator="name")]
     _method_adapter = None
-    if "Config" in globals():
+    if "Config" in globals():  # a method registered after import (a test, a plug-in): pydantic's field table
         fields = Config.__pydantic_fields__
         fields["method"] = copy.copy(fields["method"])
         fields["method"].annotation = Union[configs]  # the discriminator is on the field
