@@ -13,9 +13,7 @@ import collections
 import gc
 import os
 import platform
-import resource
 import statistics
-import threading
 import time
 from typing import Any, Callable
 
@@ -29,60 +27,9 @@ from memoe.data import load_edits
 from memoe.datasets import SHARED_DATASETS
 from memoe.editors import make_editor
 from memoe.editors.common import can_compile, resolve_precision
+from memoe.memory import PeakRSS
 from memoe.metrics import evaluate, generate, locality_predictions, summarize, teacher_forced
 from memoe.models import load_model
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-class PeakRSS:
-    """Samples the resident set size in a thread; ``peak`` is the phase's maximum in MiB."""
-
-    def __init__(self, interval: float = 0.02):
-        self.interval, self.peak, self._stop = interval, 0.0, threading.Event()
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss_mb())
-            self._stop.wait(self.interval)
-
-    def __enter__(self):
-        self.peak = _rss_mb()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, _rss_mb())
-
-
-class PeakMemory(PeakRSS):
-    """Peak memory of a phase in MiB: the process's resident set on CPU; on CUDA the peak of
-    torch's allocated device memory (reset at entry)."""
-
-    def __init__(self, device, interval: float = 0.02):
-        super().__init__(interval)
-        self.cuda = torch.device(device).type == "cuda"
-
-    def __enter__(self):
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats()
-            return self
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            self.peak = torch.cuda.max_memory_allocated() / 2 ** 20
-            return
-        super().__exit__(*exc)
 
 
 def _sync(device):

@@ -289,8 +289,8 @@ def train_round(round_index: int, records: str, prev_state: str | None, method_c
     ``progress`` (not part of the cache key): where the step losses go (``tasks.progress.StepLoss``)."""
     import polars as pl
 
-    from memoe.bench import PeakMemory
     from memoe.editors import make_editor
+    from memoe.memory import PeakMemory
     from tasks.progress import StepLoss
 
     model, tok = model_and_tokenizer(model_cfg, threads)
