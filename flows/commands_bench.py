@@ -65,7 +65,8 @@ def orchestration_overhead(n_edits: int, rounds: int, out: Path, model_load_s: f
 def run(args) -> int:
     import torch
 
-    from memoe.bench import run_bench, sequential_scale
+    from benchmarks.scale import sequential_scale
+    from benchmarks.speed import run_bench
     from memoe.config import MEMoEMethod
     from memoe.models import load_model
 

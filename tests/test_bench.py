@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from memoe.bench import MatmulShapes, _mm_flops, matmul_replay
+from benchmarks.roofline import MatmulShapes, matmul_replay, mm_flops
 
 
 def _step(lin, x):
@@ -23,7 +23,7 @@ def test_matmul_recorder_sees_the_same_flops_as_torch_and_replays_them():
         _step(lin, x)
     # forward (addmm), gradient of the input and of the weight (mm): 3 multiplies
     assert sum(rec.calls.values()) == 3
-    assert sum(_mm_flops(k) * n for k, n in rec.calls.items()) == fc.get_total_flops()
+    assert sum(mm_flops(k) * n for k, n in rec.calls.items()) == fc.get_total_flops()
     # transposed operands keep their strides in the record (backward multiplies by W^T, x^T)
     assert any(k[1] != tuple(torch.empty(k[0]).stride()) or k[3] != tuple(torch.empty(k[2]).stride())
                for k in rec.calls)
@@ -49,7 +49,7 @@ def test_recorded_step_difference_cancels_set_up():
 def test_step_time_leaves_the_model_unedited(tokenizer):
     """Timing a method's step edits the model; the benchmark must put it back, or every later
     figure (throughput, evaluation, the scale study) is measured on an edited model."""
-    from memoe.bench import step_time
+    from benchmarks.speed import step_time
     from memoe.config import FTMethod, MEMoEMethod
 
     from .conftest import tiny_model
@@ -88,7 +88,7 @@ def test_memoe_edit_times_each_step(tokenizer):
 
 @pytest.mark.parametrize("compiled", [False, True])
 def test_roofline_pairs_each_step_with_a_replay_of_its_matmuls(tokenizer, compiled):
-    from memoe.bench import _roofline, step_flops
+    from benchmarks.roofline import roofline, step_flops
     from memoe.config import MEMoEMethod
     from memoe.editors.common import can_compile
 
@@ -100,7 +100,7 @@ def test_roofline_pairs_each_step_with_a_replay_of_its_matmuls(tokenizer, compil
     model = tiny_model("llama", len(tokenizer))
     method = MEMoEMethod(layers=[2], rank=8, precision="float32", compile=compiled)
     flops = step_flops(model, tokenizer, method, _recs())
-    fig, frac = _roofline(model, tokenizer, method, _recs(), flops, torch.float32, torch.device("cpu"), steps=4, rounds=2)
+    fig, frac = roofline(model, tokenizer, method, _recs(), flops, torch.float32, torch.device("cpu"), steps=4, rounds=2)
     pairs = fig["pairs"]
     assert len(pairs["step_s"]) == len(pairs["matmul_s"]) == len(pairs["fraction"]) == 6  # steps 2-4, twice
     assert frac > 0 and frac == statistics.median(pairs["fraction"])
@@ -108,7 +108,7 @@ def test_roofline_pairs_each_step_with_a_replay_of_its_matmuls(tokenizer, compil
 
 
 def test_scale_study_samples_earlier_edits_and_leaves_the_model_unedited(tokenizer):
-    from memoe.bench import sequential_scale
+    from benchmarks.scale import sequential_scale
     from memoe.config import MEMoEMethod
 
     from .conftest import tiny_model
@@ -138,7 +138,7 @@ def test_scale_gauge_leaves_training_unchanged_and_divides_out_the_host(tokenize
     """The host-speed gauge (a fixed training pass timed between steps) changes nothing the study
     learns, is taken out of the round's time, and the adjusted time is the round's time at the
     median gauge speed."""
-    from memoe.bench import sequential_scale
+    from benchmarks.scale import sequential_scale
     from memoe.config import MEMoEMethod
 
     from .conftest import tiny_model
@@ -196,7 +196,7 @@ def test_timing_probe_restores_gradients_and_noise(tokenizer):
 
 
 def test_flatness_figures():
-    from memoe.bench import flatness
+    from benchmarks.scale import flatness
 
     assert flatness([10.0, 10.0, 10.0], "t") == {"t_median": 10.0, "t_max_dev": 0.0, "t_slope_per_round": 0.0}
     f = flatness([10.0, 11.0, 12.0], "t")

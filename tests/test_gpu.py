@@ -36,7 +36,7 @@ def test_cached_loss_equals_full_forward_on_gpu(tokenizer):
 
 
 def test_bench_step_time_on_gpu(tokenizer):
-    from memoe.bench import step_time
+    from benchmarks.speed import step_time
 
     model = tiny_model("llama", len(tokenizer)).cuda()
     assert step_time(model, tokenizer, MEMoEMethod(**FAST), _recs(), steps=3) > 0

@@ -1,0 +1,160 @@
+"""Speed and memory (``run_bench``): seconds per training step, edit and evaluation throughput, peak
+RSS per phase, adapter size, and the training step's roofline (``benchmarks/roofline.py``)."""
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+
+from benchmarks.common import records, say, sync
+from benchmarks.roofline import roofline, step_flops
+from memoe.config import FTMethod, MEMoEMethod
+from memoe.editors import make_editor
+from memoe.editors.common import can_compile, resolve_precision
+from memoe.memory import PeakRSS
+from memoe.metrics import evaluate, generate, locality_predictions, summarize, teacher_forced
+from memoe.models import load_model
+
+
+def timed_edit(model, tok, method, recs, seed=0) -> tuple[Any, dict]:
+    ed = make_editor(model, tok, method, seed=seed)
+    sync(ed.device)
+    t0 = time.perf_counter()
+    stats = ed.edit(recs)
+    sync(ed.device)
+    stats = dict(stats or {})
+    stats["wall_s"] = time.perf_counter() - t0
+    return ed, stats
+
+
+def step_time(model, tok, method, recs, steps: int) -> float:
+    """Seconds per optimiser step. Editors that time their steps (MEMoE: ``step_times``): the median
+    of steps 2.. of one edit; others: (edit with `steps` steps - edit with 1 step) / (steps - 1).
+    Every editor made here is removed again: the model is left unedited."""
+    fixed = dict(early_stop_loss=0.0)
+    ed, b = timed_edit(model, tok, method.model_copy(update=dict(fixed, steps=steps)), recs)
+    times = list(getattr(ed, "step_times", None) or [])
+    ed.remove()
+    if len(times) >= 2:
+        return statistics.median(times[1:])
+    ed, a = timed_edit(model, tok, method.model_copy(update=dict(fixed, steps=1)), recs)
+    ed.remove()
+    return (b["wall_s"] - a["wall_s"]) / (steps - 1)
+
+
+def run_bench(quick: bool = True, model_name: str = "embedded:smollm2-135m", device: str = "auto",
+              dtype: str = "auto", memoe: MEMoEMethod | None = None,
+              scale: Callable[[], dict] | None = None) -> dict[str, Any]:
+    torch.manual_seed(0)
+    out: dict[str, Any] = {"quick": quick, "machine": {
+        "platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}}
+    rss: dict[str, float] = {}
+    with PeakRSS() as p:
+        model, tok = load_model(model_name, device, dtype)
+    rss["load_model"] = p.peak
+    dev = next(model.parameters()).device
+    out["machine"]["device"] = str(dev)
+    method = memoe or MEMoEMethod()
+    n_main = 100
+    zs = records("zsre", 1000 if not quick else n_main)
+
+    # --- training step: cached vs uncached vs FT-M, and FLOP/s
+    steps = 6 if quick else 21
+    step_recs = zs.head(n_main)
+    eager = method.model_copy(update=dict(compile=False))
+    variants = {"cached": eager.model_copy(update=dict(layer_cache=True)),
+                "uncached": eager.model_copy(update=dict(layer_cache=False))}
+    first = None
+    if can_compile(dev):  # the same cached step through torch.compile (MEMoEMethod.compile)
+        variants["compiled"] = variants["cached"].model_copy(update=dict(compile=True))
+        ed, _ = timed_edit(model, tok, variants["compiled"].model_copy(update=dict(steps=2, early_stop_loss=0.0)),
+                           step_recs)
+        first = ed.step_times[0]  # compiles the layers' forward and backward (or takes them from inductor's cache)
+        ed.remove()
+    # the variants in turns (3 each), so that drift of the host's speed falls on all of them
+    ts = {k: [] for k in variants}
+    for _ in range(3):
+        for k, m in variants.items():
+            ts[k].append(step_time(model, tok, m, step_recs, steps))
+    med = {k: statistics.median(v) for k, v in ts.items()}
+    t_c, t_u = med["cached"], med["uncached"]
+    t_ft = step_time(model, tok, FTMethod(name="ft-m"), step_recs, steps)
+    out["train_step"] = {"edits_per_step": n_main, "cached_s": t_c, "uncached_s": t_u, "ft_m_s": t_ft,
+                         "turns": {f"{k}_s": v for k, v in ts.items()}}
+    out["cached_step_ratio"] = t_c / t_u
+    say(f"training step on {n_main} edits: cached {t_c:.3f}s, uncached {t_u:.3f}s "
+         f"(ratio {t_c / t_u:.2f}); FT-M {t_ft:.3f}s")
+    if "compiled" in med:
+        out["train_step"].update(compiled_s=med["compiled"], compiled_first_step_s=first)
+        out["compiled_step_ratio"] = med["compiled"] / t_c
+        say(f"compiled: first step {first:.1f}s (compiling), then {med['compiled']:.3f}s a step against "
+             f"{t_c:.3f}s eager (ratio {med['compiled'] / t_c:.2f}, same turns)")
+    cached = variants["cached"]
+    flops = step_flops(model, tok, cached, step_recs)
+    train_dtype = resolve_precision(method.precision, dev) or torch.float32
+    out["flops"], out["roofline_fraction"] = roofline(model, tok, cached, step_recs, flops, train_dtype, dev, steps)
+    if train_dtype != torch.float32:  # the same step in fp32, for comparison across machines
+        fp32 = cached.model_copy(update=dict(precision="float32"))
+        out["flops_fp32"], out["roofline_fraction_fp32"] = roofline(model, tok, fp32, step_recs, flops,
+                                                                     torch.float32, dev, steps)
+        out["train_step"]["cached_fp32_s"] = out["flops_fp32"]["step_s"]
+    if "compiled" in variants:
+        out["flops_compiled"], out["roofline_fraction_compiled"] = roofline(
+            model, tok, variants["compiled"], step_recs, flops, train_dtype, dev, steps)
+
+    # --- edit throughput
+    thr = {}
+    for n in ([10, 100] if quick else [10, 100, 1000]):
+        with PeakRSS() as p:
+            ed, st = timed_edit(model, tok, method, zs.head(n))
+        rss[f"edit_{n}"] = p.peak
+        thr[str(n)] = {"edits": n, "seconds": st["wall_s"], "edits_per_s": n / st["wall_s"],
+                       "steps": st.get("steps")}
+        say(f"edit {n:5d} edits: {st['wall_s']:.1f}s ({n / st['wall_s']:.2f} edits/s, steps {st.get('steps')})")
+        if n == 100:
+            adapter_params = sum(v.numel() for v in ed.state_dict().values())
+            adapter_bytes = sum(v.numel() * v.element_size() for v in ed.state_dict().values())
+            base_params = sum(p.numel() for p in model.parameters())
+            base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+            out["adapter"] = {"params": adapter_params, "bytes": adapter_bytes, "base_params": base_params,
+                              "base_bytes": base_bytes, "param_fraction": adapter_params / base_params}
+            # --- evaluation throughput with the edited model
+            recs = zs.head(n)
+            with PeakRSS() as p:
+                t0 = time.perf_counter()
+                teacher_forced(model, tok, recs["prompt"].to_list(), recs["target_new"].to_list(), editor=ed, batch_size=32)
+                tf_s = time.perf_counter() - t0
+            rss["eval_teacher_forced"] = p.peak
+            with PeakRSS() as p:
+                t0 = time.perf_counter()
+                generate(model, tok, recs["prompt"].to_list(), editor=ed, batch_size=32, max_new_tokens=8)
+                g_s = time.perf_counter() - t0
+            rss["eval_generation"] = p.peak
+            out["eval_throughput"] = {"teacher_forced_prompts_per_s": n / tf_s,
+                                      "generation_prompts_per_s": n / g_s, "max_new_tokens": 8}
+            say(f"eval: teacher-forced {n / tf_s:.1f} prompts/s, generation {n / g_s:.1f} prompts/s")
+            base = locality_predictions(model, tok, recs)
+            out["edit_100_metrics"] = summarize(evaluate(model, tok, recs, base, editor=ed, generation=False))
+        ed.remove()
+        del ed
+        gc.collect()
+        if n == n_main and "compiled" in variants:  # right after the eager edit: the same state of the host
+            ed, st = timed_edit(model, tok, method.model_copy(update=dict(compile=True)), zs.head(n))
+            ed.remove()
+            thr[f"{n}_compiled"] = {"edits": n, "seconds": st["wall_s"], "edits_per_s": n / st["wall_s"],
+                                    "steps": st.get("steps")}
+            say(f"edit {n} edits, compiled: {st['wall_s']:.1f}s (steps {st.get('steps')})")
+    out["edit_throughput"] = thr
+    out["peak_rss_mb"] = rss
+    if scale is not None:
+        with PeakRSS() as p:
+            out["scale"] = scale()
+        rss["scale_study"] = p.peak
+    return out
