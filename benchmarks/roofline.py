@@ -19,10 +19,14 @@ def step_flops(model, tok, method, recs) -> float:
     """FLOPs of one training step (forward + backward), counted by torch's FlopCounterMode."""
     m1 = method.model_copy(update=dict(steps=2, early_stop_loss=0.0))
     with FlopCounterMode(display=False) as fc1:
-        e = make_editor(model, tok, m1); e.edit(recs); e.remove()
+        e = make_editor(model, tok, m1)
+        e.edit(recs)
+        e.remove()
     m0 = method.model_copy(update=dict(steps=1, early_stop_loss=0.0))
     with FlopCounterMode(display=False) as fc0:
-        e = make_editor(model, tok, m0); e.edit(recs); e.remove()
+        e = make_editor(model, tok, m0)
+        e.edit(recs)
+        e.remove()
     return float(fc1.get_total_flops() - fc0.get_total_flops())
 
 
@@ -50,18 +54,22 @@ def mm_flops(key) -> int:
     return 2 * batch * a[-2] * a[-1] * b[-1]
 
 
+def _operand(shape, stride, dtype, device) -> torch.Tensor:
+    return torch.empty_strided(shape, stride, dtype=dtype, device=device).normal_()
+
+
 def matmul_replay(calls: collections.Counter, device) -> tuple[float, Callable[[], float]]:
     """(FLOPs, run): ``run()`` times one pass of the recorded multiplies run alone as plain matmuls
     on operands of the same shapes, strides and dtype (allocated once, here)."""
     ops = []
     for key, n in calls.items():
         a_shape, a_stride, b_shape, b_stride, dtype = key
-        mk = lambda shape, stride: torch.empty_strided(shape, stride, dtype=dtype, device=device).normal_()
-        ops.append((mk(a_shape, a_stride), mk(b_shape, b_stride), n))
+        ops.append((_operand(a_shape, a_stride, dtype, device), _operand(b_shape, b_stride, dtype, device), n))
     flops = sum(mm_flops(k) * n for k, n in calls.items())
 
     def run() -> float:
-        sync(device); t0 = time.perf_counter()
+        sync(device)
+        t0 = time.perf_counter()
         for a, b, n in ops:
             for _ in range(n):
                 torch.matmul(a, b)
@@ -78,7 +86,9 @@ def step_matmuls(model, tok, method, recs) -> collections.Counter:
         m = method.model_copy(update=dict(steps=steps, early_stop_loss=0.0))
         rec = MatmulShapes()
         with rec:
-            e = make_editor(model, tok, m); e.edit(recs); e.remove()
+            e = make_editor(model, tok, m)
+            e.edit(recs)
+            e.remove()
         out.append(rec.calls)
     return out[0] - out[1]
 
@@ -91,7 +101,8 @@ def matmul_flops_per_s(m: int, k: int, n: int, device, dtype=torch.float32, seco
         a @ b
     best, t_end = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < t_end:
-        sync(device); t0 = time.perf_counter()
+        sync(device)
+        t0 = time.perf_counter()
         for _ in range(10):
             a @ b
         sync(device)
