@@ -1,2 +1,2 @@
-"""Prefect flows of the memoe pipeline (``flows/study.py``) and the pipeline's commands
-(``memoe run``, ``memoe ui``)."""
+"""Prefect flows of the memoe pipeline (``flows/study.py``), the ``memoe`` command (``flows/cli.py``)
+and the pipeline's subcommands (``memoe run``, ``memoe ui``, ...: ``flows/commands_*.py``)."""

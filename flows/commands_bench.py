@@ -48,7 +48,7 @@ def orchestration_overhead(n_edits: int, rounds: int, out: Path, model_load_s: f
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "memoe.cli", "run", "--out", str(out), "--runs-dir", str(out / "runs"),
+    cmd = [sys.executable, "-m", "flows.cli", "run", "--out", str(out), "--runs-dir", str(out / "runs"),
            "--set", f"data.n_edits={n_edits}", "--set", "protocol.mode=sequential",
            "--set", f"protocol.rounds={rounds}", "--set", f"protocol.batch_size={n_edits // rounds}",
            "--set", "eval.generation=false", "--set", "eval.retention_sample=200"]

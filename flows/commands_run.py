@@ -17,7 +17,7 @@ QUICKSTART = PROJECT_ROOT / "configs" / "quickstart.yaml"
 
 
 def add_arguments(p):
-    from memoe.cli import add_config_arguments
+    from memoe.commands import add_config_arguments
 
     add_config_arguments(p)
     p.add_argument("--out", default=None, help="output folder (default: runs/<config hash>/)")

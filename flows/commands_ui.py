@@ -38,7 +38,7 @@ def run(args) -> int:
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     try:
         return proc.wait()
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (memoe.cli turns it into the same)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (flows/cli.py turns it into the same)
         return 0
     finally:
         if proc.poll() is None:

@@ -80,7 +80,7 @@ def main() -> int:
                                         stdout=open(work / f"worker-{n}-{i}.log", "w"), stderr=subprocess.STDOUT)
                        for i in range(n)]
             try:
-                cmd = py + ["memoe.cli", "sweep", "--pool", "memoe-process", "--out", str(work / f"sweep-{n}.json")]
+                cmd = py + ["flows.cli", "sweep", "--pool", "memoe-process", "--out", str(work / f"sweep-{n}.json")]
                 for s in sets:
                     cmd += ["--set", s]
                 t0 = time.perf_counter()

@@ -95,7 +95,7 @@ def test_every_editor_checks_its_frame_as_the_loaders_do(tokenizer, tmp_path, mo
 # ------------------------------------------------------------------ memoe config
 
 def test_config_command_prints_every_key_with_default_and_description(capsys):
-    from memoe.cli import main
+    from flows.cli import main
     from memoe.config import Config
 
     assert main(["config", "configs/quickstart.yaml", "--set", "method.rank=8"]) == 0
@@ -150,7 +150,7 @@ def test_compare_rerun_ls_show_compare(tmp_path, tiny_dir, capsys):
     rerun, then the commands that read them back."""
     from mlflow import MlflowClient
 
-    from memoe.cli import main
+    from flows.cli import main
 
     runs, home = tmp_path / "runs", tmp_path / "prefect"
     env = env_for(runs, home) | {"MEMOE_CACHE": str(tmp_path / "cache")}

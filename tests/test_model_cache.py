@@ -80,7 +80,7 @@ def test_an_interrupted_conversion_leaves_no_temporary_folder(cache, monkeypatch
 
     def interrupted(name, gguf, tmp):
         (tmp / "config.json").write_text("{}")
-        raise KeyboardInterrupt  # SIGTERM arrives as this (memoe.cli)
+        raise KeyboardInterrupt  # SIGTERM arrives as this (flows/cli.py)
 
     monkeypatch.setattr(models, "_convert", interrupted)
     with pytest.raises(KeyboardInterrupt):

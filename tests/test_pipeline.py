@@ -20,7 +20,7 @@ import yaml
 from .conftest import ROOT, ZSRE, tiny_model
 
 pytestmark = pytest.mark.timeout(600)
-MEMOE = [sys.executable, "-m", "memoe.cli"]
+MEMOE = [sys.executable, "-m", "flows.cli"]
 
 
 @pytest.fixture(scope="module")

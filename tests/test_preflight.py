@@ -1,6 +1,6 @@
 """``memoe run`` refuses before any work, with ``error: ...`` and exit 2 and no traceback, what the
 README promises (issue 18, item 6), and long prompts cost per token, not per batch (item 9).
-The command runs in this process (``memoe.cli.main``): these errors come before Prefect starts."""
+The command runs in this process (``flows.cli.main``): these errors come before Prefect starts."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from memoe.cli import main
+from flows.cli import main
 
 from .conftest import tiny_model
 from .test_pipeline import study_config, tiny_dir  # noqa: F401 (fixture)

@@ -66,7 +66,7 @@ def test_sweep_rejects_a_bad_cell_before_anything_runs(tmp_path):
     sw = load_sweep(None, ["data.n_edits=4", "protocol.batch_size=2", "protocol.rounds=2", "method.rank=4,0"])
     with pytest.raises(ConfigError, match=r"(?s)sweep cell 2 \(method.rank=0\).*rank"):
         check_cells(sw, preflight)
-    p = subprocess.run([sys.executable, "-m", "memoe.cli", "sweep", "--set", "data.n_edits=4",
+    p = subprocess.run([sys.executable, "-m", "flows.cli", "sweep", "--set", "data.n_edits=4",
                         "--set", "protocol.batch_size=2", "--set", "protocol.rounds=2",
                         "--set", "data.format=csv,jsonl"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "error: sweep cell 1 (data.format=csv)" in p.stderr, p.stderr[-2000:]
@@ -137,7 +137,7 @@ def test_local_sweep_reports_a_failed_cell_and_runs_the_others(tmp_path, tokeniz
     from mlflow import MlflowClient
 
     model = _tiny(tmp_path, tokenizer)
-    args = [sys.executable, "-m", "memoe.cli", "sweep", "--runs-dir", str(tmp_path / "runs"),
+    args = [sys.executable, "-m", "flows.cli", "sweep", "--runs-dir", str(tmp_path / "runs"),
             "--out", str(tmp_path / "sweep.json")]
     for o in _study_overrides(model):
         args += ["--set", o]
@@ -278,7 +278,7 @@ def test_sweep_on_the_team_server_with_two_workers_and_s3_artifacts(tmp_path, to
         for i in range(2):
             spawn(f"worker{i}", PREFECT + ["worker", "start", "--pool", "memoe-process", "--limit", "1",
                                            "--name", f"worker-{i}"], env)
-        sweep = [sys.executable, "-m", "memoe.cli", "sweep", "--pool", "memoe-process"]
+        sweep = [sys.executable, "-m", "flows.cli", "sweep", "--pool", "memoe-process"]
         for o in _study_overrides(model):
             sweep += ["--set", o]
         sweep += ["--set", "method.rank=4,8", "--set", "data.seed=0,1"]

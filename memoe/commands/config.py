@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 
 def add_arguments(p):
-    from memoe.cli import add_config_arguments
+    from memoe.commands import add_config_arguments
 
     add_config_arguments(p)
     p.add_argument("--changed", action="store_true", help="only the keys whose value differs from the default")

@@ -7,7 +7,7 @@ import time
 
 
 def add_arguments(p):
-    from memoe.cli import add_config_arguments
+    from memoe.commands import add_config_arguments
 
     add_config_arguments(p)
     p.add_argument("--n", type=int, default=5, help="number of edits (default 5)")

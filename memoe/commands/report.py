@@ -3,7 +3,7 @@ from __future__ import annotations
 
 
 def add_arguments(p):
-    from memoe.cli import add_config_arguments
+    from memoe.commands import add_config_arguments
 
     add_config_arguments(p)
 
