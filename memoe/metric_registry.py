@@ -6,7 +6,9 @@ description and whether it is a headline metric (the console table, ``memoe ls``
 later. No torch here: the CLI's listing commands read it."""
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
+from typing import Callable
 
 from memoe.registry import Registry
 
@@ -16,6 +18,16 @@ class Metric:
     description: str  # what it scores, against what (README: What the metrics mean)
     headline: bool = False
     short: str | None = None  # its column heading in the run listings (default: the name)
+    # its function ``(memoe.metrics.Scoring) -> one value per record | None``, or the "module:function"
+    # holding it (imported on first use: this registry stays free of torch); None: a column another
+    # step fills (the re-edit metrics: the sequential protocol)
+    compute: Callable | str | None = None
+
+    def compute_fn(self) -> Callable:
+        if not isinstance(self.compute, str):
+            return self.compute
+        module, _, name = self.compute.partition(":")
+        return getattr(importlib.import_module(module), name)
 
 
 METRICS: list[str] = []  # every registered metric; ``summarize`` averages these columns
@@ -30,31 +42,45 @@ def _derive() -> None:
 REGISTRY: Registry = Registry("metric", on_change=_derive)
 
 
-def register_metric(name: str, description: str, *, headline: bool = False, short: str | None = None) -> None:
-    """Register a per-edit metric (its column in ``evaluate``'s table, one value per record, None where it
-    does not apply)."""
-    REGISTRY[name] = Metric(description, headline, short)
+def register_metric(name: str, description: str, *, headline: bool = False, short: str | None = None,
+                    compute: Callable | str | None = None) -> None:
+    """Register a per-edit metric: its column in ``evaluate``'s table (one value per record, None where it
+    does not apply), computed by ``compute`` (a function of ``memoe.metrics.Scoring``, or its
+    "module:function")."""
+    REGISTRY[name] = Metric(description, headline, short, compute)
 
 
 register_metric("reliability", "the edit prompt, teacher-forced: share of the new target's tokens predicted",
-                headline=True, short="rel")
+                headline=True, short="rel",
+                compute="memoe.metrics:reliability")
 register_metric("generality", "the data's rephrases of the edit prompt, against the new target", headline=True,
-                short="gen")
+                short="gen",
+                compute="memoe.metrics:generality")
 register_metric("locality", "unrelated prompts: agreement with the unedited model's predictions", headline=True,
-                short="loc")
+                short="loc",
+                compute="memoe.metrics:locality")
 register_metric("specificity", "the edited subject with other relations: agreement with the unedited model",
-                headline=True)
+                headline=True,
+                compute="memoe.metrics:specificity")
 register_metric("restyled_generality", "a rephrase lower-cased, upper-cased, after an unrelated sentence",
-                headline=True)
-register_metric("chat_generality", "a rephrase inside the tokenizer's chat template", headline=True)
+                headline=True,
+                compute="memoe.metrics:restyled_generality")
+register_metric("chat_generality", "a rephrase inside the tokenizer's chat template", headline=True,
+                compute="memoe.metrics:chat_generality")
 register_metric("portability", "a multi-hop question about the edited fact, against its answer", headline=True,
-                short="port")
+                short="port",
+                compute="memoe.metrics:portability")
 register_metric("generation_reliability", "greedy generation on the edit prompt starts with the new target",
-                headline=True, short="gen_rel")
-register_metric("efficacy", "CounterFact: the new target more likely than the true one on the edit prompt")
-register_metric("paraphrase", "CounterFact: the same on the rephrases")
-register_metric("neighborhood", "CounterFact: the true target still more likely on the neighbour prompts")
-register_metric("fluency", "n-gram entropy of generations on the generation prompts (eval.fluency)")
+                headline=True, short="gen_rel",
+                compute="memoe.metrics:generation_reliability")
+register_metric("efficacy", "CounterFact: the new target more likely than the true one on the edit prompt",
+                compute="memoe.metrics:efficacy")
+register_metric("paraphrase", "CounterFact: the same on the rephrases",
+                compute="memoe.metrics:paraphrase")
+register_metric("neighborhood", "CounterFact: the true target still more likely on the neighbour prompts",
+                compute="memoe.metrics:neighborhood")
+register_metric("fluency", "n-gram entropy of generations on the generation prompts (eval.fluency)",
+                compute="memoe.metrics:fluency")
 register_metric("reedit_reliability", "reliability of the re-edits, a fact's newer target (protocol.re_edit)",
                 headline=True)
 register_metric("overwritten_reliability", "a re-edited fact's earlier target on its prompt: should be gone "

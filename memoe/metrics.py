@@ -7,7 +7,9 @@ CounterFact probability scores: efficacy, paraphrase, neighbourhood (mean target
 Generation-based: greedy decoding until a newline / EOS, then exact match (prefix) and contains.
 Fluency: weighted 2/3-gram entropy of generated text (ROME's definition).
 
-Everything is batched and length-bucketed; logits are computed only at target positions.
+Each metric is a function of a ``Scoring`` registered in ``memoe.metric_registry`` (``compute=``);
+``evaluate`` runs every registered one. Everything is batched and length-bucketed; logits are computed
+only at target positions.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from memoe.metric_registry import METRICS
+from memoe.metric_registry import METRICS, REGISTRY
 
 
 # --------------------------------------------------------------------------- tokenisation
@@ -223,94 +225,194 @@ def locality_predictions(model, tokenizer, records: pl.DataFrame, *, batch_size:
     return pl.DataFrame(cols, schema=schema)
 
 
-def _agreement(model, tokenizer, records, base, owner, prompts, answers, base_col, kw) -> list[float | None]:
-    """Per record: the share of answer positions whose argmax equals the unedited model's."""
-    res = teacher_forced(model, tokenizer, prompts, answers, **kw)
-    base_pred = dict(zip(base["id"].to_list(), base[base_col].to_list()))
-    flat_base, seen = [], {}
-    ids = records["id"].to_list()
+class Scoring:
+    """What a metric function sees (``memoe.metric_registry.register_metric(..., compute=fn)``): the
+    records being scored, the unedited model's predictions (``base``, or None), the evaluation's options,
+    and the scoring primitives. Teacher-forced results and generations are memoised by their inputs, so
+    metrics that score the same prompts (generality and paraphrase, reliability and efficacy) share the
+    forward passes. A metric function returns one value per record (None where it does not apply), or
+    None when it does not apply to these records at all (its column is then left out)."""
+
+    def __init__(self, model, tokenizer, records: pl.DataFrame, base: pl.DataFrame | None, *, editor=None,
+                 batch_size: int = 16, generation: bool = True, max_new_tokens: int = 16, fluency: bool = False):
+        self.model, self.tokenizer, self.records, self.base, self.editor = model, tokenizer, records, base, editor
+        self.batch_size, self.generation, self.max_new_tokens, self.fluency = (
+            batch_size, generation, max_new_tokens, fluency)
+        self.n = records.height
+        self.extra: dict[str, list] = {}  # columns beside the metrics (the generated text)
+        self._tf: dict[tuple, TFResult] = {}
+        self._gen: dict[tuple, list[str]] = {}
+
+    def tf(self, prompts: Sequence[str], targets: Sequence[str]) -> TFResult:
+        """``teacher_forced`` through the editor (memoised)."""
+        key = (tuple(prompts), tuple(targets))
+        if key not in self._tf:
+            self._tf[key] = (teacher_forced(self.model, self.tokenizer, prompts, targets, editor=self.editor,
+                                            batch_size=self.batch_size) if prompts else TFResult([], [], []))
+        return self._tf[key]
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+        """Greedy generations through the editor (memoised)."""
+        key = (tuple(prompts), max_new_tokens)
+        if key not in self._gen:
+            self._gen[key] = generate(self.model, self.tokenizer, prompts, editor=self.editor,
+                                      batch_size=self.batch_size, max_new_tokens=max_new_tokens)
+        return self._gen[key]
+
+    def flat(self, prompts_col: str, answers_col: str | None = None, answer_scalar: str | None = None):
+        """(owner record, prompt, answer) of every prompt in a list column."""
+        return _flat(self.records, prompts_col, answers_col, answer_scalar)
+
+    def mean_by(self, owner: list[int], vals: list[float]) -> list[float | None]:
+        """Per record: the mean of its prompts' values (None: it has none)."""
+        return _mean_by(owner, vals, self.n)
+
+    def agreement(self, owner, prompts, answers, base_col: str) -> list[float | None]:
+        """Per record: the share of answer positions whose argmax equals the unedited model's
+        (``base[base_col]``, one list of argmax ids per prompt of the record, in order)."""
+        res = self.tf(prompts, answers)
+        base_pred = dict(zip(self.base["id"].to_list(), self.base[base_col].to_list()))
+        ids = self.records["id"].to_list()
+        flat_base = [base_pred[ids[o]][j] for o, j in zip(owner, _positions(owner))]
+        return self.mean_by(owner, [float(np.mean([a == b for a, b in zip(p, q)])) for p, q in zip(res.pred, flat_base)])
+
+    def rephrases(self):
+        return self.flat("rephrase_prompts", answer_scalar="target_new")
+
+    def has_true(self) -> bool:
+        """Every record has its true target (CounterFact's probability comparisons apply)."""
+        return bool(self.n) and all(self.records["target_true"].is_not_null().to_list())
+
+
+def _positions(owner: list[int]) -> list[int]:
+    """Each entry's position among its owner's entries (0, 1, ... per record)."""
+    seen: dict[int, int] = {}
+    out = []
     for o in owner:
-        j = seen.get(o, 0)
-        seen[o] = j + 1
-        flat_base.append(base_pred[ids[o]][j])
-    agree = [float(np.mean([a == b for a, b in zip(p, q)])) for p, q in zip(res.pred, flat_base)]
-    return _mean_by(owner, agree, records.height)
+        out.append(seen.get(o, 0))
+        seen[o] = out[-1] + 1
+    return out
+
+
+# --------------------------------------------------------------------------- the metrics
+# Each is registered in ``memoe.metric_registry`` (name, description, headline flag) with ``compute``
+# naming its function here; ``evaluate`` runs every registered metric that has one.
+
+def reliability(s: Scoring):
+    return s.tf(s.records["prompt"].to_list(), s.records["target_new"].to_list()).acc()
+
+
+def generality(s: Scoring):
+    ro, rp, ra = s.rephrases()
+    return s.mean_by(ro, s.tf(rp, ra).acc())
+
+
+def locality(s: Scoring):
+    lo, lp, la = s.flat("locality_prompts", "locality_answers")
+    return s.agreement(lo, lp, la, "loc_base_pred") if lp and s.base is not None else [None] * s.n
+
+
+def specificity(s: Scoring):
+    """The subject with other relations (memoe/probes.py), against the unedited model's own continuation."""
+    if "specificity_prompts" not in s.records.columns or s.base is None or "spec_base_pred" not in s.base.columns:
+        return None
+    so, sp, _ = s.flat("specificity_prompts", answer_scalar="target_new")
+    if not sp:
+        return None
+    answers = dict(zip(s.base["id"].to_list(), s.base["spec_answers"].to_list()))
+    ids = s.records["id"].to_list()
+    sa = [answers[ids[o]][j] for o, j in zip(so, _positions(so))]
+    return s.agreement(so, sp, sa, "spec_base_pred")
+
+
+def _probe_generality(col: str):
+    def compute(s: Scoring):
+        if col not in s.records.columns:
+            return None
+        o, p, a = s.flat(col, answer_scalar="target_new")
+        return s.mean_by(o, s.tf(p, a).acc()) if p else None
+    compute.__doc__ = f"The rephrases of ``{col}`` (memoe/probes.py), against the new target."
+    return compute
+
+
+restyled_generality = _probe_generality("restyled_prompts")
+chat_generality = _probe_generality("chat_prompts")
+
+
+def portability(s: Scoring):
+    po, pp, pa = s.flat("portability_prompts", "portability_answers")
+    return s.mean_by(po, s.tf(pp, pa).acc())
+
+
+def generation_reliability(s: Scoring):
+    """Greedy generation on the edit prompt starts with the new target (also writes the generated text
+    and ``generation_contains``, the target anywhere in it)."""
+    if not s.generation:
+        return None
+    prompts, new = s.records["prompt"].to_list(), s.records["target_new"].to_list()
+    lens = [len(t) for t in s.tf(prompts, new).target]
+    gen = s.generate(prompts, max(s.max_new_tokens, max(lens) + 2))
+    s.extra["generation"] = gen
+    s.extra["generation_contains"] = [contains(g, t) for g, t in zip(gen, new)]
+    return [exact_match(g, t) for g, t in zip(gen, new)]
+
+
+def efficacy(s: Scoring):
+    """CounterFact: the new target more likely (mean log-prob) than the true one on the edit prompt."""
+    if not s.has_true():
+        return None
+    prompts = s.records["prompt"].to_list()
+    new, true = s.tf(prompts, s.records["target_new"].to_list()), s.tf(prompts, s.records["target_true"].to_list())
+    return [float(a > b) for a, b in zip(new.logprob, true.logprob)]
+
+
+def paraphrase(s: Scoring):
+    ro, rp, ra = s.rephrases()
+    if not s.has_true() or not rp:
+        return None
+    true = s.records["target_true"].to_list()
+    new, old = s.tf(rp, ra), s.tf(rp, [true[o] for o in ro])
+    return s.mean_by(ro, [float(a > b) for a, b in zip(new.logprob, old.logprob)])
+
+
+def neighborhood(s: Scoring):
+    """CounterFact: the true target still more likely than the new one on the neighbour prompts (where
+    the neighbours' answers are the true target)."""
+    if not s.has_true():
+        return None
+    no, np_, na = s.flat("locality_prompts", "locality_answers")
+    true, new = s.records["target_true"].to_list(), s.records["target_new"].to_list()
+    if not np_ or not all(a == true[o] for o, a in zip(no, na)):
+        return None
+    kept, moved = s.tf(np_, [true[o] for o in no]), s.tf(np_, [new[o] for o in no])
+    return s.mean_by(no, [float(a > b) for a, b in zip(kept.logprob, moved.logprob)])
+
+
+def fluency(s: Scoring):
+    if not s.fluency:
+        return None
+    go, gp, _ = s.flat("generation_prompts", answer_scalar="target_new")
+    return s.mean_by(go, [ngram_entropy([t]) for t in s.generate(gp, 64)]) if gp else None
 
 
 def evaluate(model, tokenizer, records: pl.DataFrame, base: pl.DataFrame | None = None, *, editor=None,
              batch_size: int = 16, generation: bool = True, max_new_tokens: int = 16,
              fluency: bool = False) -> pl.DataFrame:
-    """Score every record; returns one row per edit with the metric columns (null where n/a)."""
-    n = records.height
-    kw = dict(editor=editor, batch_size=batch_size)
-    prompts = records["prompt"].to_list()
-    new = records["target_new"].to_list()
-    rel = teacher_forced(model, tokenizer, prompts, new, **kw)
-    cols: dict[str, list] = {"id": records["id"].to_list(), "reliability": rel.acc()}
-
-    ro, rp, ra = _flat(records, "rephrase_prompts", answer_scalar="target_new")
-    rr = teacher_forced(model, tokenizer, rp, ra, **kw) if rp else TFResult([], [], [])
-    cols["generality"] = _mean_by(ro, rr.acc(), n)
-
-    lo, lp, la = _flat(records, "locality_prompts", "locality_answers")
-    if lp and base is not None:
-        cols["locality"] = _agreement(model, tokenizer, records, base, lo, lp, la, "loc_base_pred", kw)
-    else:
-        cols["locality"] = [None] * n
-
-    # the hard probes (memoe/probes.py): the subject with other relations against the unedited model,
-    # restyled and chat-template rephrases against the new target
-    if "specificity_prompts" in records.columns and base is not None and "spec_base_pred" in base.columns:
-        so, sp, _ = _flat(records, "specificity_prompts", answer_scalar="target_new")
-        if sp:
-            answers = dict(zip(base["id"].to_list(), base["spec_answers"].to_list()))
-            ids = records["id"].to_list()
-            seen: dict[int, int] = {}
-            sa = []
-            for o in so:
-                j = seen.get(o, 0)
-                seen[o] = j + 1
-                sa.append(answers[ids[o]][j])
-            cols["specificity"] = _agreement(model, tokenizer, records, base, so, sp, sa, "spec_base_pred", kw)
-    for col, name in (("restyled_prompts", "restyled_generality"), ("chat_prompts", "chat_generality")):
-        if col in records.columns:
-            o_, p_, a_ = _flat(records, col, answer_scalar="target_new")
-            if p_:
-                cols[name] = _mean_by(o_, teacher_forced(model, tokenizer, p_, a_, **kw).acc(), n)
-
-    po, pp, pa = _flat(records, "portability_prompts", "portability_answers")
-    pr = teacher_forced(model, tokenizer, pp, pa, **kw) if pp else TFResult([], [], [])
-    cols["portability"] = _mean_by(po, pr.acc(), n)
-
-    # CounterFact-style probability comparisons where the true target is known
-    has_true = records["target_true"].is_not_null().to_list()
-    if all(has_true) and records.height:
-        true = records["target_true"].to_list()
-        t_rel = teacher_forced(model, tokenizer, prompts, true, **kw)
-        cols["efficacy"] = [float(a > b) for a, b in zip(rel.logprob, t_rel.logprob)]
-        if rp:
-            rtrue = [true[o] for o in ro]
-            rt = teacher_forced(model, tokenizer, rp, rtrue, **kw)
-            cols["paraphrase"] = _mean_by(ro, [float(a > b) for a, b in zip(rr.logprob, rt.logprob)], n)
-        no, np_, _ = _flat(records, "locality_prompts", "locality_answers")
-        if np_ and all(a == true[o] for o, a in zip(no, _flat(records, "locality_prompts", "locality_answers")[2])):
-            nt = teacher_forced(model, tokenizer, np_, [true[o] for o in no], **kw)
-            nn_ = teacher_forced(model, tokenizer, np_, [new[o] for o in no], **kw)
-            cols["neighborhood"] = _mean_by(no, [float(a > b) for a, b in zip(nt.logprob, nn_.logprob)], n)
-
-    if generation:
-        lens = [len(t) for t in rel.target]
-        gen = generate(model, tokenizer, prompts, editor=editor, batch_size=batch_size,
-                       max_new_tokens=max(max_new_tokens, max(lens) + 2))
-        cols["generation"] = gen
-        cols["generation_reliability"] = [exact_match(g, t) for g, t in zip(gen, new)]
-        cols["generation_contains"] = [contains(g, t) for g, t in zip(gen, new)]
-    if fluency:
-        go, gp, _ = _flat(records, "generation_prompts", answer_scalar="target_new")
-        if gp:
-            texts = generate(model, tokenizer, gp, editor=editor, batch_size=batch_size, max_new_tokens=64)
-            cols["fluency"] = _mean_by(go, [ngram_entropy([t]) for t in texts], n)
-    return pl.DataFrame(cols, strict=False)
+    """Score every record with every registered metric that has a ``compute`` function
+    (``memoe.metric_registry``); returns one row per edit with the metric columns (null where n/a),
+    the generated text beside them."""
+    s = Scoring(model, tokenizer, records, base, editor=editor, batch_size=batch_size, generation=generation,
+                max_new_tokens=max_new_tokens, fluency=fluency)
+    cols: dict[str, list] = {"id": records["id"].to_list()}
+    for name, m in REGISTRY.items():
+        vals = m.compute_fn()(s) if m.compute is not None else None
+        if vals is not None:
+            if len(vals) != s.n:
+                raise ValueError(f"metric {name!r} returned {len(vals)} values for {s.n} records")
+            cols[name] = list(vals)
+        if name == "generation_reliability":
+            cols |= s.extra  # the generated text beside the metric that made it
+    return pl.DataFrame(cols | s.extra, strict=False)
 
 
 def summarize(table: pl.DataFrame) -> dict[str, float]:

@@ -165,3 +165,33 @@ def test_the_readme_names_every_registered_metric_and_format():
     assert [m for m in METRICS if f"`{m}`" not in metrics_part] == []
     formats_part = text.split("## Data formats", 1)[1].split("\n## ", 1)[0]
     assert [f for f in FORMATS if not re.search(rf"`{re.escape(f)}`", formats_part)] == []
+
+
+def test_a_metric_is_one_function_registered_with_its_name(tokenizer):
+    """A metric registered with a compute function is a column of ``evaluate``'s table (and averaged by
+    ``summarize``) with no other change; its function sees the records and shares the scoring primitives."""
+    from memoe import metrics
+    from tests.conftest import tiny_model
+    from tests.test_contract import records
+
+    model, recs = tiny_model("llama", len(tokenizer)), records()
+
+    def first_token(s):  # the edit prompt's first target token predicted, from the memoised scoring
+        res = s.tf(s.records["prompt"].to_list(), s.records["target_new"].to_list())
+        return [float(p[0] == t[0]) for p, t in zip(res.pred, res.target)]
+
+    register_metric("first_token", "a test's metric", compute=first_token)
+    register_metric("too_short", "a test's broken metric", compute=lambda s: [1.0])
+    try:
+        with pytest.raises(ValueError, match="'too_short' returned 1 values for 3 records"):
+            metrics.evaluate(model, tokenizer, recs, generation=False)
+        del METRIC_REGISTRY["too_short"]
+        table = metrics.evaluate(model, tokenizer, recs, generation=False)
+        tf = metrics.teacher_forced(model, tokenizer, recs["prompt"].to_list(), recs["target_new"].to_list())
+        assert table["first_token"].to_list() == [float(p[0] == t[0]) for p, t in zip(tf.pred, tf.target)]
+        assert metrics.summarize(table)["first_token"] == pytest.approx(table["first_token"].mean())
+    finally:
+        for name in ("first_token", "too_short"):
+            if name in METRIC_REGISTRY:
+                del METRIC_REGISTRY[name]
+    assert "first_token" not in metrics.evaluate(model, tokenizer, recs, generation=False).columns
