@@ -6,19 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flows.history import (
-    HistoryError,
-    add_store_arguments,
-    client_for,
-    curve,
-    final_metrics,
-    find_run,
-    is_compare,
-    method_children,
-    print_table,
-    protocol,
-    write_csv,
-)
+from flows import history
 from flows.report import COSTS, HEADLINE, retention_plot
 
 IGNORE = ("tracking.", "threads", "model.device")
@@ -26,18 +14,18 @@ IGNORE = ("tracking.", "threads", "model.device")
 
 def add_arguments(p):
     p.add_argument("runs", nargs="+", metavar="RUN", help="run ids, id prefixes or run names (see memoe ls)")
-    add_store_arguments(p)
+    history.add_store_arguments(p)
     p.add_argument("--metric", default="reliability", help="the metric of the retention plot (default reliability)")
     p.add_argument("--plot", default=None, metavar="FILE", help="retention plot (default: ./compare-<runs>.png)")
     p.add_argument("--csv", default=None, metavar="FILE", help="also write the table to a CSV file")
 
 
 def entries(client, experiment: str, refs: list[str]) -> list:
-    runs = [find_run(client, experiment, ref) for ref in refs]
-    if len(runs) == 1 and is_compare(runs[0]):
-        runs = method_children(client, runs[0])
+    runs = [history.find_run(client, experiment, ref) for ref in refs]
+    if len(runs) == 1 and history.is_compare(runs[0]):
+        runs = history.method_children(client, runs[0])
     if len(runs) < 2:
-        raise HistoryError("memoe compare needs two runs or more (or one compare study)")
+        raise history.HistoryError("memoe compare needs two runs or more (or one compare study)")
     return runs
 
 
@@ -54,27 +42,27 @@ def table(client, runs: list) -> tuple[list[dict], list[str]]:
     differ = [k for k in keys if len({s.get(k) for s in sets}) > 1]
     rows = []
     for label, r, s in zip(labels, runs, sets):
-        rows.append({"run": label, "id": r.info.run_id[:8], "protocol": protocol(r) if "memoe.flow" in r.data.tags
-                     else "method", **{k: s.get(k) for k in differ}, **final_metrics(r)})
+        rows.append({"run": label, "id": r.info.run_id[:8], "protocol": history.protocol(r) if "memoe.flow" in r.data.tags
+                     else "method", **{k: s.get(k) for k in differ}, **history.final_metrics(r)})
     return rows, differ
 
 
 def run(args) -> int:
-    client = client_for(args.uri, args.runs_dir)
+    client = history.client_for(args.uri, args.runs_dir)
     runs = entries(client, args.experiment, args.runs)
     rows, differ = table(client, runs)
     metric_cols = [c for c in HEADLINE + ["avg"] + COSTS if any(r.get(c) is not None for r in rows)]
-    print("\n".join(print_table(rows, ["run", "id", "protocol", *metric_cols], {"run": 44})))
+    print("\n".join(history.print_table(rows, ["run", "id", "protocol", *metric_cols], {"run": 44})))
     if differ:
         more = f" (the first 10 of {len(differ)}; --csv has all)" if len(differ) > 10 else ""
         print(f"\nsettings that differ{more}:")
-        print("\n".join(print_table(rows, ["run", *differ[:10]], {"run": 44})))
-    curves = {r["run"]: curve(client, run_) for r, run_ in zip(rows, runs)}
+        print("\n".join(history.print_table(rows, ["run", *differ[:10]], {"run": 44})))
+    curves = {r["run"]: history.curve(client, run_) for r, run_ in zip(rows, runs)}
     curves = {k: v for k, v in curves.items() if v}
     if curves:
         plot = Path(args.plot or f"compare-{'-'.join(r['id'] for r in rows)[:60]}.png")
         retention_plot(curves, plot, f"{args.metric} over the edits applied: " + ", ".join(curves), args.metric)
         print(f"\nretention curves: {plot.resolve()}")
     if args.csv:
-        print(f"csv: {write_csv(rows, args.csv)}")
+        print(f"csv: {history.write_csv(rows, args.csv)}")
     return 0

@@ -7,25 +7,13 @@ import json
 import tempfile
 from pathlib import Path
 
-from flows.history import (
-    add_store_arguments,
-    client_for,
-    curve,
-    final_metrics,
-    find_run,
-    is_compare,
-    method_children,
-    print_table,
-    protocol,
-    when,
-    write_csv,
-)
+from flows import history
 from flows.report import COSTS, HEADLINE
 
 
 def add_arguments(p):
     p.add_argument("run", help="run id, id prefix or run name (see memoe ls)")
-    add_store_arguments(p)
+    history.add_store_arguments(p)
     p.add_argument("--edits", type=int, default=5, help="how many failed edits to show (default 5; 0: none)")
     p.add_argument("--csv", default=None, metavar="FILE", help="write the run's per-edit table to a CSV file")
 
@@ -59,12 +47,12 @@ def failures(table, n: int) -> list[dict]:
 
 
 def run(args) -> int:
-    client = client_for(args.uri, args.runs_dir)
-    r = find_run(client, args.experiment, args.run)
+    client = history.client_for(args.uri, args.runs_dir)
+    r = history.find_run(client, args.experiment, args.run)
     t, p = r.data.tags, r.data.params
-    print(f"{r.info.run_name}   run {r.info.run_id}   {r.info.status.lower()}   {when(r)} UTC")
+    print(f"{r.info.run_name}   run {r.info.run_id}   {r.info.status.lower()}   {history.when(r)} UTC")
     if "memoe.flow" in t:
-        print(f"flow {t['memoe.flow']}, {protocol(r)}, model {t.get('memoe.model')}, data {t.get('memoe.dataset')}, "
+        print(f"flow {t['memoe.flow']}, {history.protocol(r)}, model {t.get('memoe.model')}, data {t.get('memoe.dataset')}, "
               f"config {t.get('memoe.config_hash')}, code {t.get('memoe.git_commit', '?')[:12]}")
     if t.get("memoe.rerun_of"):
         print(f"a rerun of {t['memoe.rerun_of']}" + (" (every task from cache)" if t.get("memoe.cached_rerun") == "true" else ""))
@@ -75,24 +63,24 @@ def run(args) -> int:
                                                              "eval.retention_sample"))}
     if settings:
         print("settings: " + ", ".join(f"{k}={v}" for k, v in sorted(settings.items())))
-    fin = final_metrics(r)
+    fin = history.final_metrics(r)
     if fin:
         print("\nafter the last round: " + ", ".join(f"{k} {v:.3f}" for k, v in fin.items()))
-    rounds = curve(client, r)
+    rounds = history.curve(client, r)
     if rounds:
         cols = ["round", "edits_so_far", *(m for m in HEADLINE + ["avg"] if any(m in x for x in rounds))]
         flat = [x | {f"earlier {k}": v for k, v in (x.get("earlier") or {}).items()} for x in rounds]
         cols += [f"earlier {m}" for m in ("reliability", "generality") if any(f"earlier {m}" in x for x in flat)]
-        print("\n" + "\n".join(print_table(flat, cols)))
-    if is_compare(r):
+        print("\n" + "\n".join(history.print_table(flat, cols)))
+    if history.is_compare(r):
         m = r.data.metrics
         rows = [{"method": k.info.run_name, "run": k.info.run_id[:8],
                  **{c: m.get(f"{k.info.run_name}.{c}") for c in HEADLINE + ["avg"] + COSTS}}
-                for k in method_children(client, r)]
+                for k in history.method_children(client, r)]
         cols = ["method", "run", *(c for c in HEADLINE + ["avg"] + COSTS if any(x.get(c) is not None for x in rows))]
-        print("\n" + "\n".join(print_table(rows, cols)))
+        print("\n" + "\n".join(history.print_table(rows, cols)))
         print("(memoe show <method run> for a method's rounds and failed edits)")
-    table = None if is_compare(r) else per_edit(client, r)
+    table = None if history.is_compare(r) else per_edit(client, r)
     if table is not None and args.edits:
         bad = failures(table, args.edits)
         print(f"\nfailed edits (reliability or exact generation below 1): "
@@ -109,5 +97,5 @@ def run(args) -> int:
 
         out = table.with_columns([pl.col(c).map_elements(json.dumps, return_dtype=pl.String)
                                   for c, d in table.schema.items() if isinstance(d, (pl.List, pl.Struct))])
-        print(f"csv: {write_csv(out.to_dicts(), Path(args.csv))}")
+        print(f"csv: {history.write_csv(out.to_dicts(), Path(args.csv))}")
     return 0
