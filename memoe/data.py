@@ -127,25 +127,28 @@ def _portability(rec: dict, path, rid) -> tuple[list[str], list[str]]:
     return [q], [a]
 
 
+def edit_record(id, subject: str, prompt: str, target_new: str, target_true: str | None = None, *,
+                rephrase_prompts=(), locality_prompts=(), locality_answers=(), portability_prompts=(),
+                portability_answers=(), generation_prompts=()) -> dict:
+    """One edit as a parser returns it (the columns of ``SCHEMA``; the prompt lists default to none)."""
+    return dict(id=str(id), subject=subject, prompt=prompt, target_new=target_new, target_true=target_true,
+                rephrase_prompts=list(rephrase_prompts), locality_prompts=list(locality_prompts),
+                locality_answers=list(locality_answers), portability_prompts=list(portability_prompts),
+                portability_answers=list(portability_answers), generation_prompts=list(generation_prompts))
+
+
 def _zsre(rec: dict, path, rid) -> dict:
     answers = rec.get("answers")
     if answers is not None and not (isinstance(answers, list) and all(isinstance(a, str) for a in answers)):
         raise EditDataError(path, f"expected a list of strings, got {answers!r}", rid, "answers")
     target_true = answers[0] if answers else None
     pp, pa = _portability(rec, path, rid)
-    return dict(
-        id=str(rec.get("case_id", rid)),
-        subject=_req_str(rec, "subject", path, rid),
-        prompt=_req_str(rec, "src", path, rid),
-        target_new=_req_str(rec, "alt", path, rid),
-        target_true=target_true,
-        rephrase_prompts=_opt_list(rec, "rephrase", path, rid),
-        locality_prompts=_opt_list(rec, "loc", path, rid),
-        locality_answers=_opt_list(rec, "loc_ans", path, rid),
-        portability_prompts=pp,
-        portability_answers=pa,
-        generation_prompts=[],
-    )
+    return edit_record(rec.get("case_id", rid), _req_str(rec, "subject", path, rid), _req_str(rec, "src", path, rid),
+                       _req_str(rec, "alt", path, rid), target_true,
+                       rephrase_prompts=_opt_list(rec, "rephrase", path, rid),
+                       locality_prompts=_opt_list(rec, "loc", path, rid),
+                       locality_answers=_opt_list(rec, "loc_ans", path, rid),
+                       portability_prompts=pp, portability_answers=pa)
 
 
 def _counterfact(rec: dict, path, rid) -> dict:
@@ -160,37 +163,20 @@ def _counterfact(rec: dict, path, rid) -> dict:
     target_true = _str_at(rec, "requested_rewrite.target_true.str", path, rid)
     neigh = _opt_list(rec, "neighborhood_prompts", path, rid)
     pp, pa = _portability(rec, path, rid)
-    return dict(
-        id=str(rec.get("case_id", rid)),
-        subject=subject,
-        prompt=template.replace("{}", subject),
-        target_new=_str_at(rec, "requested_rewrite.target_new.str", path, rid),
-        target_true=target_true,
-        rephrase_prompts=_opt_list(rec, "paraphrase_prompts", path, rid),
-        locality_prompts=neigh,
-        locality_answers=[target_true] * len(neigh),
-        portability_prompts=pp,
-        portability_answers=pa,
-        generation_prompts=_opt_list(rec, "generation_prompts", path, rid),
-    )
+    return edit_record(rec.get("case_id", rid), subject, template.replace("{}", subject),
+                       _str_at(rec, "requested_rewrite.target_new.str", path, rid), target_true,
+                       rephrase_prompts=_opt_list(rec, "paraphrase_prompts", path, rid),
+                       locality_prompts=neigh, locality_answers=[target_true] * len(neigh),
+                       portability_prompts=pp, portability_answers=pa,
+                       generation_prompts=_opt_list(rec, "generation_prompts", path, rid))
 
 
 def _counterfact_flat(rec: dict, path, rid) -> dict:
-    loc = _opt_list(rec, "locality_prompt", path, rid)
-    loc_ans = _opt_list(rec, "locality_ground_truth", path, rid)
-    return dict(
-        id=str(rec.get("case_id", rid)),
-        subject=_req_str(rec, "subject", path, rid),
-        prompt=_req_str(rec, "prompt", path, rid),
-        target_new=_req_str(rec, "target_new", path, rid),
-        target_true=_opt_str(rec, "ground_truth", path, rid),
-        rephrase_prompts=_opt_list(rec, "rephrase_prompt", path, rid),
-        locality_prompts=loc,
-        locality_answers=loc_ans,
-        portability_prompts=[],
-        portability_answers=[],
-        generation_prompts=[],
-    )
+    return edit_record(rec.get("case_id", rid), _req_str(rec, "subject", path, rid), _req_str(rec, "prompt", path, rid),
+                       _req_str(rec, "target_new", path, rid), _opt_str(rec, "ground_truth", path, rid),
+                       rephrase_prompts=_opt_list(rec, "rephrase_prompt", path, rid),
+                       locality_prompts=_opt_list(rec, "locality_prompt", path, rid),
+                       locality_answers=_opt_list(rec, "locality_ground_truth", path, rid))
 
 
 def _user(rec: dict, path, rid) -> dict:
@@ -205,19 +191,12 @@ def _user(rec: dict, path, rid) -> dict:
             v = [s.strip() for s in v.split("|")]
         return _opt_list({key: v}, key, path, rid)
 
-    return dict(
-        id=str(rec.get("id") or rid),
-        subject=_req_str(rec, "subject", path, rid),
-        prompt=_req_str(rec, "prompt", path, rid),
-        target_new=_req_str(rec, "target_new", path, rid),
-        target_true=_opt_str(rec, "target_true", path, rid),
-        rephrase_prompts=lst("rephrases") or lst("rephrase_prompts"),
-        locality_prompts=lst("locality_prompts"),
-        locality_answers=lst("locality_answers"),
-        portability_prompts=lst("portability_prompts"),
-        portability_answers=lst("portability_answers"),
-        generation_prompts=lst("generation_prompts"),
-    )
+    return edit_record(rec.get("id") or rid, _req_str(rec, "subject", path, rid), _req_str(rec, "prompt", path, rid),
+                       _req_str(rec, "target_new", path, rid), _opt_str(rec, "target_true", path, rid),
+                       rephrase_prompts=lst("rephrases") or lst("rephrase_prompts"),
+                       locality_prompts=lst("locality_prompts"), locality_answers=lst("locality_answers"),
+                       portability_prompts=lst("portability_prompts"),
+                       portability_answers=lst("portability_answers"), generation_prompts=lst("generation_prompts"))
 
 
 def _read_text(path: Path) -> str:
