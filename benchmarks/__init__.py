@@ -9,5 +9,6 @@ returns them. Outside the library: they use memoe, memoe does not use them.
   scale study (time per round, Rel / Gen / Loc over rounds).
 
 ``benchmarks/speed.py`` (``run_bench``, ``step_time``), ``benchmarks/roofline.py`` (FLOPs, the matmul
-replay), ``benchmarks/scale.py`` (``sequential_scale``, ``flatness``), ``benchmarks/common.py``.
+replay), ``benchmarks/scale.py`` (``sequential_scale``, ``flatness``), ``benchmarks/gauge.py`` (the
+scale study's host-speed gauge), ``benchmarks/common.py`` (``StepTimes``: step times through ``on_step``).
 """

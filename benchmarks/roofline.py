@@ -11,7 +11,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import say, sync
+from benchmarks.common import StepTimes, say, sync
 from memoe.editors import make_editor
 
 
@@ -127,14 +127,16 @@ def roofline(model, tok, method, recs, flops: float, dtype, device, steps: int, 
     mm_flops, replay = matmul_replay(calls, device)
     replay()  # warm-up
     step_s, mm_s = [], []
+    clock = StepTimes()  # the replay's time is left out of the next step's
+
+    def pair(step: int, loss: float) -> None:
+        if step > 1:
+            step_s.append(clock.times[-1])
+            mm_s.append(replay())
+    clock.then = pair
     for _ in range(rounds):
         ed = make_editor(model, tok, method.model_copy(update=dict(steps=steps, early_stop_loss=0.0)))
-
-        def pair(step: int, loss: float, ed=ed) -> None:
-            if step > 1:
-                step_s.append(ed.step_times[-1])
-                mm_s.append(replay())
-        ed.on_step = pair
+        ed.on_step = clock
         ed.edit(recs)
         ed.remove()
     fracs = [(flops / s) / (mm_flops / m) for s, m in zip(step_s, mm_s)]

@@ -8,9 +8,11 @@ from typing import Any
 
 import polars as pl
 
-from benchmarks.common import records, say
+from benchmarks.common import StepTimes, records, say
+from benchmarks.gauge import host_gauge
 from memoe.editors import make_editor
-from memoe.metrics import evaluate, locality_predictions, summarize
+from memoe.metrics import locality_predictions, summarize
+from memoe.protocol import run_sequential
 
 
 def mixed_records(n: int, seed: int = 0) -> pl.DataFrame:
@@ -28,14 +30,16 @@ def mixed_records(n: int, seed: int = 0) -> pl.DataFrame:
 
 def sequential_scale(model, tok, method, rounds: int, batch: int, *, recs: pl.DataFrame | None = None,
                      retention_sample: int | None = 200, seed: int = 0, gauge_every: int = 0) -> dict[str, Any]:
-    """A sequential study of rounds x batch real edits: time per round (training, evaluation) and
-    Rel / Gen / Loc over rounds. Training is timed in wall-clock and in the process's CPU time.
-    Earlier edits are scored on a seeded sample of at most ``retention_sample`` (logged), so
-    evaluation grows no faster than the edits so far. Give the method a fixed step count
-    (``early_stop_loss=0``) to measure the cost of a round rather than how soon it converges.
+    """A sequential study of rounds x batch real edits (``memoe.protocol.run_sequential``): time per
+    round (training, evaluation) and Rel / Gen / Loc over rounds. Training is timed in wall-clock and
+    in the process's CPU time. After each round its own edits are scored with a seeded sample of at
+    most ``retention_sample`` earlier ones (the last round too: logged as ``scored``), so evaluation
+    grows no faster than the edits so far. Give the method a fixed step count (``early_stop_loss=0``)
+    to measure the cost of a round rather than how soon it converges. ``step_s_median`` /
+    ``step_s_mean``: the round's optimiser steps 2.. (``StepTimes``).
 
     ``gauge_every`` > 0: after every that many training steps, the same fixed work (a forward and
-    backward pass over the study's first 2 x batch edits, ``MEMoEEditor.timing_probe``) is timed, so
+    backward pass over the study's first 2 x batch edits, ``benchmarks.gauge.host_gauge``) is timed, so
     the host's speed of the moment is measured beside the round's own steps. Each round's training
     time (the gauge's own time left out) is then also given at the study's typical host speed:
     ``train_s_host_adjusted`` = train_s x (median gauge time over rounds) / (the round's gauge time),
@@ -44,39 +48,31 @@ def sequential_scale(model, tok, method, rounds: int, batch: int, *, recs: pl.Da
     recs = mixed_records(rounds * batch) if recs is None else recs.head(rounds * batch)
     base = locality_predictions(model, tok, recs)
     ed = make_editor(model, tok, method, seed=seed)
-    gauge = ed.timing_probe(recs.head(2 * batch)) if gauge_every > 0 and hasattr(ed, "timing_probe") else None
+    gauge = host_gauge(ed, recs.head(2 * batch)) if gauge_every > 0 and hasattr(ed, "gradient_pass") else None
     gauge_s: list[float] = []  # this round's gauge times
     gauge_cost = [0.0, 0.0]  # this round's gauge wall and CPU seconds, taken out of its training time
 
     def on_step(step: int, loss: float):
-        if step % gauge_every == 0:
+        if gauge is not None and step % gauge_every == 0:
             t0, c0 = time.perf_counter(), time.process_time()
             gauge_s.append(gauge())
             gauge_cost[0] += time.perf_counter() - t0
             gauge_cost[1] += time.process_time() - c0
 
-    if gauge is not None:
-        ed.on_step = on_step
+    clock = StepTimes(then=on_step)  # the optimiser steps alone (the gauge's time left out)
+    ed.on_step = clock
+    parts = [recs.slice(t * batch, batch) for t in range(rounds)]
     per_round = []
-    for t in range(rounds):
-        cur = recs.slice(t * batch, batch)
-        gauge_s.clear()
-        gauge_cost[:] = [0.0, 0.0]
-        t0, c0 = time.perf_counter(), time.process_time()
-        st = ed.edit(cur)
-        train_s = time.perf_counter() - t0 - gauge_cost[0]
-        train_cpu_s = time.process_time() - c0 - gauge_cost[1]
-        seen = recs.head((t + 1) * batch)
-        sample = seen if retention_sample is None or seen.height <= retention_sample else \
-            seen.sample(retention_sample, seed=seed + t)
-        t0 = time.perf_counter()
-        m = summarize(evaluate(model, tok, sample, base.filter(pl.col("id").is_in(sample["id"].implode())),
-                               editor=ed, generation=False))
-        eval_s = time.perf_counter() - t0
-        times = list(getattr(ed, "step_times", None) or [])  # the optimiser steps alone
+    for r in run_sequential(model, tok, ed, parts, base, seed=seed, retention_sample=retention_sample,
+                            all_after_last=False, diagnostics=False, generation=False):
+        t, st = r.index, r.edit
+        train_s, train_cpu_s = r.train_s - gauge_cost[0], r.train_cpu_s - gauge_cost[1]
+        m = summarize(r.scores.table)
+        times = list(clock.times)
         row = {"round": t + 1, "edits_so_far": (t + 1) * batch, "train_s": train_s,
-               "train_cpu_s": train_cpu_s, "eval_s": eval_s,
-               "scored": sample.height, "steps": (st or {}).get("steps"), "loss_final": (st or {}).get("loss_final"),
+               "train_cpu_s": train_cpu_s, "eval_s": r.eval_s,
+               "scored": r.scores.table.height, "steps": (st or {}).get("steps"),
+               "loss_final": (st or {}).get("loss_final"),
                "step_s_median": statistics.median(times) if times else None,
                "step_s_mean": statistics.fmean(times) if times else None,
                **{k: m.get(k) for k in ("reliability", "generality", "locality")}}
@@ -85,10 +81,12 @@ def sequential_scale(model, tok, method, rounds: int, batch: int, *, recs: pl.Da
         if gauge_s:  # the mean: the round's time is a sum over its steps, at the host's speed of each
             row.update(gauge_s=statistics.fmean(gauge_s), gauge_times=list(gauge_s))
         per_round.append(row)
-        say(f"round {t + 1}/{rounds}: train {train_s:.1f}s eval {eval_s:.1f}s on {sample.height} "
+        say(f"round {t + 1}/{rounds}: train {train_s:.1f}s eval {r.eval_s:.1f}s on {row['scored']} "
              + (f"gauge {row['gauge_s']:.3f}s " if gauge_s else "")
              + f"Rel {m.get('reliability', float('nan')):.2f} Gen {m.get('generality', float('nan')):.2f} "
              f"Loc {m.get('locality', float('nan')):.2f}")
+        gauge_s.clear()  # before the next round (run_sequential goes on when asked for it)
+        gauge_cost[:] = [0.0, 0.0]
     ed.remove()
     ed.on_step = None
     later = per_round[1:] or per_round  # flatness over the rounds after the first (nothing to replay there)

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import torch
 
-from benchmarks.common import records, say, sync
+from benchmarks.common import StepTimes, records, say, sync
 from benchmarks.roofline import roofline, step_flops
 from memoe.config import FTMethod, MEMoEMethod
 from memoe.editors import make_editor
@@ -21,8 +21,13 @@ from memoe.metrics import evaluate, generate, locality_predictions, summarize, t
 from memoe.models import load_model
 
 
-def timed_edit(model, tok, method, recs, seed=0) -> tuple[Any, dict]:
+def timed_edit(model, tok, method, recs, seed=0, clock: StepTimes | None = None) -> tuple[Any, dict]:
+    """A fresh editor's edit of ``recs``, its wall time in the stats (``wall_s``); ``clock``: the
+    editor's steps timed through ``on_step`` (editors that have it)."""
     ed = make_editor(model, tok, method, seed=seed)
+    if clock is not None and hasattr(ed, "on_step"):
+        ed.on_step = clock
+        clock.start()
     sync(ed.device)
     t0 = time.perf_counter()
     stats = ed.edit(recs)
@@ -33,15 +38,15 @@ def timed_edit(model, tok, method, recs, seed=0) -> tuple[Any, dict]:
 
 
 def step_time(model, tok, method, recs, steps: int) -> float:
-    """Seconds per optimiser step. Editors that time their steps (MEMoE: ``step_times``): the median
-    of steps 2.. of one edit; others: (edit with `steps` steps - edit with 1 step) / (steps - 1).
+    """Seconds per optimiser step. Editors that report their steps (``on_step``): the median of steps
+    2.. of one edit (``StepTimes``); others: (edit with `steps` steps - edit with 1 step) / (steps - 1).
     Every editor made here is removed again: the model is left unedited."""
     fixed = dict(early_stop_loss=0.0)
-    ed, b = timed_edit(model, tok, method.model_copy(update=dict(fixed, steps=steps)), recs)
-    times = list(getattr(ed, "step_times", None) or [])
+    clock = StepTimes()
+    ed, b = timed_edit(model, tok, method.model_copy(update=dict(fixed, steps=steps)), recs, clock=clock)
     ed.remove()
-    if len(times) >= 2:
-        return statistics.median(times[1:])
+    if clock.times:
+        return statistics.median(clock.times)
     ed, a = timed_edit(model, tok, method.model_copy(update=dict(fixed, steps=1)), recs)
     ed.remove()
     return (b["wall_s"] - a["wall_s"]) / (steps - 1)
@@ -74,9 +79,12 @@ def run_bench(quick: bool = True, model_name: str = "embedded:smollm2-135m", dev
     first = None
     if can_compile(dev):  # the same cached step through torch.compile (MEMoEMethod.compile)
         variants["compiled"] = variants["cached"].model_copy(update=dict(compile=True))
-        ed, _ = timed_edit(model, tok, variants["compiled"].model_copy(update=dict(steps=2, early_stop_loss=0.0)),
-                           step_recs)
-        first = ed.step_times[0]  # compiles the layers' forward and backward (or takes them from inductor's cache)
+        clock = StepTimes()
+        ed, st = timed_edit(model, tok, variants["compiled"].model_copy(update=dict(steps=2, early_stop_loss=0.0)),
+                            step_recs, clock=clock)
+        # the first step compiles the layers' forward and backward (or takes them from inductor's cache);
+        # the clock's first step holds the edit's preparation too, which the editor reports
+        first = clock.first - float(st.get("prep_s") or 0.0)
         ed.remove()
     # the variants in turns (3 each), so that drift of the host's speed falls on all of them
     ts = {k: [] for k in variants}

@@ -225,7 +225,10 @@ def _prepare(ctx: Ctx) -> tuple[dict, dict, dict | None]:
 
 
 def _run_rounds(ctx: Ctx, method, data: dict, base: dict, parent_run: str | None, label: str = "") -> dict:
-    """Train round t from state t-1 and evaluate it, for every round; log a nested run per round."""
+    """Train round t from state t-1 and evaluate it, for every round; log a nested run per round.
+    The protocol itself (the round's seed, what is scored, re-edits) is ``memoe.protocol``, called by
+    the tasks; this loop is its cached form: one task per round and step, so a study resumes where it
+    stopped (the in-process form is ``memoe.protocol.run_sequential``)."""
     cfg, log = ctx.cfg, get_run_logger()
     tracking = _tracking(ctx)
     tr = tracker(**tracking)

@@ -5,8 +5,9 @@
 
 Each method runs in its own subprocess (so the peak RSS is that method's), with the method section of
 ``configs/<method>.yaml`` (``--set key=value`` overrides apply to every method, e.g. ``--set steps=10``).
-Protocol: batch (all N edits in one round) or ``--rounds T`` sequential rounds of N/T edits, scored
-after the last round on all N edits. Prints one JSON line per method and a markdown table.
+Protocol (``memoe.protocol.run_sequential``): batch (all N edits in one round) or ``--rounds T``
+sequential rounds of N/T edits, scored after the last round on all of them. Prints one JSON line per
+method and a markdown table.
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ import os
 import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,8 +44,9 @@ def run_one(args) -> dict:
     from memoe.data import load_edits, sample_edits, split_rounds
     from memoe.datasets import SHARED_DATASETS
     from memoe.editors import make_editor
-    from memoe.metrics import evaluate, locality_predictions, summarize
+    from memoe.metrics import locality_predictions, summarize
     from memoe.models import load_model
+    from memoe.protocol import run_sequential
 
     model, tok = load_model(args.model, device=args.device)
     path, fmt = SHARED_DATASETS[args.data]
@@ -57,17 +58,20 @@ def run_one(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     ed = make_editor(model, tok, cfg, seed=args.seed) if cfg is not None else None  # "none": the unedited model
-    t0 = time.perf_counter()
-    stats = [{}]
-    for part in (split_rounds(df, args.rounds, args.n // args.rounds) if ed is not None else []):
-        stats.append(ed.edit(part))
-    edit_s = time.perf_counter() - t0
-    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    table = evaluate(model, tok, df, base, editor=ed, generation=not args.no_generation)
-    s = summarize(table)
+    rss1 = [rss0]
+
+    def after_edit(t: int) -> None:
+        rss1[0] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    parts = split_rounds(df, args.rounds, args.n // args.rounds) if ed is not None else [df]
+    done = list(run_sequential(model, tok, ed, parts, base, seed=args.seed, every_round=False, diagnostics=False,
+                               after_edit=after_edit, generation=not args.no_generation))
+    edit_s = sum(r.train_s for r in done)
+    s = summarize(done[-1].scores.table)
+    stats = [{}] + [r.edit for r in done if r.edit is not None]
     out = {"method": args.method, "data": args.data, "n": args.n, "rounds": args.rounds, **s,
            "edit_s": edit_s, "edit_s_per_100": edit_s * 100 / args.n,
-           "peak_rss_mb_before_edit": rss0, "peak_rss_mb_after_edit": rss1,
+           "peak_rss_mb_before_edit": rss0, "peak_rss_mb_after_edit": rss1[0],
            "cfg": cfg.model_dump(mode="json") if cfg is not None else None,
            "stats_last": {k: v for k, v in stats[-1].items() if isinstance(v, (int, float))}}
     if torch.cuda.is_available():

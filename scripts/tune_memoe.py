@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -43,9 +42,10 @@ def main(argv=None) -> int:
     from memoe.config import MEMoEMethod, _parse_value, resolve_path
     from memoe.data import load_edits
     from memoe.editors.memoe import MEMoEEditor
-    from memoe.metrics import evaluate, locality_predictions, summarize
+    from memoe.metrics import locality_predictions, summarize
     from memoe.models import load_model
     from memoe.probes import add_probes
+    from memoe.protocol import run_sequential
 
     raw = {}
     if args.config:
@@ -62,17 +62,14 @@ def main(argv=None) -> int:
     recs = add_probes(df.slice(args.start, args.n), tok)  # subject specificity, restyled, chat-template
     base = locality_predictions(model, tok, recs)
     ed = MEMoEEditor(model, tok, cfg, seed=args.seed)
-    t0 = time.perf_counter()
-    c0 = time.process_time()
     per = args.n // args.rounds
-    stats = []
-    for r in range(args.rounds):
-        stats.append(ed.edit(recs.slice(r * per, per)))
-    t_edit = time.perf_counter() - t0
-    c_edit = time.process_time() - c0  # CPU seconds: comparable when the machine is shared
-    t1 = time.perf_counter()
-    table = evaluate(model, tok, recs, base, editor=ed, generation=not args.no_generation)
-    t_eval = time.perf_counter() - t1
+    done = list(run_sequential(model, tok, ed, [recs.slice(r * per, per) for r in range(args.rounds)], base,
+                               seed=args.seed, every_round=False, diagnostics=False,
+                               generation=not args.no_generation))  # scored after the last round, on all edits
+    stats = [r.edit for r in done]
+    t_edit = sum(r.train_s for r in done)
+    c_edit = sum(r.train_cpu_s for r in done)  # CPU seconds: comparable when the machine is shared
+    table, t_eval = done[-1].scores.table, done[-1].eval_s
     out = {"tag": args.tag, "data": args.data, "start": args.start, "n": args.n, "rounds": args.rounds,
            "set": args.set, "config": args.config, "edit_s": round(t_edit, 1), "edit_cpu_s": round(c_edit, 1),
            "eval_s": round(t_eval, 1),

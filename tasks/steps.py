@@ -150,17 +150,6 @@ def _jsonable(x: Any) -> Any:
     return str(x)
 
 
-def _seed_all(seed: int) -> None:
-    import random
-
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 # --------------------------------------------------------------------------- prepare_dataset
 
 def prepare_key(ctx, p: dict[str, Any]) -> str:
@@ -291,12 +280,12 @@ def train_round(round_index: int, records: str, prev_state: str | None, method_c
 
     from memoe.editors import make_editor
     from memoe.memory import PeakMemory
+    from memoe.protocol import seed_round
     from tasks.progress import StepLoss
 
     model, tok = model_and_tokenizer(model_cfg, threads)
     method = method_from_dict(method_cfg)
-    _seed_all(seed * 1000 + round_index)
-    editor = make_editor(model, tok, method, seed=seed * 1000 + round_index)
+    editor = make_editor(model, tok, method, seed=seed_round(seed, round_index))
     steps = StepLoss(progress, int(method_cfg.get("steps") or 1), round_index) if hasattr(editor, "on_step") else None
     if steps:
         editor.on_step = steps
@@ -321,23 +310,6 @@ def train_round(round_index: int, records: str, prev_state: str | None, method_c
 
 # --------------------------------------------------------------------------- evaluate_round
 
-def eval_set(rounds: list[str], round_index: int, retention_sample: int | None, seed: int, final: bool):
-    """Round t's own edits plus the earlier ones (a seeded sample of at most ``retention_sample``
-    of them, except after the last round, where every edit is scored)."""
-    import polars as pl
-
-    own = pl.read_parquet(rounds[round_index]).with_columns(
-        pl.lit(round_index).alias("round_of_edit"), pl.lit(True).alias("current"))
-    earlier = [pl.read_parquet(r).with_columns(pl.lit(i).alias("round_of_edit"), pl.lit(False).alias("current"))
-               for i, r in enumerate(rounds[:round_index])]
-    if not earlier:
-        return own, 0
-    prev = pl.concat(earlier)
-    if retention_sample is not None and not final and prev.height > retention_sample:
-        prev = prev.sample(n=retention_sample, seed=seed * 1000 + round_index, shuffle=False)
-    return pl.concat([prev, own]), prev.height
-
-
 def evaluate_key(ctx, p: dict[str, Any]) -> str:
     final = p["round_index"] == len(p["rounds"]) - 1
     return "eval-" + digest(p["round_index"], [file_digest(r) for r in p["rounds"][:p["round_index"] + 1]],
@@ -349,63 +321,30 @@ def evaluate_key(ctx, p: dict[str, Any]) -> str:
 @task(name="evaluate_round", cache_key_fn=evaluate_key, task_run_name="evaluate_round_{round_index}", **COMMON)
 def evaluate_round(round_index: int, rounds: list[str], state: str, base: str, method_cfg: dict, eval_cfg: dict,
                    seed: int, model_cfg: dict, store: str, threads: int | None = None) -> dict:
-    """Per-edit metrics after round t on the round's edits and (a sample of) the earlier ones."""
+    """Per-edit metrics after round t on the round's edits and (a sample of) the earlier ones
+    (``memoe.protocol``: ``eval_records``, the re-edit bookkeeping, ``score_round``)."""
     import polars as pl
 
-    from memoe.data import RE_EDIT
     from memoe.editors import make_editor
-    from memoe.metrics import evaluate, teacher_forced
+    from memoe.protocol import eval_records, overwritten_ids, round_seed, score_round
 
     final = round_index == len(rounds) - 1
     verified(Path(rounds[0]).parent), verified(state), verified(base)
-    records, n_earlier = eval_set(rounds, round_index, eval_cfg.get("retention_sample"), seed, final)
-    # edits re-edited by round t or before are no longer in force: their earlier target is scored apart
-    # (overwritten_reliability: it should be gone), the re-edit as any edit (and as reedit_reliability)
-    re_ids = [i for r in rounds[:round_index + 1] for i in pl.read_parquet(r, columns=["id"])["id"].to_list()
-              if RE_EDIT in i]
-    gone = {i.rsplit(RE_EDIT, 1)[0] for i in re_ids}
-    overwritten = records.filter(pl.col("id").is_in(list(gone)))
-    records = records.filter(~pl.col("id").is_in(list(gone)))
+    applied = [pl.read_parquet(r) for r in rounds[:round_index + 1]]
+    records, n_earlier = eval_records(applied, round_index, eval_cfg.get("retention_sample"), seed, final)
     model, tok = model_and_tokenizer(model_cfg, threads)
-    editor = make_editor(model, tok, method_from_dict(method_cfg), seed=seed * 1000 + round_index)
+    editor = make_editor(model, tok, method_from_dict(method_cfg), seed=round_seed(seed, round_index))
     try:
         editor.load(state)
         t0 = time.perf_counter()
-        table = evaluate(model, tok, records.drop("round_of_edit", "current"), pl.read_parquet(base), editor=editor,
-                         batch_size=eval_cfg["batch_size"], generation=eval_cfg["generation"],
-                         max_new_tokens=eval_cfg["max_new_tokens"], fluency=eval_cfg["fluency"])
-        old_acc = (teacher_forced(model, tok, overwritten["prompt"].to_list(), overwritten["target_new"].to_list(),
-                                  editor=editor, batch_size=eval_cfg["batch_size"]).acc() if overwritten.height else [])
-        # router diagnostics (expert load, anchor hits) on the round's own edits: cheap enough per round
-        diagnostics = _diagnostics(editor, records.filter(pl.col("current")).drop("round_of_edit", "current"),
-                                   eval_cfg)
+        scores = score_round(model, tok, editor, records, pl.read_parquet(base), overwritten_ids(applied),
+                             batch_size=eval_cfg["batch_size"], generation=eval_cfg["generation"],
+                             max_new_tokens=eval_cfg["max_new_tokens"], fluency=eval_cfg["fluency"])
         seconds = time.perf_counter() - t0
     finally:
         editor.remove()
-    # the edit itself beside its scores and generations, so that failures can be read from the table
-    # (whatever columns evaluate() returns come along)
-    shown = [c for c in ("subject", "prompt", "target_new", "target_true") if c not in table.columns]
-    table = table.with_columns(records["round_of_edit"], records["current"], *(records[c] for c in shown))
-    table = table.select(["id", *shown, *(c for c in table.columns if c not in ("id", *shown))])
-    if re_ids:
-        table = table.with_columns(pl.when(pl.col("id").str.contains(RE_EDIT, literal=True))
-                                   .then(pl.col("reliability")).otherwise(None).alias("reedit_reliability"))
-    if overwritten.height:
-        table = pl.concat([table, overwritten.select("id", "round_of_edit", "current", *shown).with_columns(
-            pl.Series("overwritten_reliability", old_acc, pl.Float64))], how="diagonal_relaxed")
     tmp = _tmp(store, "eval", ".parquet")
-    table.write_parquet(tmp)
+    scores.table.write_parquet(tmp)
     return {"table": str(publish_file(tmp, Path(store) / "evals", ".parquet")), "seconds": seconds,
-            "n_scored": table.height, "n_earlier_scored": n_earlier, "diagnostics": diagnostics}
-
-
-def _diagnostics(editor, records, eval_cfg: dict) -> dict:
-    """The editor's own diagnostics (``Editor.diagnostics``; MEMoE: ``router_diagnostics``, with
-    the expert load ``load_expert_e`` and anchor hit rates); never fails the evaluation."""
-    import logging
-
-    try:
-        return _jsonable(editor.diagnostics(records, batch_size=eval_cfg["batch_size"]))
-    except Exception as e:  # noqa: BLE001
-        logging.getLogger("memoe.tasks").warning("router diagnostics failed: %s", e)
-        return {"error": str(e)}
+            "n_scored": scores.table.height, "n_earlier_scored": n_earlier,
+            "diagnostics": _jsonable(scores.diagnostics)}

@@ -68,7 +68,10 @@ def test_step_time_leaves_the_model_unedited(tokenizer):
     assert torch.equal(model(**probe).logits, before)
 
 
-def test_memoe_edit_times_each_step(tokenizer):
+def test_step_times_time_each_step_through_on_step(tokenizer):
+    import time
+
+    from benchmarks.common import StepTimes
     from memoe.config import MEMoEMethod
     from memoe.editors import make_editor
 
@@ -78,12 +81,27 @@ def test_memoe_edit_times_each_step(tokenizer):
     ed = make_editor(tiny_model("llama", len(tokenizer)), tokenizer,
                      MEMoEMethod(layers=[2], rank=8, steps=4, early_stop_loss=0.0, precision="float32"))
     seen = []
-    ed.on_step = lambda step, loss: seen.append((step, loss, len(ed.step_times)))
+    pause = 0.05
+
+    def then(step, loss):
+        seen.append((step, loss, len(clock.times)))
+        time.sleep(pause)
+
+    clock = StepTimes(then=then)
+    ed.on_step = clock
+    t0 = time.perf_counter()
+    clock.start()
     stats = ed.edit(_recs())
-    assert stats["steps"] == 4 and len(ed.step_times) == 4 and all(t > 0 for t in ed.step_times)
-    # the callback runs after each step, its time not counted in that step
-    assert [s for s, _, _ in seen] == [1, 2, 3, 4] and [n for _, _, n in seen] == [1, 2, 3, 4]
+    wall = time.perf_counter() - t0
+    assert stats["steps"] == 4 and len(clock.times) == 3 and all(t > 0 for t in clock.times)  # steps 2-4
+    assert clock.first > 0  # step 1, from start()
+    # the callback runs after each step, its time not counted in any step
+    assert [s for s, _, _ in seen] == [1, 2, 3, 4] and [n for _, _, n in seen] == [0, 1, 2, 3]
+    assert clock.first + sum(clock.times) + 4 * pause <= wall
     assert seen[-1][1] == stats["loss_final"]
+    ed.edit(_recs())  # a new edit starts afresh (no start(): its first step is not timed)
+    assert len(clock.times) == 3 and clock.first is None
+    ed.remove()
 
 
 @pytest.mark.parametrize("compiled", [False, True])
@@ -122,8 +140,9 @@ def test_scale_study_samples_earlier_edits_and_leaves_the_model_unedited(tokeniz
     before = model(**probe).logits
     n_hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
     method = MEMoEMethod(layers=[1], rank=8, lr=5e-2, steps=6, early_stop_loss=0.0, precision="float32")
-    res = sequential_scale(model, tokenizer, method, rounds=2, batch=2, recs=recs, retention_sample=3)
+    res = sequential_scale(model, tokenizer, method, rounds=2, batch=2, recs=recs, retention_sample=1)
     rounds = res["per_round"]
+    # the round's own edits and one of the earlier ones, the last round too
     assert [r["scored"] for r in rounds] == [2, 3] and [r["steps"] for r in rounds] == [6, 6]
     assert rounds[-1]["reliability"] > 0.5  # the edits took
     assert res["train_s_median"] == rounds[1]["train_s"] and res["train_s_max_dev"] == 0  # one round after the first
@@ -171,7 +190,8 @@ def test_scale_gauge_leaves_training_unchanged_and_divides_out_the_host(tokenize
         assert r["step_per_gauge"] == r["step_s_mean"] / r["gauge_s"]
 
 
-def test_timing_probe_restores_gradients_and_noise(tokenizer):
+def test_host_gauge_restores_gradients_and_noise(tokenizer):
+    from benchmarks.gauge import host_gauge
     from memoe.config import MEMoEMethod
     from memoe.editors.memoe import MEMoEEditor
 
@@ -181,7 +201,7 @@ def test_timing_probe_restores_gradients_and_noise(tokenizer):
     recs = _records(["The capital of Norway is", "Paris is located in"], ["Bergen", "Peru"], ["Norway", "Paris"])
     model = tiny_model("llama", len(tokenizer))
     ed = MEMoEEditor(model, tokenizer, MEMoEMethod(layers=[1], rank=8, precision="float32", router_noise=1.0))
-    probe = ed.timing_probe(recs)
+    probe = host_gauge(ed, recs)
     ed.adapter.set_generator(3)
     ed.adapter.train()
     params = [p for p in ed.adapter.parameters() if p.requires_grad]

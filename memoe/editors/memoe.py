@@ -83,7 +83,6 @@ class MEMoEEditor(Editor):
         self.rounds = 0
         self.uses_layer_cache = bool(cfg.layer_cache) and supports_layer_cache(model)
         self._head_weight: torch.Tensor | None = None  # the LM head in the training dtype, while training
-        self.step_times: list[float] = []  # seconds of each optimiser step of the last edit() (benchmarks)
         self._warned_packing = False
         self.on_step: Callable[[int, float], None] | None = None  # called after each optimiser step (step, loss)
         self.compiles = bool(cfg.compile) and can_compile(self.device)
@@ -379,41 +378,20 @@ class MEMoEEditor(Editor):
             cache = self._capture(batch)
         return self._loss(batch, ctx, cache if use else None)
 
-    def timing_probe(self, records: pl.DataFrame) -> Callable[[], float]:
-        """A fixed piece of training work for benchmarks: each call of the returned function runs one
-        forward and backward pass over ``records`` as a training step runs them (their rows and
-        context prefixes, packed, from the layer cache, in the round's precision; the step's own
-        ``_backward``, without the optimiser) and returns its seconds. Call it from ``on_step`` only
-        (inside a round; the rows are prepared on the first call). It leaves the adapter's gradients, noise generators and load statistics as it found
-        them, so the training it interrupts goes on unchanged. The same work timed between a round's
-        steps tells how fast the host runs at that moment, so that a round's time can be divided by it."""
+    def gradient_pass(self, records: pl.DataFrame) -> Callable[[], float]:
+        """One training step's forward and backward over ``records`` as a step of ``edit()`` runs them
+        (their rows and context prefixes, packed, from the layer cache, in the round's precision), without
+        the optimiser: each call of the returned function accumulates the gradient into the adapter's
+        ``.grad`` and returns the summed NLL. The rows are prepared on the first call: call it inside a
+        round (from ``on_step``). Benchmarks time it (``benchmarks/gauge.py``)."""
         rows = self._examples(self._rows(records))
         parts: list[tuple] = []
 
         def run() -> float:
             if not parts:
                 parts.extend(self._step_parts(rows, self._packs()))
-            params = [p for p in self.adapter.parameters() if p.requires_grad]
-            grads = [p.grad for p in params]
-            gens = [(m.generator, m.generator.get_state()) for m in self.adapter.modules()
-                    if isinstance(getattr(m, "generator", None), torch.Generator)]
-            stats = dict(self.adapter.load_stats)
-            for p in params:
-                p.grad = None
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            t0 = time.perf_counter()
             with torch.enable_grad():
-                self._backward(parts)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            seconds = time.perf_counter() - t0
-            for p, g in zip(params, grads):
-                p.grad = g
-            for g, state in gens:
-                g.set_state(state)
-            self.adapter.load_stats = stats
-            return seconds
+                return self._backward(parts)
 
         return run
 
@@ -520,7 +498,6 @@ class MEMoEEditor(Editor):
             self.adapter.train()
             losses: list[float] = []
             scope_losses: list[float] = []
-            self.step_times = []
             step = 0
             if dtype is not None:
                 self._head_weight = self.model.get_output_embeddings().weight.detach().to(dtype)
@@ -529,7 +506,6 @@ class MEMoEEditor(Editor):
             try:
                 with torch.enable_grad(), compiled:
                     for step in range(1, cfg.steps + 1):
-                        t_step = time.perf_counter()
                         nll, ntok = 0.0, 0
                         for parts in steps_data:
                             opt.zero_grad(set_to_none=True)
@@ -541,7 +517,6 @@ class MEMoEEditor(Editor):
                                 scope_losses.append(float(sl.detach()))
                             opt.step()
                         losses.append(nll / ntok)  # float(loss) above waits for the device
-                        self.step_times.append(time.perf_counter() - t_step)
                         if self.on_step is not None:
                             self.on_step(step, losses[-1])
                         if losses[-1] < cfg.early_stop_loss and (
