@@ -83,5 +83,9 @@ register_metric("fluency", "n-gram entropy of generations on the generation prom
                 compute="memoe.metrics:fluency")
 register_metric("reedit_reliability", "reliability of the re-edits, a fact's newer target (protocol.re_edit)",
                 headline=True)
-register_metric("overwritten_reliability", "a re-edited fact's earlier target on its prompt: should be gone "
-                "(protocol.re_edit)", headline=True)
+register_metric("overwritten_reliability", "a re-edited fact's earlier target on its prompt, teacher-forced: "
+                "should be gone (protocol.re_edit)", headline=True)
+register_metric("overwritten_preferred", "a re-edited fact's earlier target more likely than its latest one "
+                "(protocol.re_edit)")
+register_metric("overwritten_generation", "greedy generation on a re-edited fact's prompt starts with its "
+                "earlier target (protocol.re_edit, eval.generation)")

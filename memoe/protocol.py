@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, Sequence
 import polars as pl
 
 from memoe.data import RE_EDIT
-from memoe.metrics import evaluate, teacher_forced
+from memoe.metrics import evaluate, exact_match, generate, teacher_forced
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +106,7 @@ def score_round(model, tok, editor, records: pl.DataFrame, base: pl.DataFrame, o
     records, old = split_overwritten(records, overwritten)
     table = evaluate(model, tok, records.drop("round_of_edit", "current"), base, editor=editor,
                      batch_size=batch_size, generation=generation, max_new_tokens=max_new_tokens, fluency=fluency)
-    old_acc = (teacher_forced(model, tok, old["prompt"].to_list(), old["target_new"].to_list(), editor=editor,
-                              batch_size=batch_size).acc() if old.height else [])
+    old_cols = _overwritten_scores(model, tok, editor, old, records, batch_size, generation, max_new_tokens)
     diag = {}
     if diagnostics and editor is not None:
         diag = editor_diagnostics(editor, records.filter(pl.col("current")).drop("round_of_edit", "current"),
@@ -121,8 +120,39 @@ def score_round(model, tok, editor, records: pl.DataFrame, base: pl.DataFrame, o
                                    .then(pl.col("reliability")).otherwise(None).alias("reedit_reliability"))
     if old.height:
         table = pl.concat([table, old.select("id", "round_of_edit", "current", *shown).with_columns(
-            pl.Series("overwritten_reliability", old_acc, pl.Float64))], how="diagonal_relaxed")
+            *(pl.Series(k, v, pl.Float64) for k, v in old_cols.items()))], how="diagonal_relaxed")
     return Scores(table, diag)
+
+
+def _overwritten_scores(model, tok, editor, old: pl.DataFrame, in_force: pl.DataFrame, batch_size: int,
+                        generation: bool, max_new_tokens: int) -> dict[str, list]:
+    """An overwritten edit's old target on its prompt: its reliability (teacher-forced: the share of the
+    old target's tokens predicted, each after the old target's own earlier tokens, so a multi-token name
+    keeps some credit for its continuation even when its first token is gone), whether it is more likely
+    than the latest target (``overwritten_preferred``; None where the re-edit is not among the scored
+    records), and whether greedy generation starts with it (``overwritten_generation``, with generation)."""
+    if not old.height:
+        return {}
+    prompts, targets = old["prompt"].to_list(), old["target_new"].to_list()
+    kw = dict(editor=editor, batch_size=batch_size)
+    res = teacher_forced(model, tok, prompts, targets, **kw)
+    out: dict[str, list] = {"overwritten_reliability": res.acc()}
+    latest = {}  # the newest re-edit of each overwritten edit among the scored records
+    for i, t in sorted(zip(in_force["id"].to_list(), in_force["target_new"].to_list())):
+        if RE_EDIT in i:
+            latest[i.rsplit(RE_EDIT, 1)[0]] = t
+    rows = [k for k, i in enumerate(old["id"].to_list()) if i in latest]
+    pref: list[float | None] = [None] * old.height
+    if rows:
+        now = teacher_forced(model, tok, [prompts[k] for k in rows], [latest[old["id"][k]] for k in rows], **kw)
+        for k, lp in zip(rows, now.logprob):
+            pref[k] = float(res.logprob[k] > lp)
+    out["overwritten_preferred"] = pref
+    if generation:
+        gen = generate(model, tok, prompts, editor=editor, batch_size=batch_size,
+                       max_new_tokens=max(max_new_tokens, max(len(t) for t in res.target) + 2))
+        out["overwritten_generation"] = [exact_match(g, t) for g, t in zip(gen, targets)]
+    return out
 
 
 def editor_diagnostics(editor, records: pl.DataFrame, batch_size: int) -> dict:

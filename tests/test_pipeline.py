@@ -247,4 +247,5 @@ def test_a_re_edit_study_scores_the_latest_target_and_the_overwritten_one(tmp_pa
     last = res["rounds"][-1]
     assert last["n_edits"] == 4  # in force: round 2's edits and the two re-edits
     assert last["reedit_reliability"] == 1.0 and last["overwritten_reliability"] < 0.5
+    assert last["overwritten_preferred"] == 0.0  # the earlier target less likely than the latest, on both
     assert res["final"]["reedit_reliability"] == 1.0 and res["final"]["reliability"] == 1.0

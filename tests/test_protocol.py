@@ -69,6 +69,10 @@ def test_run_sequential_scores_each_round_and_the_re_edits_apart(tokenizer):
     assert "reedit_reliability" not in out[1].scores.table.columns
     last = out[-1].scores.table
     assert last.filter(pl.col("overwritten_reliability").is_not_null())["id"].to_list() == ["0", "1"]
+    gone = last.filter(pl.col("overwritten_reliability").is_not_null())
+    # the earlier target against the latest: the latest is the more likely one after the re-edit
+    assert gone["overwritten_preferred"].to_list() == [0.0, 0.0]
+    assert "overwritten_generation" not in last.columns  # generation off
     assert last.filter(pl.col("reedit_reliability").is_not_null())["id"].to_list() == ["0#re3", "1#re3"]
     assert last.filter(pl.col("reliability").is_not_null()).height == 4  # in force
     assert out[-1].scores.diagnostics  # the editor's own figures on the round's edits

@@ -147,7 +147,7 @@ def test_metrics_and_headline_are_derived_from_the_metric_registry():
     assert METRICS == list(METRIC_REGISTRY) == metrics.METRICS == [
         "reliability", "generality", "locality", "specificity", "restyled_generality", "chat_generality",
         "portability", "generation_reliability", "efficacy", "paraphrase", "neighborhood", "fluency",
-        "reedit_reliability", "overwritten_reliability"]
+        "reedit_reliability", "overwritten_reliability", "overwritten_preferred", "overwritten_generation"]
     assert HEADLINE == report.HEADLINE == [n for n, m in METRIC_REGISTRY.items() if m.headline] == \
         METRICS[:8] + ["reedit_reliability", "overwritten_reliability"]
     register_metric("toy_score", "a test's metric", headline=True)
