@@ -40,9 +40,10 @@ def main(argv=None) -> int:
     import yaml
 
     torch.set_num_threads(args.threads)
-    from memoe.config import MEMoEMethod, _parse_value, resolve_path
+    from memoe.config import _parse_value, resolve_path
     from memoe.data import load_edits
-    from memoe.editors.memoe import MEMoEEditor
+    from memoe.editors.memoe import MEMoEMethod
+    from memoe.editors.memoe.editor import MEMoEEditor
     from memoe.metrics import evaluate, locality_predictions, summarize
     from memoe.models import load_model
     from memoe.probes import add_probes

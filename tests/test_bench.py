@@ -50,7 +50,8 @@ def test_step_time_leaves_the_model_unedited(tokenizer):
     """Timing a method's step edits the model; the benchmark must put it back, or every later
     figure (throughput, evaluation, the scale study) is measured on an edited model."""
     from benchmarks.speed import step_time
-    from memoe.config import FTMethod, MEMoEMethod
+    from memoe.editors.ft import FTMethod
+    from memoe.editors.memoe import MEMoEMethod
 
     from .conftest import tiny_model
     from .test_memoe_editor import _recs
@@ -69,8 +70,8 @@ def test_step_time_leaves_the_model_unedited(tokenizer):
 
 
 def test_memoe_edit_times_each_step(tokenizer):
-    from memoe.config import MEMoEMethod
     from memoe.editors import make_editor
+    from memoe.editors.memoe import MEMoEMethod
 
     from .conftest import tiny_model
     from .test_memoe_editor import _recs
@@ -89,8 +90,8 @@ def test_memoe_edit_times_each_step(tokenizer):
 @pytest.mark.parametrize("compiled", [False, True])
 def test_roofline_pairs_each_step_with_a_replay_of_its_matmuls(tokenizer, compiled):
     from benchmarks.roofline import roofline, step_flops
-    from memoe.config import MEMoEMethod
     from memoe.editors.common import can_compile
+    from memoe.editors.memoe import MEMoEMethod
 
     from .conftest import tiny_model
     from .test_memoe_editor import _recs
@@ -109,7 +110,7 @@ def test_roofline_pairs_each_step_with_a_replay_of_its_matmuls(tokenizer, compil
 
 def test_scale_study_samples_earlier_edits_and_leaves_the_model_unedited(tokenizer):
     from benchmarks.scale import sequential_scale
-    from memoe.config import MEMoEMethod
+    from memoe.editors.memoe import MEMoEMethod
 
     from .conftest import tiny_model
     from .test_adapter import _records
@@ -139,7 +140,7 @@ def test_scale_gauge_leaves_training_unchanged_and_divides_out_the_host(tokenize
     learns, is taken out of the round's time, and the adjusted time is the round's time at the
     median gauge speed."""
     from benchmarks.scale import sequential_scale
-    from memoe.config import MEMoEMethod
+    from memoe.editors.memoe import MEMoEMethod
 
     from .conftest import tiny_model
     from .test_adapter import _records
@@ -172,8 +173,8 @@ def test_scale_gauge_leaves_training_unchanged_and_divides_out_the_host(tokenize
 
 
 def test_timing_probe_restores_gradients_and_noise(tokenizer):
-    from memoe.config import MEMoEMethod
-    from memoe.editors.memoe import MEMoEEditor
+    from memoe.editors.memoe import MEMoEMethod
+    from memoe.editors.memoe.editor import MEMoEEditor
 
     from .conftest import tiny_model
     from .test_adapter import _records

@@ -20,9 +20,15 @@ import polars as pl
 import pytest
 import torch
 
-from memoe.config import METHODS, FTMethod, GraceMethod, LoRAMethod, MemitMethod, MEMoEMethod, WiseMethod
+from memoe.config import METHODS
 from memoe.data import SCHEMA
 from memoe.editors import make_editor
+from memoe.editors.ft import FTMethod
+from memoe.editors.grace import GraceMethod
+from memoe.editors.lora import LoRAMethod
+from memoe.editors.memit import MemitMethod
+from memoe.editors.memoe import MEMoEMethod
+from memoe.editors.wise import WiseMethod
 from memoe.metrics import teacher_forced
 
 from .conftest import tiny_model

@@ -3,8 +3,8 @@ run on the GPU, in bf16 autocast where the card supports it, and give the CPU's 
 import pytest
 import torch
 
-from memoe.config import MEMoEMethod
 from memoe.editors import make_editor
+from memoe.editors.memoe import MEMoEMethod
 from memoe.metrics import teacher_forced
 
 from .conftest import tiny_model

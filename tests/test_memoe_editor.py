@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from memoe.config import MEMoEMethod
 from memoe.editors import make_editor
 from memoe.editors.common import can_compile
-from memoe.editors.memoe import MEMoEEditor
+from memoe.editors.memoe import MEMoEMethod
+from memoe.editors.memoe.editor import MEMoEEditor
 from memoe.metrics import evaluate, locality_predictions, summarize, teacher_forced
 
 from .conftest import ZSRE, tiny_model
@@ -205,7 +205,7 @@ def test_packed_batch_layout(tokenizer):
 
 
 def test_packing_falls_back_to_padded_rows_where_the_model_mixes_them(tokenizer, monkeypatch):
-    import memoe.editors.memoe as mod
+    import memoe.editors.memoe.editor as mod
 
     monkeypatch.setattr(mod, "packing_is_exact", lambda model: False)
     model = tiny_model("llama", len(tokenizer))
@@ -316,7 +316,7 @@ def test_compiled_layers_train_like_eager_and_compile_once(tokenizer):
 
 
 def test_compile_falls_back_to_eager_where_it_cannot_build(tokenizer, monkeypatch):
-    import memoe.editors.memoe as mod
+    import memoe.editors.memoe.editor as mod
 
     monkeypatch.setattr(mod, "can_compile", lambda device: False)
     model = tiny_model("llama", len(tokenizer))

@@ -17,9 +17,10 @@ def add_arguments(p):
 def run(args) -> int:
     import torch
 
-    from memoe.config import MEMoEMethod, load_config
+    from memoe.config import load_config
     from memoe.datasets import load_for_config
-    from memoe.editors.memoe import MEMoEEditor
+    from memoe.editors.memoe import MEMoEMethod
+    from memoe.editors.memoe.editor import MEMoEEditor
     from memoe.metrics import generate
     from memoe.models import context_length, load_model
 

@@ -1,5 +1,5 @@
 """The interface every editor (MEMoE and the baselines) implements (editors are registered with
-their settings in ``memoe.config.METHODS``).
+their settings in ``memoe.methods.METHODS``, each method a package ``memoe/editors/<m>/``).
 
 An editor is built on a frozen model and tokenizer; ``edit(records)`` trains on one batch of edits
 (called once per round in the sequential protocol, continuing from its current state);
@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 
 def make_editor(model, tokenizer, method_cfg, **kw) -> "Editor":
-    """The registered editor of ``method_cfg.name`` (``memoe.config.METHODS``) on ``model``."""
+    """The registered editor of ``method_cfg.name`` (``memoe.methods.METHODS``) on ``model``."""
     from memoe.checks import check_layers
     from memoe.config import METHODS
     from memoe.models import num_layers
@@ -46,7 +46,7 @@ def _validating(edit: Callable) -> Callable:
 
 
 class Editor(ABC):
-    """An editing method's editor; registered with its settings class in ``memoe.config.METHODS``.
+    """An editing method's editor; registered with its settings class in ``memoe.methods.METHODS``.
     Capabilities the pipeline asks of the class: ``uses_anchors`` (the study extracts knowledge
     anchors for it) and ``diagnostics`` (per-round figures of its own)."""
     name: str = "editor"

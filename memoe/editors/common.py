@@ -108,6 +108,26 @@ def packing_is_exact(model) -> bool:
     return known[impl]
 
 
+def past_length(kwargs: dict) -> int:
+    """Tokens already in the KV cache of a forward, from the keyword arguments a forward pre-hook
+    sees (0 on a sequence's first forward): hooks that decide once per sequence (GRACE, WISE) read it."""
+    pkv = kwargs.get("past_key_values")
+    if pkv is None:
+        pkv = kwargs.get("cache")  # transformers 5 passes the cache under this name
+    if pkv is not None:
+        try:
+            return int(pkv.get_seq_length())
+        except (AttributeError, TypeError):
+            try:
+                return int(pkv[0][0].shape[-2])
+            except Exception:  # noqa: BLE001
+                return 0
+    cp = kwargs.get("cache_position")
+    if cp is not None and cp.numel():
+        return int(cp.view(-1)[0])
+    return 0
+
+
 def target_nll(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """NLL of the target tokens only (labels -100 elsewhere). ``reduction='none'`` -> per row mean."""
     lg = logits[:, :-1].float()

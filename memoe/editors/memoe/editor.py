@@ -60,7 +60,7 @@ class MEMoEEditor(Editor):
     uses_anchors = True  # the study extracts knowledge anchors for it
 
     def __init__(self, model, tokenizer, cfg=None, seed: int = 0):
-        from memoe.config import MEMoEMethod
+        from memoe.editors.memoe.config import MEMoEMethod
 
         cfg = cfg or MEMoEMethod()
         super().__init__(model, tokenizer, cfg, seed)
