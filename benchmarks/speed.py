@@ -28,7 +28,7 @@ def timed_edit(model, tok, method, recs, seed=0) -> tuple[Any, dict]:
     t0 = time.perf_counter()
     stats = ed.edit(recs)
     sync(ed.device)
-    stats = dict(stats or {})
+    stats = stats.as_dict()
     stats["wall_s"] = time.perf_counter() - t0
     return ed, stats
 

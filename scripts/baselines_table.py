@@ -60,7 +60,7 @@ def run_one(args) -> dict:
     t0 = time.perf_counter()
     stats = [{}]
     for part in (split_rounds(df, args.rounds, args.n // args.rounds) if ed is not None else []):
-        stats.append(ed.edit(part))
+        stats.append(ed.edit(part).as_dict())
     edit_s = time.perf_counter() - t0
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     table = evaluate(model, tok, df, base, editor=ed, generation=not args.no_generation)

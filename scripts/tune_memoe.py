@@ -77,8 +77,8 @@ def main(argv=None) -> int:
     out = {"tag": args.tag, "data": args.data, "start": args.start, "n": args.n, "rounds": args.rounds,
            "set": args.set, "config": args.config, "edit_s": round(t_edit, 1), "edit_cpu_s": round(c_edit, 1),
            "eval_s": round(t_eval, 1),
-           "steps": [s["steps"] for s in stats], "loss_final": [round(s["loss_final"], 4) for s in stats],
-           "curve": stats[-1]["loss_curve"]}
+           "steps": [s.steps for s in stats], "loss_final": [round(s.loss_final, 4) for s in stats],
+           "curve": stats[-1].details["loss_curve"]}
     out.update({k: round(v, 4) for k, v in summarize(table).items()})
     if args.diagnostics:
         out["diag"] = {k: round(v, 3) for k, v in ed.diagnostics(recs.head(32)).items()}

@@ -315,7 +315,7 @@ def train_round(round_index: int, records: str, prev_state: str | None, method_c
         if steps:
             steps.close()
     folder = publish_folder(tmp, Path(store) / "states")
-    return {"state": str(folder), "stats": _jsonable(stats or {}), "seconds": seconds,
+    return {"state": str(folder), "stats": _jsonable(stats.as_dict()), "seconds": seconds,
             "edits_applied": int(getattr(editor, "edits_applied", 0)), "peak_memory_mb": mem.peak}
 
 

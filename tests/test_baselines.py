@@ -23,7 +23,7 @@ def test_ft_l_norm_constraint(tiny):
     model, tok = tiny
     ed = make_editor(model, tok, FTMethod(name="ft-l", layer=1, lr=1e-2, steps=5, norm_constraint=1e-3))
     stats = ed.edit(records())
-    assert stats["delta_linf"] <= 1e-3 + 1e-7
+    assert stats.details["delta_linf"] <= 1e-3 + 1e-7
     ed.remove()
 
 

@@ -81,10 +81,10 @@ def test_memoe_edit_times_each_step(tokenizer):
     seen = []
     ed.on_step = lambda step, loss: seen.append((step, loss, len(ed.step_times)))
     stats = ed.edit(_recs())
-    assert stats["steps"] == 4 and len(ed.step_times) == 4 and all(t > 0 for t in ed.step_times)
+    assert stats.steps == 4 and len(ed.step_times) == 4 and all(t > 0 for t in ed.step_times)
     # the callback runs after each step, its time not counted in that step
     assert [s for s, _, _ in seen] == [1, 2, 3, 4] and [n for _, _, n in seen] == [1, 2, 3, 4]
-    assert seen[-1][1] == stats["loss_final"]
+    assert seen[-1][1] == stats.loss_final
 
 
 @pytest.mark.parametrize("compiled", [False, True])

@@ -12,6 +12,7 @@ reads that edit; only the determinism and save/load checks build a fresh copy of
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -22,7 +23,7 @@ import torch
 
 from memoe.config import METHODS
 from memoe.data import SCHEMA
-from memoe.editors import make_editor
+from memoe.editors import EditResult, make_editor
 from memoe.editors.ft import FTMethod
 from memoe.editors.grace import GraceMethod
 from memoe.editors.lora import LoRAMethod
@@ -110,14 +111,14 @@ class Run:
 
 
 def _grace_claims(run: Run) -> None:
-    assert run.stats["codebook_size"] == 3
+    assert run.stats.details["codebook_size"] == 3
     far = logits(run.model, run.tok, UNRELATED, editor=run.editor)
     assert torch.equal(far, run.unrelated_before)  # unrelated prompts untouched
     assert torch.equal(logits(run.model, run.tok, UNRELATED), run.unrelated_before)  # ... with or without route
 
 
 def _wise_claims(run: Run) -> None:
-    assert run.stats["min_edit_score"] > run.stats["max_irr_score"]
+    assert run.stats.details["min_edit_score"] > run.stats.details["max_irr_score"]
     far = logits(run.model, run.tok, UNRELATED, editor=run.editor)
     assert torch.equal(far, run.unrelated_before)  # routed to the main memory
 
@@ -213,6 +214,17 @@ def test_edit_changes_the_answer(run):
     assert run.stats  # edit() reports its training
     r1 = rel(run.model, run.tok, run.recs, editor=run.editor)
     assert run.rel_before < 0.5 and r1 >= run.case.rel, (run.rel_before, r1)
+
+
+def test_edit_reports_an_edit_result(run):
+    """``edit()`` returns the shared figures under the same names for every method, and one flat
+    JSON-able dict of them and the method's own."""
+    st = run.stats
+    assert isinstance(st, EditResult) and st.n_edits == len(run.recs) and st.steps >= 1
+    assert st.loss_final is not None and st.seconds >= st.setup_s >= 0
+    flat = json.loads(json.dumps(st.as_dict()))
+    assert flat == {"steps": st.steps, "loss_first": st.loss_first, "loss_final": st.loss_final, "seconds": st.seconds,
+                    "n_edits": st.n_edits, "setup_s": st.setup_s, **st.details}
 
 
 def test_save_load_reproduces_the_edit(run, tmp_path):

@@ -19,7 +19,7 @@ from memoe.config import (
     validate_method,
 )
 from memoe.data import FORMATS, load_edits, register_format
-from memoe.editors.base import Editor
+from memoe.editors.base import Editor, EditResult
 from memoe.editors.ft import FTMethod
 from memoe.editors.memoe import MEMoEMethod
 from memoe.methods import Strict
@@ -36,8 +36,8 @@ class ToyMethod(Strict):
 
 
 class ToyEditor(Editor):
-    def edit(self, records: pl.DataFrame) -> dict:
-        return {}
+    def edit(self, records: pl.DataFrame) -> EditResult:
+        return EditResult(steps=0, loss_first=None, loss_final=None, seconds=0.0, n_edits=records.height)
 
     def state_dict(self):
         return {}
@@ -115,6 +115,14 @@ def test_the_api_names_an_unknown_method_with_the_registered_ones():
 
     with pytest.raises(ConfigError, match="method: name: Input tag 'toy' .* expected tags: 'ft-l', 'ft-m'"):
         method_config("toy")
+
+
+def test_an_edit_result_is_one_flat_dict_and_keeps_the_shared_names():
+    r = EditResult(steps=3, loss_first=2.0, loss_final=0.5, seconds=1.5, n_edits=2, details={"block": 0})
+    assert r.as_dict() == {"steps": 3, "loss_first": 2.0, "loss_final": 0.5, "seconds": 1.5, "n_edits": 2,
+                           "setup_s": 0.0, "block": 0}
+    with pytest.raises(ValueError, match=r"repeats shared fields: \['steps'\]"):
+        EditResult(steps=3, loss_first=2.0, loss_final=0.5, seconds=1.5, n_edits=2, details={"steps": 4})
 
 
 def test_the_built_in_methods_and_their_capabilities():

@@ -3,11 +3,11 @@
 which finds every package here); ``base.py`` the interface every editor implements, ``common.py``
 the training helpers they share.
 
-Importing this package imports no torch: ``Editor``, ``make_editor`` and
+Importing this package imports no torch: ``Editor``, ``EditResult``, ``make_editor`` and
 ``load_edited`` come from ``memoe.editors.base`` on first use, and ``make_editor`` imports an
 editor's module when it is first used.
 """
-_FROM_BASE = ("Editor", "make_editor", "load_edited")
+_FROM_BASE = ("Editor", "EditResult", "make_editor", "load_edited")
 
 
 def __getattr__(name: str):

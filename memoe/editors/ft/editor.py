@@ -13,12 +13,11 @@ Works for nn.Linear and GPT-2's Conv1D alike (only the weight tensor is trained)
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import polars as pl
 import torch
 
-from memoe.editors.base import Editor
+from memoe.editors.base import Editor, EditResult
 from memoe.editors.common import body_hidden, edit_batches, head_nll, layer_cache
 from memoe.models import arch_of, mlp_of, num_layers
 
@@ -42,7 +41,7 @@ class FTEditor(Editor):
     def _key(self) -> str:
         return f"delta.layer{self.layer}"
 
-    def edit(self, records: pl.DataFrame) -> dict[str, Any]:
+    def edit(self, records: pl.DataFrame) -> EditResult:
         cfg, t0 = self.cfg, time.perf_counter()
         torch.manual_seed(self.seed + self.edits_applied)
         batches = edit_batches(self.tokenizer, records, cfg.batch_size, self.device)
@@ -81,9 +80,9 @@ class FTEditor(Editor):
             self.delta = (w - self.original).detach().clone()
             w.copy_(self.original + self.delta)
         self.edits_applied += records.height
-        return {"loss_first": losses[0], "loss_last": losses[-1], "steps": len(losses),
-                "edit_time_s": time.perf_counter() - t0,
-                "delta_linf": float(self.delta.abs().max())}
+        return EditResult(steps=len(losses), loss_first=losses[0], loss_final=losses[-1],
+                          seconds=time.perf_counter() - t0, n_edits=records.height,
+                          details={"delta_linf": float(self.delta.abs().max())})
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {self._key: self.delta.clone()}

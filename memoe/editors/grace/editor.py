@@ -26,7 +26,7 @@ from typing import Any, Iterator
 import polars as pl
 import torch
 
-from memoe.editors.base import Editor
+from memoe.editors.base import Editor, EditResult
 from memoe.editors.common import body_hidden, edit_batch, head_nll, layer_cache, past_length
 from memoe.models import mlp_of, num_layers
 
@@ -149,7 +149,7 @@ class GraceEditor(Editor):
         self.eps = torch.cat([self.eps, torch.tensor([eps], device=self.eps.device)])
         self.labels.append(label)
 
-    def edit(self, records: pl.DataFrame) -> dict[str, Any]:
+    def edit(self, records: pl.DataFrame) -> EditResult:
         cfg, t0 = self.cfg, time.perf_counter()
         torch.manual_seed(self.seed + self.edits_applied)
         prompts, targets = records["prompt"].to_list(), records["target_new"].to_list()
@@ -184,9 +184,11 @@ class GraceEditor(Editor):
             self._mode, self._train_values, self._train_assign, self._recorded = "infer", None, None, None
             self._sel, self._pending = None, False
         self.edits_applied += len(prompts)
-        return {"loss_first": losses[0], "loss_last": losses[-1], "steps": len(losses),
-                "edit_time_s": time.perf_counter() - t0, "codebook_size": int(self.keys.shape[0]),
-                "new_entries": int(self.keys.shape[0] - n_before), "mean_eps": float(self.eps.mean())}
+        return EditResult(steps=len(losses), loss_first=losses[0], loss_final=losses[-1],
+                          seconds=time.perf_counter() - t0, n_edits=len(prompts),
+                          details={"codebook_size": int(self.keys.shape[0]),
+                                   "new_entries": int(self.keys.shape[0] - n_before),
+                                   "mean_eps": float(self.eps.mean())})
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -9,12 +9,11 @@ trained on the target NLL (prompt masked). The base weights are never changed (n
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import polars as pl
 import torch
 
-from memoe.editors.base import Editor
+from memoe.editors.base import Editor, EditResult
 from memoe.editors.common import body_hidden, edit_batches, head_nll
 from memoe.models import arch_of, num_layers
 
@@ -62,7 +61,7 @@ class LoRAEditor(Editor):
         for p in self.params.values():
             p.requires_grad_(False)
 
-    def edit(self, records: pl.DataFrame) -> dict[str, Any]:
+    def edit(self, records: pl.DataFrame) -> EditResult:
         cfg, t0 = self.cfg, time.perf_counter()
         torch.manual_seed(self.seed + self.edits_applied)
         batches = edit_batches(self.tokenizer, records, cfg.batch_size, self.device)
@@ -88,8 +87,9 @@ class LoRAEditor(Editor):
                 p.requires_grad_(False)
                 p.grad = None
         self.edits_applied += records.height
-        return {"loss_first": losses[0], "loss_last": losses[-1], "steps": len(losses),
-                "edit_time_s": time.perf_counter() - t0, "n_params": sum(p.numel() for p in params)}
+        return EditResult(steps=len(losses), loss_first=losses[0], loss_final=losses[-1],
+                          seconds=time.perf_counter() - t0, n_edits=records.height,
+                          details={"n_params": sum(p.numel() for p in params)})
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in self.params.items()}

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any, Iterator
+from typing import Iterator
 
 import polars as pl
 import torch
 
 from memoe.corpus import token_chunks
-from memoe.editors.base import Editor
+from memoe.editors.base import Editor, EditResult
 from memoe.editors.common import body_hidden, edit_batch, head_nll, layer_cache, past_length
 from memoe.models import arch_of, mlp_of, num_layers
 
@@ -127,7 +127,7 @@ class WiseEditor(Editor):
         pick = torch.randint(len(acts), (n,), generator=g).to(acts.device)
         return self._delta_out(acts[pick], D).float().norm(dim=-1).mean(1)
 
-    def edit(self, records: pl.DataFrame) -> dict[str, Any]:
+    def edit(self, records: pl.DataFrame) -> EditResult:
         cfg, t0 = self.cfg, time.perf_counter()
         torch.manual_seed(self.seed + self.edits_applied)
         prompts, targets = records["prompt"].to_list(), records["target_new"].to_list()
@@ -167,9 +167,10 @@ class WiseEditor(Editor):
             self._mode, self._D_train, self._pending, self._use = "infer", None, False, None
         self.eps = torch.minimum(self.eps, torch.tensor(cfg.act_ratio * s_edit))
         self.edits_applied += len(prompts)
-        return {"loss_first": losses[0][0], "loss_last": losses[-1][0], "act_loss_last": losses[-1][1],
-                "steps": len(losses), "edit_time_s": time.perf_counter() - t0, "eps": float(self.eps),
-                "min_edit_score": s_edit, "max_irr_score": s_irr}
+        return EditResult(steps=len(losses), loss_first=losses[0][0], loss_final=losses[-1][0],
+                          seconds=time.perf_counter() - t0, n_edits=len(prompts),
+                          details={"act_loss_final": losses[-1][1], "eps": float(self.eps),
+                                   "min_edit_score": s_edit, "max_irr_score": s_irr})
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {f"side_delta.layer{self.layer}": self.D.clone(), "eps": self.eps.clone().reshape(1)}
