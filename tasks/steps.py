@@ -297,7 +297,8 @@ def train_round(round_index: int, records: str, prev_state: str | None, method_c
     method = method_from_dict(method_cfg)
     _seed_all(seed * 1000 + round_index)
     editor = make_editor(model, tok, method, seed=seed * 1000 + round_index)
-    steps = StepLoss(progress, int(method_cfg.get("steps") or 1), round_index) if hasattr(editor, "on_step") else None
+    # methods that train in steps (method.steps) report each step's loss through Editor.on_step
+    steps = StepLoss(progress, int(method_cfg["steps"]), round_index) if "steps" in method_cfg else None
     if steps:
         editor.on_step = steps
     try:

@@ -87,6 +87,11 @@ class Editor(ABC):
     - ``details``: the method's own figures (MEMoE: ``block``, ``n_blocks``, ``adapter_bytes``,
       ``n_replayed``, ``n_superseded``, ``precision``, ``packed``, ``compiled``, ...; GRACE:
       ``codebook_size``, ...), never a shared field's name again.
+
+    ``on_step``: None, or a callback ``on_step(step, loss)`` that an editor which trains in steps
+    (``method.steps``: MEMoE, FT, LoRA, GRACE, WISE) calls once per training step of ``edit``, with its
+    1-based index and loss, ``steps`` times in all (the pipeline's progress bars and
+    ``train.step_loss``). MEMIT's update is closed-form: it does not call it.
     """
     name: str = "editor"
     uses_anchors: bool = False
@@ -103,6 +108,7 @@ class Editor(ABC):
         self.model, self.tokenizer, self.cfg, self.seed = model, tokenizer, cfg, seed
         self.device = next(model.parameters()).device
         self.edits_applied = 0
+        self.on_step: Callable[[int, float], None] | None = None  # progress: see the class docstring
 
     @abstractmethod
     def edit(self, records: pl.DataFrame) -> EditResult:

@@ -27,7 +27,7 @@ import polars as pl
 import torch
 
 from memoe.editors.base import Editor, EditResult
-from memoe.editors.common import body_hidden, edit_batch, head_nll, layer_cache, past_length
+from memoe.editors.common import body_hidden, edit_batch, head_nll, layer_cache, past_length, train_steps
 from memoe.models import mlp_of, num_layers
 
 
@@ -169,16 +169,12 @@ class GraceEditor(Editor):
             vals = self.values.clone().requires_grad_(True)
             opt = torch.optim.Adam([vals], lr=cfg.lr)
             self._mode, self._train_assign, self._train_values = "train", assign, vals
-            losses: list[float] = []
-            for _ in range(cfg.steps):
-                opt.zero_grad(set_to_none=True)
+
+            def loss_fn(b) -> torch.Tensor:
                 self._key_pos = b["last_prompt"]
-                loss = head_nll(self.model, body_hidden(self.model, b, cache), b["labels"])
-                loss.backward()
-                opt.step()
-                losses.append(float(loss.detach()))
-                if losses[-1] < cfg.early_stop_loss:
-                    break
+                return head_nll(self.model, body_hidden(self.model, b, cache), b["labels"])
+
+            losses = train_steps(opt, loss_fn, [b], cfg.steps, cfg.early_stop_loss, on_step=self.on_step)
             self.values = vals.detach().clone()
         finally:
             self._mode, self._train_values, self._train_assign, self._recorded = "infer", None, None, None

@@ -14,7 +14,7 @@ import polars as pl
 import torch
 
 from memoe.editors.base import Editor, EditResult
-from memoe.editors.common import body_hidden, edit_batches, head_nll
+from memoe.editors.common import body_hidden, edit_batches, head_nll, train_steps
 from memoe.models import arch_of, num_layers
 
 
@@ -69,19 +69,10 @@ class LoRAEditor(Editor):
         for p in params:
             p.requires_grad_(True)
         opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        losses: list[float] = []
         try:
-            for _ in range(cfg.steps):
-                tot = 0.0
-                for b in batches:
-                    opt.zero_grad(set_to_none=True)
-                    loss = head_nll(self.model, body_hidden(self.model, b), b["labels"])
-                    loss.backward()
-                    opt.step()
-                    tot += float(loss.detach()) * len(b["input_ids"])
-                losses.append(tot / records.height)
-                if losses[-1] < cfg.early_stop_loss:
-                    break
+            losses = train_steps(opt, lambda b: head_nll(self.model, body_hidden(self.model, b), b["labels"]),
+                                 batches, cfg.steps, cfg.early_stop_loss, on_step=self.on_step,
+                                 weight=lambda b: len(b["input_ids"]))
         finally:
             for p in params:
                 p.requires_grad_(False)

@@ -155,6 +155,8 @@ class MemitEditor(Editor):
         t_rows, t_cols = (labels[:, 1:] != -100).nonzero(as_tuple=True)
         head = self.model.get_output_embeddings()
         try:
+            # the target-vector search, not common.train_steps: it stops (before the update) once every
+            # edit's NLL is below the bound, and projects delta back into its norm ball after each step
             for _ in range(cfg.v_steps):
                 opt.zero_grad(set_to_none=True)
                 if cache is not None:

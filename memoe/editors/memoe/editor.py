@@ -85,7 +85,6 @@ class MEMoEEditor(Editor):
         self._head_weight: torch.Tensor | None = None  # the LM head in the training dtype, while training
         self.step_times: list[float] = []  # seconds of each optimiser step of the last edit() (benchmarks)
         self._warned_packing = False
-        self.on_step: Callable[[int, float], None] | None = None  # called after each optimiser step (step, loss)
         self.compiles = bool(cfg.compile) and can_compile(self.device)
         if cfg.compile and not self.compiles:
             warnings.warn(f"compile: torch.compile cannot build kernels on {self.device} here (no C++ compiler / "
@@ -531,6 +530,9 @@ class MEMoEEditor(Editor):
             compiled = (compiled_layers(self.model, max(self.adapter.layer_ids) + 1) if self.compiles
                         else contextlib.nullcontext())
             try:
+                # its own loop, not common.train_steps: a step accumulates the gradient over its parts
+                # (micro-batches or length buckets) and the scope term before each optimiser step, its
+                # loss is per target token, it is timed, and the early stop also waits for the scope loss
                 with torch.enable_grad(), compiled:
                     for step in range(1, cfg.steps + 1):
                         t_step = time.perf_counter()

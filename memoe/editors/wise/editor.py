@@ -141,6 +141,9 @@ class WiseEditor(Editor):
         cache = layer_cache(self.model, self.layer, b)  # layers below the side memory run once
         self._mode, self._D_train = "train", D
         try:
+            # its own loop, not common.train_steps: the stopping rule (the NLL and the routing loss) is
+            # checked on a step's losses before its update, the gradient is masked between backward and
+            # step, and the step's index picks its unrelated chunks
             for step in range(cfg.steps):
                 opt.zero_grad(set_to_none=True)
                 self._mask = b["attention_mask"].float()
@@ -151,6 +154,8 @@ class WiseEditor(Editor):
                        + torch.relu(cfg.gap - (s_e - s_i))).mean()
                 loss = nll + act
                 losses.append((float(nll.detach()), float(act.detach())))
+                if self.on_step is not None:
+                    self.on_step(step + 1, losses[-1][0])
                 if losses[-1][0] < cfg.early_stop_loss and losses[-1][1] == 0.0:
                     break
                 loss.backward()
