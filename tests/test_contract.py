@@ -239,11 +239,20 @@ def test_save_load_reproduces_the_edit(run, tmp_path):
 
 
 def test_same_seed_same_edit(run):
+    """The same seed gives the same edit, with the progress callback ``on_step`` listening: a method
+    that trains in steps calls it once per step, with the step's loss."""
     model = _fresh(run)
     ed3 = make_editor(model, run.tok, run.cfg, seed=0)
-    ed3.edit(run.recs)
+    seen = []
+    ed3.on_step = lambda step, loss: seen.append((step, loss))
+    st = ed3.edit(run.recs)
     try:
         assert torch.equal(logits(model, run.tok, run.prompts, editor=ed3), run.after)
+        if "steps" in type(run.cfg).model_fields:
+            assert [s for s, _ in seen] == list(range(1, st.steps + 1)) and seen[-1][1] == st.loss_final
+            assert (st.steps, st.loss_first, st.loss_final) == (run.stats.steps, run.stats.loss_first, run.stats.loss_final)
+        else:  # MEMIT: a closed-form update
+            assert seen == []
     finally:
         ed3.remove()
 

@@ -33,6 +33,7 @@ from memoe.editors.common import (
     token_groups,
     training_precision,
 )
+from memoe.editors.memoe.config import MEMoEMethod
 from memoe.metrics import encode_pair
 from memoe.models import decoder_layers, mlp_of
 from memoe.probes import chat_prompt, restyle, scope_negatives
@@ -60,8 +61,6 @@ class MEMoEEditor(Editor):
     uses_anchors = True  # the study extracts knowledge anchors for it
 
     def __init__(self, model, tokenizer, cfg=None, seed: int = 0):
-        from memoe.editors.memoe.config import MEMoEMethod
-
         cfg = cfg or MEMoEMethod()
         super().__init__(model, tokenizer, cfg, seed)
         with torch.random.fork_rng(devices=[]):
