@@ -71,8 +71,7 @@ def sequential_scale(model, tok, method, rounds: int, batch: int, *, recs: pl.Da
         times = list(clock.times)
         row = {"round": t + 1, "edits_so_far": (t + 1) * batch, "train_s": train_s,
                "train_cpu_s": train_cpu_s, "eval_s": r.eval_s,
-               "scored": r.scores.table.height, "steps": (st or {}).get("steps"),
-               "loss_final": (st or {}).get("loss_final"),
+               "scored": r.scores.table.height, "steps": st.steps, "loss_final": st.loss_final,
                "step_s_median": statistics.median(times) if times else None,
                "step_s_mean": statistics.fmean(times) if times else None,
                **{k: m.get(k) for k in ("reliability", "generality", "locality")}}

@@ -13,9 +13,10 @@ import torch
 
 from benchmarks.common import StepTimes, records, say, sync
 from benchmarks.roofline import roofline, step_flops
-from memoe.config import FTMethod, MEMoEMethod
 from memoe.editors import make_editor
 from memoe.editors.common import can_compile, resolve_precision
+from memoe.editors.ft import FTMethod
+from memoe.editors.memoe import MEMoEMethod
 from memoe.memory import PeakRSS
 from memoe.metrics import evaluate, generate, locality_predictions, summarize, teacher_forced
 from memoe.models import load_model
@@ -32,7 +33,7 @@ def timed_edit(model, tok, method, recs, seed=0, clock: StepTimes | None = None)
     t0 = time.perf_counter()
     stats = ed.edit(recs)
     sync(ed.device)
-    stats = dict(stats or {})
+    stats = stats.as_dict()
     stats["wall_s"] = time.perf_counter() - t0
     return ed, stats
 

@@ -67,7 +67,7 @@ def run(args) -> int:
 
     from benchmarks.scale import sequential_scale
     from benchmarks.speed import run_bench
-    from memoe.config import MEMoEMethod
+    from memoe.editors.memoe import MEMoEMethod
     from memoe.models import load_model
 
     out = Path(args.out)

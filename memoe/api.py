@@ -10,6 +10,7 @@ targets and subjects in, the scores out (and the editor, still applied to the mo
                method="memoe", steps=40)
     res.scores          # means over the edits: reliability, generality, locality, generation_reliability, ...
     res.per_edit        # one row per edit: prompt, target, generation and every probe's score
+    res.stats           # the training: steps, loss_first, loss_final, seconds, details (memoe.editors.base.EditResult)
     res.editor.remove() # the unedited model again
 
 The records go through the same checks as a data file (``memoe.data.validate_frame``): a missing
@@ -28,7 +29,7 @@ import polars as pl
 class EditResult:
     scores: dict[str, float]      # means over the edits (memoe.metrics.summarize): reliability, generality, ...
     per_edit: pl.DataFrame        # one row per edit: id, subject, prompt, target_new, the metric columns, generation
-    stats: dict[str, Any]         # the editor's training statistics
+    stats: Any                    # the editor's training figures: a memoe.editors.base.EditResult
     editor: Any                   # the Editor, still applied to the model (editor.remove() restores it)
     model: Any = None
     tokenizer: Any = None
@@ -128,5 +129,5 @@ def edit(prompts, target_new, subject, rephrase_prompts=None, locality_prompts=N
     table = evaluate(model, tokenizer, recs, base, editor=editor, batch_size=batch_size, generation=generation,
                      max_new_tokens=max_new_tokens)
     table = recs.select("id", "subject", "prompt", "target_new").join(table, on="id", how="left", maintain_order="left")
-    return EditResult(scores=summarize(table), per_edit=table, stats=stats or {}, editor=editor, model=model,
+    return EditResult(scores=summarize(table), per_edit=table, stats=stats, editor=editor, model=model,
                       tokenizer=tokenizer)

@@ -13,7 +13,7 @@ probes test what users run into:
   instruct model used as a chat assistant). Scored like generality.
 
 The relation templates come in two disjoint sets: ``PROBE_RELATIONS`` build the evaluation probes and
-``SCOPE_RELATIONS`` the training negatives of scoped editors (memoe/editors/memoe.py ``scope``). No
+``SCOPE_RELATIONS`` the training negatives of scoped editors (memoe/editors/memoe/editor.py ``scope``). No
 relation and no template is in both, so a method trained to leave the ``SCOPE_RELATIONS`` of a subject
 alone is scored on relations it never saw. A template whose relation words occur in the edit prompt
 (the edited relation itself) is never used for that edit.

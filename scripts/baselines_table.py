@@ -68,7 +68,7 @@ def run_one(args) -> dict:
                                after_edit=after_edit, generation=not args.no_generation))
     edit_s = sum(r.train_s for r in done)
     s = summarize(done[-1].scores.table)
-    stats = [{}] + [r.edit for r in done if r.edit is not None]
+    stats = [{}] + [r.edit.as_dict() for r in done if r.edit is not None]
     out = {"method": args.method, "data": args.data, "n": args.n, "rounds": args.rounds, **s,
            "edit_s": edit_s, "edit_s_per_100": edit_s * 100 / args.n,
            "peak_rss_mb_before_edit": rss0, "peak_rss_mb_after_edit": rss1[0],

@@ -39,9 +39,10 @@ def main(argv=None) -> int:
     import yaml
 
     torch.set_num_threads(args.threads)
-    from memoe.config import MEMoEMethod, _parse_value, resolve_path
+    from memoe.config import _parse_value, resolve_path
     from memoe.data import load_edits
-    from memoe.editors.memoe import MEMoEEditor
+    from memoe.editors.memoe import MEMoEMethod
+    from memoe.editors.memoe.editor import MEMoEEditor
     from memoe.metrics import locality_predictions, summarize
     from memoe.models import load_model
     from memoe.probes import add_probes
@@ -73,8 +74,8 @@ def main(argv=None) -> int:
     out = {"tag": args.tag, "data": args.data, "start": args.start, "n": args.n, "rounds": args.rounds,
            "set": args.set, "config": args.config, "edit_s": round(t_edit, 1), "edit_cpu_s": round(c_edit, 1),
            "eval_s": round(t_eval, 1),
-           "steps": [s["steps"] for s in stats], "loss_final": [round(s["loss_final"], 4) for s in stats],
-           "curve": stats[-1]["loss_curve"]}
+           "steps": [s.steps for s in stats], "loss_final": [round(s.loss_final, 4) for s in stats],
+           "curve": stats[-1].details["loss_curve"]}
     out.update({k: round(v, 4) for k, v in summarize(table).items()})
     if args.diagnostics:
         out["diag"] = {k: round(v, 3) for k, v in ed.diagnostics(recs.head(32)).items()}

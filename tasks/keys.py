@@ -89,19 +89,33 @@ def _memoe_imports(path: Path) -> set[str]:
     return {m for m in found if m.startswith("memoe") and m != "memoe.editors"}
 
 
+def _method_package(mod: str) -> list[Path]:
+    """Every source file of the method package holding ``mod`` (``memoe/editors/<m>/``); none for a
+    module outside one (a shared module, a method registered from elsewhere)."""
+    parts = mod.split(".")
+    if parts[:2] != ["memoe", "editors"] or len(parts) < 3:
+        return []
+    folder = MEMOE_PKG / "editors" / parts[2]
+    return sorted(folder.rglob("*.py")) if (folder / "__init__.py").is_file() else []
+
+
 @functools.lru_cache(maxsize=None)
 def code_version(method: str | None = None) -> str:
     """Hash of the sources that can change a task's output: the library modules the pipeline
-    calls, the method's editor module and whatever memoe modules those import (transitively),
-    and the task code. Another editor's module or a command-line front end is not part of it."""
+    calls, the method's package (every file of ``memoe/editors/<m>/``: settings, editor, helpers)
+    and whatever memoe modules those import (transitively), and the task code. Another method's
+    package or a command-line front end is not part of it."""
     roots = list(CORE)
+    files: list[Path] = []
     if method is not None:
         from memoe.config import METHODS
 
         if method in METHODS:
-            roots.append(METHODS[method].editor_module)
+            m = METHODS[method]
+            roots += [m.editor_module, m.config.__module__]
+            files += _method_package(m.editor_module) + _method_package(m.config.__module__)
     seen: set[Path] = set()
-    todo = [f for f in map(_module_file, roots) if f]
+    todo = files + [f for f in map(_module_file, roots) if f]
     while todo:
         f = todo.pop()
         if f in seen:

@@ -2,7 +2,7 @@
 
 - In a terminal (stderr is a TTY): rich bars with elapsed time and ETA, one for the study's rounds
   (two units a round: training, then evaluation) and one for the training steps of the round
-  running now (editors with an ``on_step(step, loss)`` callback: MEMoE).
+  running now (``Editor.on_step(step, loss)``: every method that trains in steps; not MEMIT).
 - Run by a worker (the process of a deployment's flow run): a Prefect progress artifact per study and per
   round's training, updated at most every ``every_s`` seconds.
 - Always, when the study has an MLflow run: the loss of every training step as the metric

@@ -286,7 +286,8 @@ def train_round(round_index: int, records: str, prev_state: str | None, method_c
     model, tok = model_and_tokenizer(model_cfg, threads)
     method = method_from_dict(method_cfg)
     editor = make_editor(model, tok, method, seed=seed_round(seed, round_index))
-    steps = StepLoss(progress, int(method_cfg.get("steps") or 1), round_index) if hasattr(editor, "on_step") else None
+    # methods that train in steps (method.steps) report each step's loss through Editor.on_step
+    steps = StepLoss(progress, int(method_cfg["steps"]), round_index) if "steps" in method_cfg else None
     if steps:
         editor.on_step = steps
     try:
@@ -304,7 +305,7 @@ def train_round(round_index: int, records: str, prev_state: str | None, method_c
         if steps:
             steps.close()
     folder = publish_folder(tmp, Path(store) / "states")
-    return {"state": str(folder), "stats": _jsonable(stats or {}), "seconds": seconds,
+    return {"state": str(folder), "stats": _jsonable(stats.as_dict()), "seconds": seconds,
             "edits_applied": int(getattr(editor, "edits_applied", 0)), "peak_memory_mb": mem.peak}
 
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from memoe.adapter import LayerCache, MEMoEAdapter, supports_layer_cache
-from memoe.config import MEMoEMethod
-from memoe.editors.memoe import MEMoEEditor
+from memoe.editors.memoe import MEMoEMethod
+from memoe.editors.memoe.editor import MEMoEEditor
 
 from .conftest import tiny_model
 

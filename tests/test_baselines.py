@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memoe.config import FTMethod
 from memoe.editors import make_editor
+from memoe.editors.ft import FTMethod
 from memoe.metrics import teacher_forced
 
 from .test_contract import CASES, EDITS, records, rel
@@ -23,7 +23,7 @@ def test_ft_l_norm_constraint(tiny):
     model, tok = tiny
     ed = make_editor(model, tok, FTMethod(name="ft-l", layer=1, lr=1e-2, steps=5, norm_constraint=1e-3))
     stats = ed.edit(records())
-    assert stats["delta_linf"] <= 1e-3 + 1e-7
+    assert stats.details["delta_linf"] <= 1e-3 + 1e-7
     ed.remove()
 
 
@@ -58,8 +58,8 @@ def cache(tmp_path, monkeypatch):
 
 
 def test_memit_closed_form_uses_statistics(tokenizer, cache, monkeypatch):
-    from memoe.editors import memit as memit_mod
-    from memoe.editors.memit import memit_update
+    from memoe.editors.memit import editor as memit_mod
+    from memoe.editors.memit.editor import memit_update
     from tests.conftest import tiny_model
 
     g = torch.Generator().manual_seed(0)

@@ -50,7 +50,8 @@ def test_step_time_leaves_the_model_unedited(tokenizer):
     """Timing a method's step edits the model; the benchmark must put it back, or every later
     figure (throughput, evaluation, the scale study) is measured on an edited model."""
     from benchmarks.speed import step_time
-    from memoe.config import FTMethod, MEMoEMethod
+    from memoe.editors.ft import FTMethod
+    from memoe.editors.memoe import MEMoEMethod
 
     from .conftest import tiny_model
     from .test_memoe_editor import _recs
@@ -72,8 +73,8 @@ def test_step_times_time_each_step_through_on_step(tokenizer):
     import time
 
     from benchmarks.common import StepTimes
-    from memoe.config import MEMoEMethod
     from memoe.editors import make_editor
+    from memoe.editors.memoe import MEMoEMethod
 
     from .conftest import tiny_model
     from .test_memoe_editor import _recs
@@ -93,12 +94,12 @@ def test_step_times_time_each_step_through_on_step(tokenizer):
     clock.start()
     stats = ed.edit(_recs())
     wall = time.perf_counter() - t0
-    assert stats["steps"] == 4 and len(clock.times) == 3 and all(t > 0 for t in clock.times)  # steps 2-4
+    assert stats.steps == 4 and len(clock.times) == 3 and all(t > 0 for t in clock.times)  # steps 2-4
     assert clock.first > 0  # step 1, from start()
     # the callback runs after each step, its time not counted in any step
     assert [s for s, _, _ in seen] == [1, 2, 3, 4] and [n for _, _, n in seen] == [0, 1, 2, 3]
     assert clock.first + sum(clock.times) + 4 * pause <= wall
-    assert seen[-1][1] == stats["loss_final"]
+    assert seen[-1][1] == stats.loss_final
     ed.edit(_recs())  # a new edit starts afresh (no start(): its first step is not timed)
     assert len(clock.times) == 3 and clock.first is None
     ed.remove()
@@ -107,8 +108,8 @@ def test_step_times_time_each_step_through_on_step(tokenizer):
 @pytest.mark.parametrize("compiled", [False, True])
 def test_roofline_pairs_each_step_with_a_replay_of_its_matmuls(tokenizer, compiled):
     from benchmarks.roofline import roofline, step_flops
-    from memoe.config import MEMoEMethod
     from memoe.editors.common import can_compile
+    from memoe.editors.memoe import MEMoEMethod
 
     from .conftest import tiny_model
     from .test_memoe_editor import _recs
@@ -127,7 +128,7 @@ def test_roofline_pairs_each_step_with_a_replay_of_its_matmuls(tokenizer, compil
 
 def test_scale_study_samples_earlier_edits_and_leaves_the_model_unedited(tokenizer):
     from benchmarks.scale import sequential_scale
-    from memoe.config import MEMoEMethod
+    from memoe.editors.memoe import MEMoEMethod
 
     from .conftest import tiny_model
     from .test_adapter import _records
@@ -158,7 +159,7 @@ def test_scale_gauge_leaves_training_unchanged_and_divides_out_the_host(tokenize
     learns, is taken out of the round's time, and the adjusted time is the round's time at the
     median gauge speed."""
     from benchmarks.scale import sequential_scale
-    from memoe.config import MEMoEMethod
+    from memoe.editors.memoe import MEMoEMethod
 
     from .conftest import tiny_model
     from .test_adapter import _records
@@ -192,8 +193,8 @@ def test_scale_gauge_leaves_training_unchanged_and_divides_out_the_host(tokenize
 
 def test_host_gauge_restores_gradients_and_noise(tokenizer):
     from benchmarks.gauge import host_gauge
-    from memoe.config import MEMoEMethod
-    from memoe.editors.memoe import MEMoEEditor
+    from memoe.editors.memoe import MEMoEMethod
+    from memoe.editors.memoe.editor import MEMoEEditor
 
     from .conftest import tiny_model
     from .test_adapter import _records

@@ -124,7 +124,7 @@ def test_nightly_and_the_comparison_run_the_same_method_settings():
 
 def test_ft_defaults_follow_the_name():
     """FT-L and FT-M share a class; the name picks EasyEdit's FT-L bound and lr, or FT-M's tuned lr."""
-    from memoe.config import FTMethod
+    from memoe.editors.ft import FTMethod
 
     assert (FTMethod(name="ft-l").lr, FTMethod(name="ft-l").norm_constraint) == (5e-4, 5e-4)
     assert (FTMethod(name="ft-m").lr, FTMethod(name="ft-m").norm_constraint) == (5e-3, None)

@@ -12,6 +12,7 @@ reads that edit; only the determinism and save/load checks build a fresh copy of
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -20,9 +21,15 @@ import polars as pl
 import pytest
 import torch
 
-from memoe.config import METHODS, FTMethod, GraceMethod, LoRAMethod, MemitMethod, MEMoEMethod, WiseMethod
+from memoe.config import METHODS
 from memoe.data import SCHEMA
-from memoe.editors import make_editor
+from memoe.editors import EditResult, make_editor
+from memoe.editors.ft import FTMethod
+from memoe.editors.grace import GraceMethod
+from memoe.editors.lora import LoRAMethod
+from memoe.editors.memit import MemitMethod
+from memoe.editors.memoe import MEMoEMethod
+from memoe.editors.wise import WiseMethod
 from memoe.metrics import teacher_forced
 
 from .conftest import tiny_model
@@ -104,14 +111,14 @@ class Run:
 
 
 def _grace_claims(run: Run) -> None:
-    assert run.stats["codebook_size"] == 3
+    assert run.stats.details["codebook_size"] == 3
     far = logits(run.model, run.tok, UNRELATED, editor=run.editor)
     assert torch.equal(far, run.unrelated_before)  # unrelated prompts untouched
     assert torch.equal(logits(run.model, run.tok, UNRELATED), run.unrelated_before)  # ... with or without route
 
 
 def _wise_claims(run: Run) -> None:
-    assert run.stats["min_edit_score"] > run.stats["max_irr_score"]
+    assert run.stats.details["min_edit_score"] > run.stats.details["max_irr_score"]
     far = logits(run.model, run.tok, UNRELATED, editor=run.editor)
     assert torch.equal(far, run.unrelated_before)  # routed to the main memory
 
@@ -209,6 +216,17 @@ def test_edit_changes_the_answer(run):
     assert run.rel_before < 0.5 and r1 >= run.case.rel, (run.rel_before, r1)
 
 
+def test_edit_reports_an_edit_result(run):
+    """``edit()`` returns the shared figures under the same names for every method, and one flat
+    JSON-able dict of them and the method's own."""
+    st = run.stats
+    assert isinstance(st, EditResult) and st.n_edits == len(run.recs) and st.steps >= 1
+    assert st.loss_final is not None and st.seconds >= st.setup_s >= 0
+    flat = json.loads(json.dumps(st.as_dict()))
+    assert flat == {"steps": st.steps, "loss_first": st.loss_first, "loss_final": st.loss_final, "seconds": st.seconds,
+                    "n_edits": st.n_edits, "setup_s": st.setup_s, **st.details}
+
+
 def test_save_load_reproduces_the_edit(run, tmp_path):
     run.editor.save(tmp_path / "ed")
     model = _fresh(run)
@@ -221,11 +239,20 @@ def test_save_load_reproduces_the_edit(run, tmp_path):
 
 
 def test_same_seed_same_edit(run):
+    """The same seed gives the same edit, with the progress callback ``on_step`` listening: a method
+    that trains in steps calls it once per step, with the step's loss."""
     model = _fresh(run)
     ed3 = make_editor(model, run.tok, run.cfg, seed=0)
-    ed3.edit(run.recs)
+    seen = []
+    ed3.on_step = lambda step, loss: seen.append((step, loss))
+    st = ed3.edit(run.recs)
     try:
         assert torch.equal(logits(model, run.tok, run.prompts, editor=ed3), run.after)
+        if "steps" in type(run.cfg).model_fields:
+            assert [s for s, _ in seen] == list(range(1, st.steps + 1)) and seen[-1][1] == st.loss_final
+            assert (st.steps, st.loss_first, st.loss_final) == (run.stats.steps, run.stats.loss_first, run.stats.loss_final)
+        else:  # MEMIT: a closed-form update
+            assert seen == []
     finally:
         ed3.remove()
 

@@ -114,7 +114,7 @@ def test_config_command_prints_every_key_with_default_and_description(capsys):
 def test_api_edit_in_the_easyedit_manner(tokenizer):
     from memoe.api import edit
     from memoe.data import EditDataError
-    from memoe.editors.memoe import MEMoEEditor
+    from memoe.editors.memoe.editor import MEMoEEditor
 
     model = tiny_model("llama", len(tokenizer))
     res = edit(prompts=["The capital of France is", "The mother tongue of Danielle Darrieux is"],

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from memoe.config import MEMoEMethod
 from memoe.editors import load_edited
-from memoe.editors.memoe import MEMoEEditor
+from memoe.editors.memoe import MEMoEMethod
+from memoe.editors.memoe.editor import MEMoEEditor
 from memoe.metrics import evaluate, generate, locality_predictions, summarize, teacher_forced
 from memoe.probes import add_probes
 

@@ -3,8 +3,8 @@ run on the GPU, in bf16 autocast where the card supports it, and give the CPU's 
 import pytest
 import torch
 
-from memoe.config import MEMoEMethod
 from memoe.editors import make_editor
+from memoe.editors.memoe import MEMoEMethod
 from memoe.metrics import teacher_forced
 
 from .conftest import tiny_model
@@ -18,7 +18,7 @@ def test_edit_on_gpu_changes_the_answer(tokenizer):
     ed = make_editor(model, tokenizer, MEMoEMethod(**FAST))
     assert ed.device.type == "cuda"
     stats = ed.edit(_recs())
-    assert stats["precision"] == ("bfloat16" if torch.cuda.is_bf16_supported() else "float32")
+    assert stats.details["precision"] == ("bfloat16" if torch.cuda.is_bf16_supported() else "float32")
     after = teacher_forced(model, tokenizer, EDITS["prompts"], EDITS["targets"], editor=ed).acc()
     assert min(after) == 1.0
     ed.remove()

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from memoe.config import MEMoEMethod
 from memoe.editors import make_editor
 from memoe.editors.common import can_compile
-from memoe.editors.memoe import MEMoEEditor
+from memoe.editors.memoe import MEMoEMethod
+from memoe.editors.memoe.editor import MEMoEEditor
 from memoe.metrics import evaluate, locality_predictions, summarize, teacher_forced
 
 from .conftest import ZSRE, tiny_model
@@ -29,7 +29,7 @@ def test_edit_changes_answer_and_leaves_unanchored_prompt(tokenizer):
     ed = make_editor(model, tokenizer, MEMoEMethod(**{**FAST, "steps": 100}))
     assert isinstance(ed, MEMoEEditor)
     stats = ed.edit(recs)
-    assert stats["loss_final"] < stats["loss_first"] and stats["layer_cache"]
+    assert stats.loss_final < stats.loss_first and stats.details["layer_cache"]
     after = teacher_forced(model, tokenizer, EDITS["prompts"], EDITS["targets"], editor=ed).acc()
     assert max(before) < 0.5 and min(after) == 1.0
     # the rephrase shares the anchor, so the edit carries over; the lower-cased subject still matches
@@ -51,7 +51,7 @@ def test_determinism_and_save_load(tokenizer, tmp_path):
         model = tiny_model("llama", len(tokenizer))
         ed = MEMoEEditor(model, tokenizer, cfg, seed=3)
         st = ed.edit(recs)
-        outs.append((st["loss_final"], teacher_forced(model, tokenizer, EDITS["prompts"], EDITS["targets"], editor=ed).logprob))
+        outs.append((st.loss_final, teacher_forced(model, tokenizer, EDITS["prompts"], EDITS["targets"], editor=ed).logprob))
     assert outs[0] == outs[1]
     ed.save(tmp_path / "ad")
     fresh_model = tiny_model("llama", len(tokenizer))
@@ -70,7 +70,7 @@ def test_sequential_rounds_replay_and_keep_training(tokenizer):
     ed = MEMoEEditor(model, tokenizer, MEMoEMethod(**FAST))
     s1 = ed.edit(recs.head(1))
     s2 = ed.edit(recs.tail(1))
-    assert s1["n_replayed"] == 0 and s2["n_replayed"] == 1 and ed.edits_applied == 2
+    assert s1.details["n_replayed"] == 0 and s2.details["n_replayed"] == 1 and ed.edits_applied == 2
     acc = teacher_forced(model, tokenizer, EDITS["prompts"], EDITS["targets"], editor=ed).acc()
     assert min(acc) == 1.0  # the first round's edit survived the second round
 
@@ -122,7 +122,7 @@ def test_bucketed_bf16_training_edits_and_restores_the_model(tokenizer):
                     EDITS["subjects"] + ["Paris"])
     ed = make_editor(model, tokenizer, MEMoEMethod(**{**FAST, "steps": 120}, precision="bfloat16"))
     stats = ed.edit(recs)
-    assert stats["precision"] == "bfloat16" and stats["buckets"] >= 1
+    assert stats.details["precision"] == "bfloat16" and stats.details["buckets"] >= 1
     assert all(torch.equal(ref[k], v) and v.dtype == ref[k].dtype for k, v in model.state_dict().items())
     assert model.config._attn_implementation == impl
     after = teacher_forced(model, tokenizer, recs["prompt"].to_list(), recs["target_new"].to_list(), editor=ed).acc()
@@ -205,14 +205,14 @@ def test_packed_batch_layout(tokenizer):
 
 
 def test_packing_falls_back_to_padded_rows_where_the_model_mixes_them(tokenizer, monkeypatch):
-    import memoe.editors.memoe as mod
+    import memoe.editors.memoe.editor as mod
 
     monkeypatch.setattr(mod, "packing_is_exact", lambda model: False)
     model = tiny_model("llama", len(tokenizer))
     ed = MEMoEEditor(model, tokenizer, MEMoEMethod(**{**FAST, "steps": 2}))
     with pytest.warns(UserWarning, match="padded rows"):
         stats = ed.edit(_recs())
-    assert stats["packed"] is False
+    assert stats.details["packed"] is False
 
 
 def test_packing_is_exact_on_the_tiny_architectures(tokenizer):
@@ -270,7 +270,7 @@ def test_packed_micro_batches_have_the_same_gradient_as_one(tokenizer, monkeypat
             for p in ed.adapter.parameters():
                 p.add_(0.05 * torch.randn_like(p))
         before = {k: v.clone() for k, v in ed.adapter.state_dict().items()}
-        buckets.append(ed.edit(recs)["buckets"])
+        buckets.append(ed.edit(recs).details["buckets"])
         moved.append({k: v - before[k] for k, v in ed.adapter.state_dict().items()})
         ed.remove()
     assert buckets == [1, 3]
@@ -306,7 +306,7 @@ def test_compiled_layers_train_like_eager_and_compile_once(tokenizer):
     traced = counters["stats"]["unique_graphs"]
     stats, comp = _losses(model, tokenizer, cfg.model_copy(update=dict(compile=True)), recs)
     assert counters["stats"]["unique_graphs"] > traced  # the layers above the adapter went through dynamo
-    assert stats["compiled"] and not any("forward" in vars(layer) for layer in decoder_layers(model))
+    assert stats.details["compiled"] and not any("forward" in vars(layer) for layer in decoder_layers(model))
     assert comp == pytest.approx(eager, rel=1e-4) and comp[-1] < comp[0]
     graphs = counters["stats"]["unique_graphs"]
     again = _losses(model, tokenizer, cfg.model_copy(update=dict(compile=True)), recs)[1]
@@ -316,14 +316,14 @@ def test_compiled_layers_train_like_eager_and_compile_once(tokenizer):
 
 
 def test_compile_falls_back_to_eager_where_it_cannot_build(tokenizer, monkeypatch):
-    import memoe.editors.memoe as mod
+    import memoe.editors.memoe.editor as mod
 
     monkeypatch.setattr(mod, "can_compile", lambda device: False)
     model = tiny_model("llama", len(tokenizer))
     cfg = MEMoEMethod(**{**FAST, "steps": 2, "compile": True})
     with pytest.warns(UserWarning, match="cannot build kernels"):
         ed = MEMoEEditor(model, tokenizer, cfg)
-    assert ed.edit(_recs())["compiled"] is False
+    assert ed.edit(_recs()).details["compiled"] is False
 
 
 GROW = [("The mother tongue of Danielle Darrieux is", "Klingon", "Danielle Darrieux"),
@@ -343,8 +343,8 @@ def test_grown_adapter_freezes_earlier_blocks_and_routes_each_subject_to_its_blo
     snapshots, sizes = [], []
     for i, edit in enumerate(GROW):
         st = ed.edit(_one(*edit))
-        assert st["block"] == i and st["n_blocks"] == i + 1 and st["n_replayed"] == 0
-        sizes.append(st["adapter_bytes"])
+        assert st.details["block"] == i and st.details["n_blocks"] == i + 1 and st.details["n_replayed"] == 0
+        sizes.append(st.details["adapter_bytes"])
         snapshots.append({k: v.clone() for k, v in ed.state_dict().items()})
     # a later round trains only its own block: every earlier block's weights are bit-identical
     for i, snap in enumerate(snapshots[:-1]):
@@ -380,12 +380,12 @@ def test_a_re_edit_answers_the_latest_target_and_the_old_one_does_not_come_back(
     # the same prompt with a new target, and another subject
     p1_again = "Homer's   most famous poem is"  # the same prompt up to spacing
     st = ed.edit(_records([p1_again, p2], ["Star Wars", t2], [s1, s2]))
-    assert st["n_superseded"] == 1
+    assert st.details["n_superseded"] == 1
     assert [h[1] for h in ed.history if h[2] == s1] == ["Star Wars"]
     if growth == "round":
-        assert st["n_replayed"] == 0 and ed.block_of["homer"] == 1 and ed.block_of["danielle darrieux"] == 0
+        assert st.details["n_replayed"] == 0 and ed.block_of["homer"] == 1 and ed.block_of["danielle darrieux"] == 0
     else:
-        assert st["n_replayed"] == 1  # Danielle Darrieux's edit; never Homer's superseded one
+        assert st.details["n_replayed"] == 1  # Danielle Darrieux's edit; never Homer's superseded one
     new = teacher_forced(model, tokenizer, [p1, p0, p2], ["Star Wars", t0, t2], editor=ed).acc()
     old = teacher_forced(model, tokenizer, [p1], [t1], editor=ed).acc()
     assert min(new) == 1.0 and old[0] < 1.0
@@ -397,7 +397,7 @@ def test_a_grown_block_takes_the_re_edited_subjects_other_edits_with_it(tokenize
     other = "The birthplace of Homer is"
     ed.edit(_records(["Homer's most famous poem is", other], ["Blue Lagoon", "Mars"], ["Homer", "Homer"]))
     st = ed.edit(_records(["Homer's most famous poem is"], ["Star Wars"], ["Homer"]))
-    assert st["n_replayed"] == 1 and ed.block_of["homer"] == 1  # the birthplace edit moved to block 1
+    assert st.details["n_replayed"] == 1 and ed.block_of["homer"] == 1  # the birthplace edit moved to block 1
     acc = teacher_forced(model, tokenizer, ["Homer's most famous poem is", other], ["Star Wars", "Mars"], editor=ed).acc()
     assert min(acc) == 1.0
 

@@ -165,8 +165,8 @@ def test_out_of_range_layers_are_errors_naming_the_key(method, key):
 
 
 def test_make_editor_refuses_a_layer_the_model_lacks(tiny):
-    from memoe.config import MEMoEMethod
     from memoe.editors import make_editor
+    from memoe.editors.memoe import MEMoEMethod
 
     model, tok = tiny
     with pytest.raises(ConfigError, match=r"method.layers\[0\]: layer 9 is out of range"):

@@ -128,8 +128,8 @@ def test_one_long_prompt_does_not_pad_the_others(tokenizer):
 
 
 def test_training_keeps_a_long_row_out_of_the_packed_sequences(tokenizer):
-    from memoe.config import MEMoEMethod
     from memoe.editors import make_editor
+    from memoe.editors.memoe import MEMoEMethod
 
     model = tiny_model("llama", len(tokenizer))
     ed = make_editor(model, tokenizer, MEMoEMethod(layers=[2], pack_tokens=64))

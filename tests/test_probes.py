@@ -2,8 +2,8 @@
 import polars as pl
 import pytest
 
-from memoe.config import MEMoEMethod
-from memoe.editors.memoe import MEMoEEditor
+from memoe.editors.memoe import MEMoEMethod
+from memoe.editors.memoe.editor import MEMoEEditor
 from memoe.metrics import evaluate, locality_predictions, summarize, teacher_forced
 from memoe.probes import (
     PROBE_RELATIONS,

@@ -13,16 +13,16 @@ import pytest
 from memoe.config import (
     METHODS,
     ConfigError,
-    FTMethod,
-    MEMoEMethod,
-    _Strict,
     load_config,
     register_method,
     unregister_method,
     validate_method,
 )
 from memoe.data import FORMATS, load_edits, register_format
-from memoe.editors.base import Editor
+from memoe.editors.base import Editor, EditResult
+from memoe.editors.ft import FTMethod
+from memoe.editors.memoe import MEMoEMethod
+from memoe.methods import Strict
 from memoe.metric_registry import HEADLINE, METRICS, register_metric
 from memoe.metric_registry import REGISTRY as METRIC_REGISTRY
 from memoe.registry import Registry
@@ -30,14 +30,14 @@ from memoe.registry import Registry
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-class ToyMethod(_Strict):
+class ToyMethod(Strict):
     name: Literal["toy"] = "toy"
     strength: float = 1.0
 
 
 class ToyEditor(Editor):
-    def edit(self, records: pl.DataFrame) -> dict:
-        return {}
+    def edit(self, records: pl.DataFrame) -> EditResult:
+        return EditResult(steps=0, loss_first=None, loss_final=None, seconds=0.0, n_edits=records.height)
 
     def state_dict(self):
         return {}
@@ -106,19 +106,28 @@ def test_a_method_registered_in_a_test_is_validated_by_the_config(toy_method):
 
 def test_the_method_union_is_back_after_the_test():
     assert "toy" not in METHODS
-    with pytest.raises(ConfigError, match="expected tags: 'memoe', 'ft-l', 'ft-m', 'lora', 'grace', 'memit', 'wise'"):
+    with pytest.raises(ConfigError, match="expected tags: 'ft-l', 'ft-m', 'grace', 'lora', 'memit', 'memoe', 'wise'"):
         load_config(None, ["method.name=toy"])
 
 
 def test_the_api_names_an_unknown_method_with_the_registered_ones():
     from memoe.api import method_config
 
-    with pytest.raises(ConfigError, match="method: name: Input tag 'toy' .* expected tags: 'memoe', 'ft-l'"):
+    with pytest.raises(ConfigError, match="method: name: Input tag 'toy' .* expected tags: 'ft-l', 'ft-m'"):
         method_config("toy")
 
 
+def test_an_edit_result_is_one_flat_dict_and_keeps_the_shared_names():
+    r = EditResult(steps=3, loss_first=2.0, loss_final=0.5, seconds=1.5, n_edits=2, details={"block": 0})
+    assert r.as_dict() == {"steps": 3, "loss_first": 2.0, "loss_final": 0.5, "seconds": 1.5, "n_edits": 2,
+                           "setup_s": 0.0, "block": 0}
+    with pytest.raises(ValueError, match=r"repeats shared fields: \['steps'\]"):
+        EditResult(steps=3, loss_first=2.0, loss_final=0.5, seconds=1.5, n_edits=2, details={"steps": 4})
+
+
 def test_the_built_in_methods_and_their_capabilities():
-    assert list(METHODS) == ["memoe", "ft-l", "ft-m", "lora", "grace", "memit", "wise"]
+    # one package each under memoe/editors/, found (in name order) and registered by memoe.methods.discover
+    assert list(METHODS) == ["ft-l", "ft-m", "grace", "lora", "memit", "memoe", "wise"]
     for name, m in METHODS.items():
         cls = m.editor_class()
         assert issubclass(cls, Editor) and cls.__module__ == m.editor_module, name

@@ -1,7 +1,7 @@
 """``memoe config [CONFIG] [--set key=value ...]``: every key of the resolved config, its value, its
-default and its description (from the pydantic models in memoe/config.py); ``*`` marks a value
-that differs from the default. The method's keys are those of the method set (``methods[i].`` for
-each method of a compare)."""
+default and its description (from the pydantic models in memoe/config.py and each method's
+memoe/editors/<m>/config.py); ``*`` marks a value that differs from the default. The method's keys
+are those of the method set (``methods[i].`` for each method of a compare)."""
 from __future__ import annotations
 
 from typing import Any, Iterator

@@ -17,9 +17,10 @@ def add_arguments(p):
 def run(args) -> int:
     import torch
 
-    from memoe.config import MEMoEMethod, load_config
+    from memoe.config import load_config
     from memoe.datasets import load_for_config
-    from memoe.editors.memoe import MEMoEEditor
+    from memoe.editors.memoe import MEMoEMethod
+    from memoe.editors.memoe.editor import MEMoEEditor
     from memoe.metrics import generate
     from memoe.models import context_length, load_model
 
@@ -43,7 +44,7 @@ def run(args) -> int:
     dt = time.perf_counter() - t0
     after, reph_after, loc_after = gen(prompts, editor), gen(reph, editor), gen(loc, editor)
     print(f"MEMoE on {cfg.model.name}: {len(rows)} edits in {dt:.1f}s "
-          f"({stats['steps']} steps, final loss {stats['loss_final']:.4f}, layers {method.layers}, "
+          f"({stats.steps} steps, final loss {stats.loss_final:.4f}, layers {method.layers}, "
           f"gate {method.gate_mode})\n")
     for i, r in enumerate(rows):
         print(f"[{i + 1}] {r['prompt']}")

@@ -1,5 +1,5 @@
 """The interface every editor (MEMoE and the baselines) implements (editors are registered with
-their settings in ``memoe.config.METHODS``).
+their settings in ``memoe.methods.METHODS``, each method a package ``memoe/editors/<m>/``).
 
 An editor is built on a frozen model and tokenizer; ``edit(records)`` trains on one batch of edits
 (called once per round in the sequential protocol, continuing from its current state);
@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -19,8 +20,32 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
+@dataclass
+class EditResult:
+    """What ``Editor.edit`` returns: the figures every editor reports, under the same names (what each
+    means: the ``Editor`` docstring), and ``details``, the method's own. ``as_dict()`` is one flat
+    JSON-able dict, the shared fields and the details side by side (a round's training figures in
+    ``results.json``, MLflow's ``train.*`` metrics)."""
+    steps: int  # optimiser steps taken
+    loss_first: float | None  # training loss at the first step
+    loss_final: float | None  # ... and at the last
+    seconds: float  # wall seconds of the call
+    n_edits: int  # edits applied by the call
+    setup_s: float = 0.0  # the one-time part of ``seconds``
+    details: dict[str, Any] = field(default_factory=dict)  # the method's own figures
+
+    def __post_init__(self) -> None:
+        shared = {f.name for f in fields(self)} - {"details"}
+        if shared & set(self.details):
+            raise ValueError(f"EditResult.details repeats shared fields: {sorted(shared & set(self.details))}")
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "details"}
+        return {**out, **self.details}
+
+
 def make_editor(model, tokenizer, method_cfg, **kw) -> "Editor":
-    """The registered editor of ``method_cfg.name`` (``memoe.config.METHODS``) on ``model``."""
+    """The registered editor of ``method_cfg.name`` (``memoe.methods.METHODS``) on ``model``."""
     from memoe.checks import check_layers
     from memoe.config import METHODS
     from memoe.models import num_layers
@@ -46,9 +71,28 @@ def _validating(edit: Callable) -> Callable:
 
 
 class Editor(ABC):
-    """An editing method's editor; registered with its settings class in ``memoe.config.METHODS``.
+    """An editing method's editor; registered with its settings class in ``memoe.methods.METHODS``.
     Capabilities the pipeline asks of the class: ``uses_anchors`` (the study extracts knowledge
-    anchors for it) and ``diagnostics`` (per-round figures of its own)."""
+    anchors for it) and ``diagnostics`` (per-round figures of its own).
+
+    ``edit(records)`` returns an ``EditResult``:
+
+    - ``steps``: optimiser steps taken in this call (MEMIT: the steps of its target-vector search);
+    - ``loss_first`` / ``loss_final``: the training loss (the mean target NLL of the edits) at the
+      first and at the last of them (MEMIT: of the target-vector search);
+    - ``seconds``: wall seconds of the call, ``setup_s`` included;
+    - ``setup_s``: the part of ``seconds`` that is a one-time cost and does not grow with the edits
+      (MEMIT's key statistics; 0 for the others), which the pipeline reports apart from the per-edit cost;
+    - ``n_edits``: the edits applied in this call;
+    - ``details``: the method's own figures (MEMoE: ``block``, ``n_blocks``, ``adapter_bytes``,
+      ``n_replayed``, ``n_superseded``, ``precision``, ``packed``, ``compiled``, ...; GRACE:
+      ``codebook_size``, ...), never a shared field's name again.
+
+    ``on_step``: None, or a callback ``on_step(step, loss)`` that an editor which trains in steps
+    (``method.steps``: MEMoE, FT, LoRA, GRACE, WISE) calls once per training step of ``edit``, with its
+    1-based index and loss, ``steps`` times in all (the pipeline's progress bars and
+    ``train.step_loss``). MEMIT's update is closed-form: it does not call it.
+    """
     name: str = "editor"
     uses_anchors: bool = False
 
@@ -64,12 +108,13 @@ class Editor(ABC):
         self.model, self.tokenizer, self.cfg, self.seed = model, tokenizer, cfg, seed
         self.device = next(model.parameters()).device
         self.edits_applied = 0
+        self.on_step: Callable[[int, float], None] | None = None  # progress: see the class docstring
 
     @abstractmethod
-    def edit(self, records: pl.DataFrame) -> dict[str, Any]:
-        """Apply a batch of edits (continuing from the current state). Returns training stats; a
-        one-time cost inside the call (MEMIT's key statistics) is reported as ``setup_s`` seconds,
-        which the pipeline reports apart from the per-edit cost."""
+    def edit(self, records: pl.DataFrame) -> EditResult:
+        """Apply a batch of edits (continuing from the current state). Returns an ``EditResult``
+        (steps, first and final loss, seconds, one-time ``setup_s``, edits applied; the method's own
+        figures in ``details``)."""
 
     @contextlib.contextmanager
     def route(self, prompts: list[str]) -> Iterator[None]:

@@ -1,19 +1,50 @@
-"""Training helpers shared by the editors: edit batches with the prompt masked (padded, or packed
-several rows per sequence), target NLL (and a fused head + NLL for a frozen head), length buckets
-(less padding) and the training precision (bf16 autocast where the hardware has it)."""
+"""Training helpers shared by the editors: the training-step loop (``train_steps``), edit batches with
+the prompt masked (padded, or packed several rows per sequence), target NLL (and a fused head + NLL
+for a frozen head), length buckets (less padding) and the training precision (bf16 autocast where
+the hardware has it)."""
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
 import weakref
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from memoe.adapter import LayerCache, final_norm, supports_layer_cache
 from memoe.metrics import encode_pair
+
+
+def train_steps(optimizer: torch.optim.Optimizer, loss_fn: Callable[[Any], torch.Tensor], batches: Sequence[Any],
+                steps: int, early_stop_loss: float, on_step: Callable[[int, float], None] | None = None,
+                after_step: Callable[[], None] | None = None, weight: Callable[[Any], int] | None = None) -> list[float]:
+    """The training loop the editors share. Up to ``steps`` steps, each one pass over ``batches`` with
+    one optimiser step per batch: ``zero_grad``, ``loss_fn(batch)``, its backward, ``optimizer.step()``,
+    then ``after_step()`` (FT-L: the projection back into its norm ball). A step's loss is the mean of
+    its batches' losses weighted by ``weight(batch)`` (default: 1 each). After each step
+    ``on_step(step, loss)`` (1-based; the editor's progress callback); training ends after the first
+    step whose loss is below ``early_stop_loss``. Returns the loss of every step taken."""
+    losses: list[float] = []
+    for step in range(1, steps + 1):
+        tot, n = 0.0, 0
+        for b in batches:
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(b)
+            loss.backward()
+            optimizer.step()
+            if after_step is not None:
+                after_step()
+            w = 1 if weight is None else weight(b)
+            tot += float(loss.detach()) * w
+            n += w
+        losses.append(tot / n)
+        if on_step is not None:
+            on_step(step, losses[-1])
+        if losses[-1] < early_stop_loss:
+            break
+    return losses
 
 
 def edit_batch(tokenizer, prompts: Sequence[str], targets: Sequence[str], device) -> dict[str, torch.Tensor]:
@@ -106,6 +137,26 @@ def packing_is_exact(model) -> bool:
         err = (packed.float() - alone.float()).abs().mean() / alone.float().abs().mean()
         known[impl] = bool(err < 0.1)  # rounding in bf16: ~1e-2; a row seeing another: order 1
     return known[impl]
+
+
+def past_length(kwargs: dict) -> int:
+    """Tokens already in the KV cache of a forward, from the keyword arguments a forward pre-hook
+    sees (0 on a sequence's first forward): hooks that decide once per sequence (GRACE, WISE) read it."""
+    pkv = kwargs.get("past_key_values")
+    if pkv is None:
+        pkv = kwargs.get("cache")  # transformers 5 passes the cache under this name
+    if pkv is not None:
+        try:
+            return int(pkv.get_seq_length())
+        except (AttributeError, TypeError):
+            try:
+                return int(pkv[0][0].shape[-2])
+            except Exception:  # noqa: BLE001
+                return 0
+    cp = kwargs.get("cache_position")
+    if cp is not None and cp.numel():
+        return int(cp.view(-1)[0])
+    return 0
 
 
 def target_nll(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

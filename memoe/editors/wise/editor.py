@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any, Iterator
+from typing import Iterator
 
 import polars as pl
 import torch
 
 from memoe.corpus import token_chunks
-from memoe.editors.base import Editor
-from memoe.editors.common import body_hidden, edit_batch, head_nll, layer_cache
-from memoe.editors.grace import _past_length
+from memoe.editors.base import Editor, EditResult
+from memoe.editors.common import body_hidden, edit_batch, head_nll, layer_cache, past_length
 from memoe.models import arch_of, mlp_of, num_layers
 
 
@@ -53,7 +52,7 @@ class WiseEditor(Editor):
         return a @ D.to(a.dtype) if self.conv1d else a @ D.to(a.dtype).T
 
     def _pre_hook(self, module, args, kwargs):
-        if _past_length(kwargs) > 0:
+        if past_length(kwargs) > 0:
             return None
         ids = kwargs.get("input_ids", args[0] if args else None)
         ref = ids if ids is not None else kwargs.get("inputs_embeds")
@@ -128,7 +127,7 @@ class WiseEditor(Editor):
         pick = torch.randint(len(acts), (n,), generator=g).to(acts.device)
         return self._delta_out(acts[pick], D).float().norm(dim=-1).mean(1)
 
-    def edit(self, records: pl.DataFrame) -> dict[str, Any]:
+    def edit(self, records: pl.DataFrame) -> EditResult:
         cfg, t0 = self.cfg, time.perf_counter()
         torch.manual_seed(self.seed + self.edits_applied)
         prompts, targets = records["prompt"].to_list(), records["target_new"].to_list()
@@ -142,6 +141,9 @@ class WiseEditor(Editor):
         cache = layer_cache(self.model, self.layer, b)  # layers below the side memory run once
         self._mode, self._D_train = "train", D
         try:
+            # its own loop, not common.train_steps: the stopping rule (the NLL and the routing loss) is
+            # checked on a step's losses before its update, the gradient is masked between backward and
+            # step, and the step's index picks its unrelated chunks
             for step in range(cfg.steps):
                 opt.zero_grad(set_to_none=True)
                 self._mask = b["attention_mask"].float()
@@ -152,6 +154,8 @@ class WiseEditor(Editor):
                        + torch.relu(cfg.gap - (s_e - s_i))).mean()
                 loss = nll + act
                 losses.append((float(nll.detach()), float(act.detach())))
+                if self.on_step is not None:
+                    self.on_step(step + 1, losses[-1][0])
                 if losses[-1][0] < cfg.early_stop_loss and losses[-1][1] == 0.0:
                     break
                 loss.backward()
@@ -168,9 +172,10 @@ class WiseEditor(Editor):
             self._mode, self._D_train, self._pending, self._use = "infer", None, False, None
         self.eps = torch.minimum(self.eps, torch.tensor(cfg.act_ratio * s_edit))
         self.edits_applied += len(prompts)
-        return {"loss_first": losses[0][0], "loss_last": losses[-1][0], "act_loss_last": losses[-1][1],
-                "steps": len(losses), "edit_time_s": time.perf_counter() - t0, "eps": float(self.eps),
-                "min_edit_score": s_edit, "max_irr_score": s_irr}
+        return EditResult(steps=len(losses), loss_first=losses[0][0], loss_final=losses[-1][0],
+                          seconds=time.perf_counter() - t0, n_edits=len(prompts),
+                          details={"act_loss_final": losses[-1][1], "eps": float(self.eps),
+                                   "min_edit_score": s_edit, "max_irr_score": s_irr})
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {f"side_delta.layer{self.layer}": self.D.clone(), "eps": self.eps.clone().reshape(1)}

@@ -20,7 +20,7 @@ import torch
 
 from memoe.adapter import LayerCache, MEMoEAdapter, final_norm, supports_layer_cache
 from memoe.anchors import Anchor, AnchorExtractor, anchor_embeddings, anchor_end_token, gold_anchor, normalise_subject
-from memoe.editors.base import Editor
+from memoe.editors.base import Editor, EditResult
 from memoe.editors.common import (
     can_compile,
     compiled_layers,
@@ -33,6 +33,7 @@ from memoe.editors.common import (
     token_groups,
     training_precision,
 )
+from memoe.editors.memoe.config import MEMoEMethod
 from memoe.metrics import encode_pair
 from memoe.models import decoder_layers, mlp_of
 from memoe.probes import chat_prompt, restyle, scope_negatives
@@ -60,8 +61,6 @@ class MEMoEEditor(Editor):
     uses_anchors = True  # the study extracts knowledge anchors for it
 
     def __init__(self, model, tokenizer, cfg=None, seed: int = 0):
-        from memoe.config import MEMoEMethod
-
         cfg = cfg or MEMoEMethod()
         super().__init__(model, tokenizer, cfg, seed)
         with torch.random.fork_rng(devices=[]):
@@ -84,7 +83,6 @@ class MEMoEEditor(Editor):
         self.uses_layer_cache = bool(cfg.layer_cache) and supports_layer_cache(model)
         self._head_weight: torch.Tensor | None = None  # the LM head in the training dtype, while training
         self._warned_packing = False
-        self.on_step: Callable[[int, float], None] | None = None  # called after each optimiser step (step, loss)
         self.compiles = bool(cfg.compile) and can_compile(self.device)
         if cfg.compile and not self.compiles:
             warnings.warn(f"compile: torch.compile cannot build kernels on {self.device} here (no C++ compiler / "
@@ -438,7 +436,7 @@ class MEMoEEditor(Editor):
     def _prompt_key(prompt: str) -> str:
         return " ".join(prompt.split())
 
-    def edit(self, records: pl.DataFrame) -> dict[str, Any]:
+    def edit(self, records: pl.DataFrame) -> EditResult:
         cfg = self.cfg
         t0 = time.perf_counter()
         new = self._rows(records)
@@ -465,7 +463,7 @@ class MEMoEEditor(Editor):
             if cfg.replay is not None and len(old) > cfg.replay:
                 old = rng.sample(old, cfg.replay)
         try:
-            stats = self._train(new, old, t0)
+            losses, details = self._train(new, old, t0)
         finally:
             self._train_block = None
         if cfg.growth == "round":
@@ -474,11 +472,15 @@ class MEMoEEditor(Editor):
         self.history = history + new
         self.rounds += 1
         self.edits_applied += len(new)
-        return {**stats, "n_superseded": n_superseded, "block": block, "n_blocks": self.adapter.n_blocks,
-                "adapter_bytes": self.adapter.parameter_bytes(), "time_s": round(time.perf_counter() - t0, 3)}
+        return EditResult(steps=len(losses), loss_first=losses[0], loss_final=losses[-1],
+                          seconds=time.perf_counter() - t0, n_edits=len(new),
+                          details={**details, "n_superseded": n_superseded, "block": block,
+                                   "n_blocks": self.adapter.n_blocks, "adapter_bytes": self.adapter.parameter_bytes()})
 
-    def _train(self, new: list[tuple[str, str, str]], old: list[tuple[str, str, str]], t0: float) -> dict[str, Any]:
-        """One round's training of the adapter's trainable parameters on ``new`` and ``old`` edits."""
+    def _train(self, new: list[tuple[str, str, str]], old: list[tuple[str, str, str]],
+               t0: float) -> tuple[list[float], dict[str, Any]]:
+        """One round's training of the adapter's trainable parameters on ``new`` and ``old`` edits:
+        the loss of each step, and the round's figures of its own (``EditResult.details``)."""
         cfg = self.cfg
         rows = self._examples(new + old)
         scope_rows = self.scope_rows(new + old)
@@ -504,6 +506,9 @@ class MEMoEEditor(Editor):
             compiled = (compiled_layers(self.model, max(self.adapter.layer_ids) + 1) if self.compiles
                         else contextlib.nullcontext())
             try:
+                # its own loop, not common.train_steps: a step accumulates the gradient over its parts
+                # (micro-batches or length buckets) and the scope term before each optimiser step, its
+                # loss is per target token, it is timed, and the early stop also waits for the scope loss
                 with torch.enable_grad(), compiled:
                     for step in range(1, cfg.steps + 1):
                         nll, ntok = 0.0, 0
@@ -526,15 +531,12 @@ class MEMoEEditor(Editor):
                 self.adapter.eval()
                 self.adapter.load_stats = {}
                 self._head_weight = None
-        return {"loss_first": losses[0], "loss_final": losses[-1], "steps": step, "n_edits": len(new),
-                "n_replayed": len(old), "n_train_rows": len(rows),
-                "n_scope_negatives": len(scope_rows),
-                "scope_loss_final": scope_losses[-1] if scope_losses else None, "layer_cache": self.uses_layer_cache,
-                "packed": packed, "compiled": self.compiles,
-                "precision": str(dtype or torch.float32).replace("torch.", ""),
-                "buckets": sum(len(p) for p in steps_data),
-                "prep_s": round(t_prep, 3),
-                "loss_curve": [round(x, 4) for x in losses[::max(1, len(losses) // 10)]]}
+        return losses, {"n_replayed": len(old), "n_train_rows": len(rows), "n_scope_negatives": len(scope_rows),
+                        "scope_loss_final": scope_losses[-1] if scope_losses else None,
+                        "layer_cache": self.uses_layer_cache, "packed": packed, "compiled": self.compiles,
+                        "precision": str(dtype or torch.float32).replace("torch.", ""),
+                        "buckets": sum(len(p) for p in steps_data), "prep_s": round(t_prep, 3),
+                        "loss_curve": [round(x, 4) for x in losses[::max(1, len(losses) // 10)]]}
 
     def diagnostics(self, records: pl.DataFrame, **kw) -> dict[str, float]:
         """``router_diagnostics``: expert load, anchor hit rates, routing agreement."""

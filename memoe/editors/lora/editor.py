@@ -9,13 +9,12 @@ trained on the target NLL (prompt masked). The base weights are never changed (n
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import polars as pl
 import torch
 
-from memoe.editors.base import Editor
-from memoe.editors.common import body_hidden, edit_batches, head_nll
+from memoe.editors.base import Editor, EditResult
+from memoe.editors.common import body_hidden, edit_batches, head_nll, train_steps
 from memoe.models import arch_of, num_layers
 
 
@@ -62,7 +61,7 @@ class LoRAEditor(Editor):
         for p in self.params.values():
             p.requires_grad_(False)
 
-    def edit(self, records: pl.DataFrame) -> dict[str, Any]:
+    def edit(self, records: pl.DataFrame) -> EditResult:
         cfg, t0 = self.cfg, time.perf_counter()
         torch.manual_seed(self.seed + self.edits_applied)
         batches = edit_batches(self.tokenizer, records, cfg.batch_size, self.device)
@@ -70,26 +69,18 @@ class LoRAEditor(Editor):
         for p in params:
             p.requires_grad_(True)
         opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        losses: list[float] = []
         try:
-            for _ in range(cfg.steps):
-                tot = 0.0
-                for b in batches:
-                    opt.zero_grad(set_to_none=True)
-                    loss = head_nll(self.model, body_hidden(self.model, b), b["labels"])
-                    loss.backward()
-                    opt.step()
-                    tot += float(loss.detach()) * len(b["input_ids"])
-                losses.append(tot / records.height)
-                if losses[-1] < cfg.early_stop_loss:
-                    break
+            losses = train_steps(opt, lambda b: head_nll(self.model, body_hidden(self.model, b), b["labels"]),
+                                 batches, cfg.steps, cfg.early_stop_loss, on_step=self.on_step,
+                                 weight=lambda b: len(b["input_ids"]))
         finally:
             for p in params:
                 p.requires_grad_(False)
                 p.grad = None
         self.edits_applied += records.height
-        return {"loss_first": losses[0], "loss_last": losses[-1], "steps": len(losses),
-                "edit_time_s": time.perf_counter() - t0, "n_params": sum(p.numel() for p in params)}
+        return EditResult(steps=len(losses), loss_first=losses[0], loss_final=losses[-1],
+                          seconds=time.perf_counter() - t0, n_edits=records.height,
+                          details={"n_params": sum(p.numel() for p in params)})
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in self.params.items()}

@@ -13,13 +13,12 @@ Works for nn.Linear and GPT-2's Conv1D alike (only the weight tensor is trained)
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import polars as pl
 import torch
 
-from memoe.editors.base import Editor
-from memoe.editors.common import body_hidden, edit_batches, head_nll, layer_cache
+from memoe.editors.base import Editor, EditResult
+from memoe.editors.common import body_hidden, edit_batches, head_nll, layer_cache, train_steps
 from memoe.models import arch_of, mlp_of, num_layers
 
 
@@ -42,7 +41,7 @@ class FTEditor(Editor):
     def _key(self) -> str:
         return f"delta.layer{self.layer}"
 
-    def edit(self, records: pl.DataFrame) -> dict[str, Any]:
+    def edit(self, records: pl.DataFrame) -> EditResult:
         cfg, t0 = self.cfg, time.perf_counter()
         torch.manual_seed(self.seed + self.edits_applied)
         batches = edit_batches(self.tokenizer, records, cfg.batch_size, self.device)
@@ -52,27 +51,23 @@ class FTEditor(Editor):
         w = self.weight
         w.requires_grad_(True)
         opt = torch.optim.Adam([w], lr=cfg.lr, weight_decay=cfg.weight_decay)
-        losses: list[float] = []
+
+        def loss_fn(item) -> torch.Tensor:
+            b, cache = item
+            h = body_hidden(self.model, b, cache)
+            if self.name == "ft-l":  # the first target token, predicted at the last prompt token
+                rows = torch.arange(h.shape[0], device=h.device)
+                return head_nll(self.model, h, b["labels"], rows, b["last_prompt"])
+            return head_nll(self.model, h, b["labels"])
+
+        @torch.no_grad()
+        def constrain() -> None:  # back into the L-inf ball around the weights of this call
+            w.copy_(torch.clamp(w, start - cfg.norm_constraint, start + cfg.norm_constraint))
+
         try:
-            for _ in range(cfg.steps):
-                tot = 0.0
-                for b, cache in zip(batches, caches):
-                    opt.zero_grad(set_to_none=True)
-                    h = body_hidden(self.model, b, cache)
-                    if self.name == "ft-l":  # the first target token, predicted at the last prompt token
-                        rows = torch.arange(h.shape[0], device=h.device)
-                        loss = head_nll(self.model, h, b["labels"], rows, b["last_prompt"])
-                    else:
-                        loss = head_nll(self.model, h, b["labels"])
-                    loss.backward()
-                    opt.step()
-                    if cfg.norm_constraint is not None:
-                        with torch.no_grad():
-                            w.copy_(torch.clamp(w, start - cfg.norm_constraint, start + cfg.norm_constraint))
-                    tot += float(loss.detach()) * len(b["input_ids"])
-                losses.append(tot / records.height)
-                if losses[-1] < cfg.early_stop_loss:
-                    break
+            losses = train_steps(opt, loss_fn, list(zip(batches, caches)), cfg.steps, cfg.early_stop_loss,
+                                 on_step=self.on_step, after_step=constrain if cfg.norm_constraint is not None else None,
+                                 weight=lambda item: len(item[0]["input_ids"]))
         finally:
             w.requires_grad_(False)
             w.grad = None
@@ -81,9 +76,9 @@ class FTEditor(Editor):
             self.delta = (w - self.original).detach().clone()
             w.copy_(self.original + self.delta)
         self.edits_applied += records.height
-        return {"loss_first": losses[0], "loss_last": losses[-1], "steps": len(losses),
-                "edit_time_s": time.perf_counter() - t0,
-                "delta_linf": float(self.delta.abs().max())}
+        return EditResult(steps=len(losses), loss_first=losses[0], loss_final=losses[-1],
+                          seconds=time.perf_counter() - t0, n_edits=records.height,
+                          details={"delta_linf": float(self.delta.abs().max())})
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {self._key: self.delta.clone()}

@@ -26,28 +26,9 @@ from typing import Any, Iterator
 import polars as pl
 import torch
 
-from memoe.editors.base import Editor
-from memoe.editors.common import body_hidden, edit_batch, head_nll, layer_cache
+from memoe.editors.base import Editor, EditResult
+from memoe.editors.common import body_hidden, edit_batch, head_nll, layer_cache, past_length, train_steps
 from memoe.models import mlp_of, num_layers
-
-
-def _past_length(kwargs: dict) -> int:
-    """Tokens already in the KV cache of this forward (0 on a sequence's first forward)."""
-    pkv = kwargs.get("past_key_values")
-    if pkv is None:
-        pkv = kwargs.get("cache")  # transformers 5 passes the cache under this name
-    if pkv is not None:
-        try:
-            return int(pkv.get_seq_length())
-        except (AttributeError, TypeError):
-            try:
-                return int(pkv[0][0].shape[-2])
-            except Exception:  # noqa: BLE001
-                return 0
-    cp = kwargs.get("cache_position")
-    if cp is not None and cp.numel():
-        return int(cp.view(-1)[0])
-    return 0
 
 
 class GraceEditor(Editor):
@@ -86,7 +67,7 @@ class GraceEditor(Editor):
             self._prompts = old
 
     def _pre_hook(self, module, args, kwargs):
-        if self._mode != "infer" or _past_length(kwargs) > 0:
+        if self._mode != "infer" or past_length(kwargs) > 0:
             return None  # a cached generation step: keep the decision of the first forward
         ids = kwargs.get("input_ids", args[0] if args else None)
         ref = ids if ids is not None else kwargs.get("inputs_embeds")
@@ -168,7 +149,7 @@ class GraceEditor(Editor):
         self.eps = torch.cat([self.eps, torch.tensor([eps], device=self.eps.device)])
         self.labels.append(label)
 
-    def edit(self, records: pl.DataFrame) -> dict[str, Any]:
+    def edit(self, records: pl.DataFrame) -> EditResult:
         cfg, t0 = self.cfg, time.perf_counter()
         torch.manual_seed(self.seed + self.edits_applied)
         prompts, targets = records["prompt"].to_list(), records["target_new"].to_list()
@@ -188,24 +169,22 @@ class GraceEditor(Editor):
             vals = self.values.clone().requires_grad_(True)
             opt = torch.optim.Adam([vals], lr=cfg.lr)
             self._mode, self._train_assign, self._train_values = "train", assign, vals
-            losses: list[float] = []
-            for _ in range(cfg.steps):
-                opt.zero_grad(set_to_none=True)
+
+            def loss_fn(b) -> torch.Tensor:
                 self._key_pos = b["last_prompt"]
-                loss = head_nll(self.model, body_hidden(self.model, b, cache), b["labels"])
-                loss.backward()
-                opt.step()
-                losses.append(float(loss.detach()))
-                if losses[-1] < cfg.early_stop_loss:
-                    break
+                return head_nll(self.model, body_hidden(self.model, b, cache), b["labels"])
+
+            losses = train_steps(opt, loss_fn, [b], cfg.steps, cfg.early_stop_loss, on_step=self.on_step)
             self.values = vals.detach().clone()
         finally:
             self._mode, self._train_values, self._train_assign, self._recorded = "infer", None, None, None
             self._sel, self._pending = None, False
         self.edits_applied += len(prompts)
-        return {"loss_first": losses[0], "loss_last": losses[-1], "steps": len(losses),
-                "edit_time_s": time.perf_counter() - t0, "codebook_size": int(self.keys.shape[0]),
-                "new_entries": int(self.keys.shape[0] - n_before), "mean_eps": float(self.eps.mean())}
+        return EditResult(steps=len(losses), loss_first=losses[0], loss_final=losses[-1],
+                          seconds=time.perf_counter() - t0, n_edits=len(prompts),
+                          details={"codebook_size": int(self.keys.shape[0]),
+                                   "new_entries": int(self.keys.shape[0] - n_before),
+                                   "mean_eps": float(self.eps.mean())})
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -19,7 +19,6 @@ Context templates (ROME's self-generated prefixes) are not used: the edit prompt
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import polars as pl
 import torch
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 
 from memoe.adapter import final_norm
 from memoe.corpus import layer_stats
-from memoe.editors.base import Editor
+from memoe.editors.base import Editor, EditResult
 from memoe.editors.common import body_hidden, edit_batch, layer_cache
 from memoe.models import arch_of, decoder_layers, mlp_of, num_layers
 
@@ -107,8 +106,9 @@ class MemitEditor(Editor):
                 h.remove()
         return got.get("k"), got["h"]
 
-    def compute_z(self, prompts, targets, subjects, idx_prompt) -> tuple[torch.Tensor, dict]:
-        """Target hidden vectors z (n x d) at the last edited layer (ROME/MEMIT compute_z, batched)."""
+    def compute_z(self, prompts, targets, subjects, idx_prompt) -> tuple[torch.Tensor, list[float]]:
+        """Target hidden vectors z (n x d) at the last edited layer (ROME/MEMIT compute_z, batched), and
+        the mean target NLL at each step of their search."""
         cfg, L = self.cfg, self.layers[-1]
         b = edit_batch(self.tokenizer, prompts, targets, self.device)
         kl_prompts = [f"{s} is a" for s in subjects]
@@ -155,6 +155,8 @@ class MemitEditor(Editor):
         t_rows, t_cols = (labels[:, 1:] != -100).nonzero(as_tuple=True)
         head = self.model.get_output_embeddings()
         try:
+            # the target-vector search, not common.train_steps: it stops (before the update) once every
+            # edit's NLL is below the bound, and projects delta back into its norm ball after each step
             for _ in range(cfg.v_steps):
                 opt.zero_grad(set_to_none=True)
                 if cache is not None:
@@ -184,11 +186,10 @@ class MemitEditor(Editor):
         finally:
             if hook is not None:
                 hook.remove()
-        return (h0 + delta.detach()).double(), {"z_loss_first": losses[0], "z_loss_last": losses[-1],
-                                                 "z_steps": len(losses)}
+        return (h0 + delta.detach()).double(), losses
 
     # ------------------------------------------------------------------ editing
-    def edit(self, records: pl.DataFrame) -> dict[str, Any]:
+    def edit(self, records: pl.DataFrame) -> EditResult:
         cfg, t0 = self.cfg, time.perf_counter()
         torch.manual_seed(self.seed + self.edits_applied)
         prompts, targets = records["prompt"].to_list(), records["target_new"].to_list()
@@ -200,7 +201,7 @@ class MemitEditor(Editor):
         else:
             idx = [len(self.tokenizer(p).input_ids) - 1 for p in prompts]
         idx = torch.tensor(idx, device=self.device)
-        z, zstats = self.compute_z(prompts, targets, subjects, idx)
+        z, z_losses = self.compute_z(prompts, targets, subjects, idx)
         fwd = self._padded(prompts)
         upd_norms = []
         for i, l in enumerate(self.layers):
@@ -214,8 +215,10 @@ class MemitEditor(Editor):
                 w.copy_(self.original[l] + self.delta[l])
             upd_norms.append(float(upd.norm()))
         self.edits_applied += len(prompts)
-        return {**zstats, "stats_time_s": t_stats, "setup_s": t_stats, "edit_time_s": time.perf_counter() - t0,
-                "upd_norm_mean": sum(upd_norms) / len(upd_norms)}
+        # the steps and losses: those of the target-vector search (the update itself is closed-form)
+        return EditResult(steps=len(z_losses), loss_first=z_losses[0], loss_final=z_losses[-1],
+                          seconds=time.perf_counter() - t0, n_edits=len(prompts), setup_s=t_stats,
+                          details={"upd_norm_mean": sum(upd_norms) / len(upd_norms)})
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, torch.Tensor]:
