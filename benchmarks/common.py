@@ -1,12 +1,11 @@
-"""What the benchmarks share: the shared data files' records, a device sync, the progress line."""
+"""What the benchmarks share: the catalogue datasets' records, a device sync, the progress line."""
 from __future__ import annotations
 
 import polars as pl
 import torch
 
-from memoe.config import resolve_path
+from memoe.catalogue import dataset
 from memoe.data import load_edits
-from memoe.datasets import SHARED_DATASETS
 
 
 def sync(device):
@@ -15,8 +14,8 @@ def sync(device):
 
 
 def records(name: str, n: int, offset: int = 0) -> pl.DataFrame:
-    path, fmt = SHARED_DATASETS[name]
-    df, _ = load_edits(resolve_path(path), fmt)
+    ds = dataset(name)
+    df, _ = load_edits(ds.resolved(), ds.format)
     return df.slice(offset, n)
 
 
