@@ -136,6 +136,26 @@ def body_hidden(model, batch: dict[str, torch.Tensor], cache: LayerCache | None 
                             use_cache=False).last_hidden_state
 
 
+def past_length(kwargs: dict) -> int:
+    """Tokens already in the KV cache of a forward hook's call (0 on a sequence's first forward): GRACE
+    and WISE act on the first forward of a sequence only."""
+    pkv = kwargs.get("past_key_values")
+    if pkv is None:
+        pkv = kwargs.get("cache")  # transformers 5 passes the cache under this name
+    if pkv is not None:
+        try:
+            return int(pkv.get_seq_length())
+        except (AttributeError, TypeError):
+            try:
+                return int(pkv[0][0].shape[-2])
+            except Exception:  # noqa: BLE001
+                return 0
+    cp = kwargs.get("cache_position")
+    if cp is not None and cp.numel():
+        return int(cp.view(-1)[0])
+    return 0
+
+
 def head_nll(model, h: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor | None = None,
              cols: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
     """NLL of ``labels[rows, cols + 1]`` with the LM head applied only at positions (rows, cols) -

@@ -27,27 +27,8 @@ import polars as pl
 import torch
 
 from memoe.editors.base import Editor
-from memoe.editors.common import body_hidden, edit_batch, head_nll, layer_cache
+from memoe.editors.common import body_hidden, edit_batch, head_nll, layer_cache, past_length
 from memoe.models import mlp_of, num_layers
-
-
-def _past_length(kwargs: dict) -> int:
-    """Tokens already in the KV cache of this forward (0 on a sequence's first forward)."""
-    pkv = kwargs.get("past_key_values")
-    if pkv is None:
-        pkv = kwargs.get("cache")  # transformers 5 passes the cache under this name
-    if pkv is not None:
-        try:
-            return int(pkv.get_seq_length())
-        except (AttributeError, TypeError):
-            try:
-                return int(pkv[0][0].shape[-2])
-            except Exception:  # noqa: BLE001
-                return 0
-    cp = kwargs.get("cache_position")
-    if cp is not None and cp.numel():
-        return int(cp.view(-1)[0])
-    return 0
 
 
 class GraceEditor(Editor):
@@ -86,7 +67,7 @@ class GraceEditor(Editor):
             self._prompts = old
 
     def _pre_hook(self, module, args, kwargs):
-        if self._mode != "infer" or _past_length(kwargs) > 0:
+        if self._mode != "infer" or past_length(kwargs) > 0:
             return None  # a cached generation step: keep the decision of the first forward
         ids = kwargs.get("input_ids", args[0] if args else None)
         ref = ids if ids is not None else kwargs.get("inputs_embeds")

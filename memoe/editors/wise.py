@@ -24,8 +24,7 @@ import torch
 
 from memoe.corpus import token_chunks
 from memoe.editors.base import Editor
-from memoe.editors.common import body_hidden, edit_batch, head_nll, layer_cache
-from memoe.editors.grace import _past_length
+from memoe.editors.common import body_hidden, edit_batch, head_nll, layer_cache, past_length
 from memoe.models import arch_of, mlp_of, num_layers
 
 
@@ -53,7 +52,7 @@ class WiseEditor(Editor):
         return a @ D.to(a.dtype) if self.conv1d else a @ D.to(a.dtype).T
 
     def _pre_hook(self, module, args, kwargs):
-        if _past_length(kwargs) > 0:
+        if past_length(kwargs) > 0:
             return None
         ids = kwargs.get("input_ids", args[0] if args else None)
         ref = ids if ids is not None else kwargs.get("inputs_embeds")
