@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from memoe.adapter import LayerCache, final_norm, supports_layer_cache
-from memoe.metrics import encode_pair
+from memoe.data import encode_pair
 
 
 def edit_batch(tokenizer, prompts: Sequence[str], targets: Sequence[str], device) -> dict[str, torch.Tensor]:

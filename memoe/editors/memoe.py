@@ -20,6 +20,7 @@ import torch
 
 from memoe.adapter import LayerCache, MEMoEAdapter, final_norm, supports_layer_cache
 from memoe.anchors import Anchor, AnchorExtractor, anchor_embeddings, anchor_end_token, gold_anchor, normalise_subject
+from memoe.data import encode_pair
 from memoe.editors.base import Editor
 from memoe.editors.common import (
     can_compile,
@@ -33,7 +34,6 @@ from memoe.editors.common import (
     token_groups,
     training_precision,
 )
-from memoe.metrics import encode_pair
 from memoe.models import decoder_layers, mlp_of
 from memoe.probes import chat_prompt, restyle, scope_negatives
 
