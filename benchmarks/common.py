@@ -1,4 +1,4 @@
-"""What the benchmarks share: the shared data files' records, a device sync, the progress line, the
+"""What the benchmarks share: the catalogue datasets' records, a device sync, the progress line, the
 optimiser steps' times (``StepTimes``)."""
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ import time
 import polars as pl
 import torch
 
-from memoe.config import resolve_path
+from memoe.catalogue import dataset
 from memoe.data import load_edits
-from memoe.datasets import SHARED_DATASETS
 
 
 def sync(device):
@@ -18,8 +17,8 @@ def sync(device):
 
 
 def records(name: str, n: int, offset: int = 0) -> pl.DataFrame:
-    path, fmt = SHARED_DATASETS[name]
-    df, _ = load_edits(resolve_path(path), fmt)
+    ds = dataset(name)
+    df, _ = load_edits(ds.resolved(), ds.format)
     return df.slice(offset, n)
 
 

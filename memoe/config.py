@@ -15,10 +15,11 @@ import yaml
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from memoe.catalogue import DatasetError, dataset
 from memoe.methods import METHODS, Method, Strict, discover, on_change, register_method, unregister_method  # noqa: F401
+from memoe.paths import PROJECT_ROOT, resolve_path
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_ZSRE = "../shared/data/zsre/zsre_mend_eval_portability_gpt4.json"
+DEFAULT_DATASET = "zsre"  # the catalogue's dataset (configs/datasets/catalogue.yaml) a config edits by default
 
 
 class ConfigError(ValueError):
@@ -36,7 +37,12 @@ class ModelConfig(Strict):
 
 
 class DataConfig(Strict):
-    path: str = Field(DEFAULT_ZSRE, description="edit data file (relative: the current folder, then the project root)")
+    """``dataset: NAME`` (a name of the dataset catalogue, configs/datasets/catalogue.yaml) stands for
+    that dataset's ``path`` and ``format``; it is not kept, so a config naming a dataset equals (and
+    hashes as) the config giving its path and format."""
+    path: str = Field(dataset(DEFAULT_DATASET).path,
+                      description="edit data file (relative: the current folder, then the project root); or "
+                      "data.dataset: a name of the dataset catalogue (configs/datasets/catalogue.yaml)")
     format: str = Field("zsre", description="file format (README: Data formats; the registry memoe.data.FORMATS)")
     n_edits: int | None = Field(100, ge=1, description="number of edits sampled; null = all")
     seed: int = Field(0, description="seed of data.sample=random")
@@ -45,6 +51,19 @@ class DataConfig(Strict):
     skip_bad: bool = Field(False, description="skip and count bad records instead of failing")
     probes: bool = Field(True, description="add the hard probes to every record (memoe/probes.py): subject "
                          "specificity, restyled and chat-template rephrases")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dataset(cls, data):
+        if isinstance(data, dict) and "dataset" in data:
+            data = dict(data)
+            name = data.pop("dataset")
+            given = [f"data.{k}" for k in ("path", "format") if k in data]
+            if given:
+                raise ValueError(f"data.dataset {name!r} gives the path and format; leave out {' and '.join(given)}")
+            ds = dataset(name)
+            data.update(path=ds.path, format=ds.format)
+        return data
 
     @field_validator("format")
     @classmethod
@@ -194,7 +213,8 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _parse_value(text: str) -> Any:
+def parse_value(text: str) -> Any:
+    """An override's value: YAML (``3``, ``[15]``, ``null``), else the text itself."""
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
@@ -212,10 +232,20 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         if not isinstance(node.get(p, {}), dict):
             raise ConfigError(f"override '{key}': '{p}' is not a section")
         node = node.setdefault(p, {})
-    if parts[-1] == "name" and parts[:-1] == ["method"] and node.get("name") != _parse_value(value):
+    if parts[-1] == "name" and parts[:-1] == ["method"] and node.get("name") != parse_value(value):
         # switching methods: the other method's hyperparameters do not apply
         node.clear()
-    node[parts[-1]] = _parse_value(value)
+    if parts[:-1] == ["data"]:
+        if parts[-1] == "dataset":  # switching datasets: the dataset gives the path and format
+            node.pop("path", None)
+            node.pop("format", None)
+        elif parts[-1] in ("path", "format") and "dataset" in node:  # a change on top of the named dataset
+            try:
+                ds = dataset(node.pop("dataset"))
+            except DatasetError as e:
+                raise ConfigError(str(e)) from None
+            node.update(path=ds.path, format=ds.format)
+    node[parts[-1]] = parse_value(value)
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
@@ -263,16 +293,3 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         return Config.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_format_errors(e, source)) from None
-
-
-def resolve_path(p: str | Path) -> Path:
-    """The one rule for every relative path memoe reads (a CONFIG argument, ``data.path``, a
-    deployment's ``config_path``): the current folder if it exists there, else the project root
-    (the checkout holding configs/), so ``memoe run configs/compare.yaml`` and its
-    ``../shared/data/...`` work from any folder. Absolute paths (and ``~``) are used as they are."""
-    p = Path(p).expanduser()
-    if p.is_absolute():
-        return p
-    if p.exists():
-        return p.resolve()
-    return (PROJECT_ROOT / p).resolve()

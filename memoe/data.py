@@ -447,3 +447,13 @@ def validate_frame(df: Any, where: str = "edit records") -> pl.DataFrame:
         seen[rid] = i
         rows.append(row)
     return pl.DataFrame(rows, schema=SCHEMA)
+
+
+def encode_pair(tokenizer, prompt: str, target: str) -> tuple[list[int], int]:
+    """Token ids of prompt + " " + target, and the number of prompt tokens: an edit as the editors train
+    on it and the metrics score it (one tokenisation for both)."""
+    p = tokenizer(prompt, add_special_tokens=True).input_ids
+    t = tokenizer(" " + target.strip(), add_special_tokens=False).input_ids
+    if not t:
+        raise ValueError(f"target {target!r} tokenises to nothing")
+    return p + t, len(p)

@@ -1,4 +1,5 @@
-"""Load the edit records a config asks for (file, format, sampling, context check)."""
+"""Load the edit records a config asks for (file, format, sampling, context check). The data files
+memoe knows by name are the dataset catalogue's (``memoe.catalogue``)."""
 from __future__ import annotations
 
 import polars as pl
@@ -6,12 +7,6 @@ import polars as pl
 from memoe.config import Config, resolve_path
 from memoe.data import LoadReport, load_edits, sample_edits
 from memoe.probes import add_probes
-
-SHARED_DATASETS = {
-    "zsre": ("../shared/data/zsre/zsre_mend_eval_portability_gpt4.json", "zsre"),
-    "counterfact": ("../shared/data/counterfact/counterfact_portability_gpt4.json", "counterfact"),
-    "counterfact-val": ("../shared/data/counterfact/counterfact-val.json", "counterfact-flat"),
-}
 
 
 def load_for_config(cfg: Config, tokenizer=None, context: int | None = None) -> tuple[pl.DataFrame, LoadReport]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, get_args
 
 from pydantic import BaseModel, ConfigDict
@@ -76,9 +77,8 @@ def unregister_method(config: type[BaseModel]) -> None:
 
 def discover() -> None:
     """Import every method package (each subpackage of ``memoe.editors``): each registers its method
-    once (a package already imported is not imported again)."""
-    import memoe.editors
-
-    for info in pkgutil.iter_modules(memoe.editors.__path__, "memoe.editors."):
+    once (a package already imported is not imported again). Found by their folder and imported by
+    name: the method layer sits above this registry."""
+    for info in pkgutil.iter_modules([str(Path(__file__).resolve().parent / "editors")], "memoe.editors."):
         if info.ispkg:
             importlib.import_module(info.name)

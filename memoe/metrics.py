@@ -24,18 +24,8 @@ import numpy as np
 import polars as pl
 import torch
 
+from memoe.data import encode_pair
 from memoe.metric_registry import METRICS, REGISTRY
-
-
-# --------------------------------------------------------------------------- tokenisation
-def encode_pair(tokenizer, prompt: str, target: str) -> tuple[list[int], int]:
-    """Token ids of prompt + " " + target, and the number of prompt tokens."""
-    p = tokenizer(prompt, add_special_tokens=True).input_ids
-    t = tokenizer(" " + target.strip(), add_special_tokens=False).input_ids
-    if not t:
-        raise ValueError(f"target {target!r} tokenises to nothing")
-    return p + t, len(p)
-
 
 TOKENS_PER_ROW = 64  # a batch of ``size`` rows holds at most size x 64 padded tokens (a longer row: alone)
 

@@ -26,13 +26,13 @@ sys.path.insert(0, str(ROOT))
 def method_cfg(name: str, overrides: list[str]):
     import yaml
 
-    from memoe.config import _parse_value, validate_method
+    from memoe.config import parse_value, validate_method
 
     p = ROOT / "configs" / f"{name}.yaml"
     raw = (yaml.safe_load(p.read_text()).get("method") if p.exists() else None) or {"name": name}
     for o in overrides:
         k, v = o.split("=", 1)
-        raw[k] = _parse_value(v)
+        raw[k] = parse_value(v)
     return validate_method(raw)
 
 
@@ -40,17 +40,16 @@ def run_one(args) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from memoe.config import resolve_path
+    from memoe.catalogue import dataset
     from memoe.data import load_edits, sample_edits, split_rounds
-    from memoe.datasets import SHARED_DATASETS
     from memoe.editors import make_editor
     from memoe.metrics import locality_predictions, summarize
     from memoe.models import load_model
     from memoe.protocol import run_sequential
 
     model, tok = load_model(args.model, device=args.device)
-    path, fmt = SHARED_DATASETS[args.data]
-    df, _ = load_edits(resolve_path(path), fmt)
+    ds = dataset(args.data)
+    df, _ = load_edits(ds.resolved(), ds.format)
     df = sample_edits(df, args.n)
     base = locality_predictions(model, tok, df)
     cfg = method_cfg(args.method, args.set) if args.method != "none" else None
@@ -80,12 +79,12 @@ def run_one(args) -> dict:
 
 
 def main() -> None:
-    from memoe.datasets import SHARED_DATASETS
+    from memoe.catalogue import datasets
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--methods", nargs="+", default=["ft-l", "ft-m", "lora", "grace", "memit"])
     ap.add_argument("--method", help="run one method in this process ('none': the unedited model)")
-    ap.add_argument("--data", choices=sorted(SHARED_DATASETS), default="zsre")
+    ap.add_argument("--data", choices=sorted(datasets()), default="zsre")
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--model", default="embedded:smollm2-135m")

@@ -19,10 +19,10 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def main(argv=None) -> int:
-    from memoe.datasets import SHARED_DATASETS
+    from memoe.catalogue import dataset, datasets
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data", default="zsre", choices=sorted(SHARED_DATASETS))
+    ap.add_argument("--data", default="zsre", choices=sorted(datasets()))
     ap.add_argument("--start", type=int, default=0)
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=1, help=">1: sequential, n/rounds edits per round")
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     import yaml
 
     torch.set_num_threads(args.threads)
-    from memoe.config import _parse_value, resolve_path
+    from memoe.config import parse_value
     from memoe.data import load_edits
     from memoe.editors.memoe import MEMoEMethod
     from memoe.editors.memoe.editor import MEMoEEditor
@@ -53,11 +53,11 @@ def main(argv=None) -> int:
         raw = dict((yaml.safe_load(open(args.config)) or {}).get("method", {}))
     for kv in args.set:
         k, v = kv.split("=", 1)
-        raw[k] = _parse_value(v)
+        raw[k] = parse_value(v)
     raw.setdefault("name", "memoe")
     cfg = MEMoEMethod.model_validate(raw)
-    path, fmt = SHARED_DATASETS[args.data]
-    df = load_edits(resolve_path(path), fmt)
+    ds = dataset(args.data)
+    df = load_edits(ds.resolved(), ds.format)
     df = df[0] if isinstance(df, tuple) else df
     model, tok = load_model("embedded:smollm2-135m", device="cpu")
     recs = add_probes(df.slice(args.start, args.n), tok)  # subject specificity, restyled, chat-template

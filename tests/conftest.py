@@ -17,11 +17,12 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+from memoe.catalogue import dataset  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared" / "data"
-ZSRE = SHARED / "zsre" / "zsre_mend_eval_portability_gpt4.json"
-CF = SHARED / "counterfact" / "counterfact_portability_gpt4.json"
-CF_FLAT = SHARED / "counterfact" / "counterfact-val.json"
+ZSRE = dataset("zsre").resolved()  # the data files: the dataset catalogue's (configs/datasets/catalogue.yaml)
+CF = dataset("counterfact").resolved()
+CF_FLAT = dataset("counterfact-val").resolved()
 
 
 @pytest.fixture(scope="session")

@@ -85,6 +85,12 @@ def _stated_defaults(raw: dict, model: BaseModel, where: str) -> list[str]:
     base = type(model)(name=model.name) if is_method else type(model)()
     found = []
     for key, stated in raw.items():
+        if key == "dataset" and where == "data.":  # a catalogue name: it stands for its path and format
+            from memoe.catalogue import dataset
+
+            if (dataset(stated).path, dataset(stated).format) == (base.path, base.format):
+                found.append("data.dataset")
+            continue
         value, default = getattr(model, key), getattr(base, key)
         if key == "name" and is_method:
             if where == "method." and value == Config().method.name:
@@ -130,3 +136,33 @@ def test_ft_defaults_follow_the_name():
     assert (FTMethod(name="ft-m").lr, FTMethod(name="ft-m").norm_constraint) == (5e-3, None)
     assert FTMethod().lr == 5e-3 and FTMethod(name="ft-l", lr=1e-2).lr == 1e-2
     assert load_config(None, ["method.name=ft-l"]).method.lr == 5e-4
+
+
+def test_a_config_names_a_catalogue_dataset(tmp_path):
+    """``data.dataset: NAME`` stands for the catalogue's path and format: the same config, the same hash (run
+    names and cache keys do not see the difference); an override of the dataset replaces them, one of the
+    path or the format applies on top of the dataset's; an unknown name names the catalogue and its names."""
+    from memoe.catalogue import CATALOGUE, dataset, datasets
+
+    cf = dataset("counterfact")
+    named = load_config(None, ["data.dataset=counterfact"])
+    spelled = load_config(None, [f"data.path={cf.path}", f"data.format={cf.format}"])
+    assert (named.data.path, named.data.format) == (cf.path, cf.format)
+    assert named == spelled and config_hash(named) == config_hash(spelled)
+    assert "dataset" not in named.to_dict()["data"]
+    assert load_config(None).data.path == dataset("zsre").path  # the default data is the catalogue's too
+    p = tmp_path / "c.yaml"
+    p.write_text(f"data:\n  path: {cf.path}\n  format: {cf.format}\n")
+    back = load_config(p, ["data.dataset=zsre"])  # switching datasets drops the file's path and format
+    assert (back.data.path, back.data.format) == (dataset("zsre").path, "zsre")
+    p.write_text("data:\n  dataset: counterfact\n")
+    assert load_config(p, ["data.path=mine.json"]).data.format == "counterfact"
+    assert load_config(p, ["data.format=counterfact-flat"]).data.path == cf.path
+    p.write_text("data:\n  dataset: counterfact\n  format: zsre\n")
+    with pytest.raises(ConfigError, match=r"data.dataset 'counterfact' gives the path and format; leave out data.format"):
+        load_config(p)
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["data.dataset=zzz"])
+    msg = str(e.value)
+    assert "unknown dataset 'zzz'" in msg and CATALOGUE.name in msg
+    assert all(name in msg for name in datasets())

@@ -160,3 +160,36 @@ def test_a_re_edit_round_brings_an_earlier_rounds_edits_back_with_new_targets():
     assert split_rounds(a, 4, 2, re_edit=(3, 1), seed=0)[2].equals(again)  # seeded
     with pytest.raises(ValueError, match="re_edit: round 2 cannot re-edit round 2"):
         split_rounds(a, 4, 2, re_edit=(2, 2))
+
+
+def test_every_catalogue_dataset_loads_with_its_format():
+    """The dataset catalogue (configs/datasets/catalogue.yaml): every entry names a registered format, its file
+    is there and loads, and its description says what it is."""
+    from memoe.catalogue import datasets
+    from memoe.data import FORMATS
+
+    assert {"zsre", "counterfact", "counterfact-val"} <= set(datasets())
+    for ds in datasets().values():
+        assert ds.format in FORMATS, ds.name
+        df, rep = load_edits(ds.resolved(), ds.format)
+        assert df.height > 0 and rep.n_skipped == 0, ds.name
+        assert f"{df.height:,}" in ds.description, ds.name  # the record count it states
+
+
+def test_dataset_paths_live_in_the_catalogue_only():
+    """No Python file holds a data file's path or name: the library, the pipeline, the benchmarks, the scripts
+    and the tests ask the catalogue (memoe.catalogue)."""
+    import os
+    from pathlib import Path
+
+    from memoe.catalogue import datasets
+
+    root = Path(__file__).resolve().parent.parent
+    paths = [ds.path for ds in datasets().values()]
+    needles = [os.path.commonpath(paths)] + [Path(p).name for p in paths]  # their folder and their names
+    found = []
+    for folder in ("memoe", "tasks", "flows", "benchmarks", "scripts", "tests"):
+        for f in sorted((root / folder).rglob("*.py")):
+            text = f.read_text()
+            found += [f"{f.relative_to(root)}: {n}" for n in needles if n in text]
+    assert found == []

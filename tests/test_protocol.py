@@ -49,8 +49,8 @@ def test_a_re_edit_supersedes_the_edit_it_re_edits():
 
 
 def test_run_sequential_scores_each_round_and_the_re_edits_apart(tokenizer):
-    from memoe.config import MEMoEMethod
     from memoe.editors import make_editor
+    from memoe.editors.memoe import MEMoEMethod
     from memoe.metrics import locality_predictions
 
     from .conftest import tiny_model
@@ -64,7 +64,7 @@ def test_run_sequential_scores_each_round_and_the_re_edits_apart(tokenizer):
     out = list(run_sequential(model, tokenizer, ed, rounds, base, retention_sample=1, generation=False,
                               after_edit=edited.append))
     assert [r.index for r in out] == [0, 1, 2] and edited == [0, 1, 2]
-    assert all(r.edit["steps"] == 10 and r.train_s > 0 and r.eval_s > 0 for r in out)
+    assert all(r.edit.steps == 10 and r.train_s > 0 and r.eval_s > 0 for r in out)
     assert [r.scores.table.height for r in out] == [2, 3, 6] and [r.n_earlier for r in out] == [0, 1, 4]
     assert "reedit_reliability" not in out[1].scores.table.columns
     last = out[-1].scores.table

@@ -9,19 +9,20 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from memoe.config import load_config, resolve_path
+    from memoe.catalogue import datasets
+    from memoe.config import load_config
     from memoe.data import load_edits
-    from memoe.datasets import SHARED_DATASETS, load_for_config
+    from memoe.datasets import load_for_config
     from memoe.metrics import generate
     from memoe.models import context_length, load_model
 
     cfg = load_config(args.config, args.set)
     print("Datasets")
-    for name, (path, fmt) in SHARED_DATASETS.items():
-        p = resolve_path(path)
+    for ds in datasets().values():
+        p = ds.resolved()
         if p.exists():
-            df, rep = load_edits(p, fmt, skip_bad=True)
-            print(f"  {name:16s} {df.height:6d} records  ({fmt}, {rep.n_skipped} skipped)  {p}")
+            df, rep = load_edits(p, ds.format, skip_bad=True)
+            print(f"  {ds.name:16s} {df.height:6d} records  ({ds.format}, {rep.n_skipped} skipped)  {p}")
     model, tok = load_model(cfg.model.name, cfg.model.device, cfg.model.dtype)
     df, rep = load_for_config(cfg, tok, context_length(model, tok))
     print(f"\nconfigured data: {df.height} edits sampled from {rep.n_kept} valid records of {cfg.data.path}")

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from memoe.adapter import LayerCache, final_norm, supports_layer_cache
-from memoe.metrics import encode_pair
+from memoe.data import encode_pair
 
 
 def train_steps(optimizer: torch.optim.Optimizer, loss_fn: Callable[[Any], torch.Tensor], batches: Sequence[Any],

@@ -20,6 +20,7 @@ import torch
 
 from memoe.adapter import LayerCache, MEMoEAdapter, final_norm, supports_layer_cache
 from memoe.anchors import Anchor, AnchorExtractor, anchor_embeddings, anchor_end_token, gold_anchor, normalise_subject
+from memoe.data import encode_pair
 from memoe.editors.base import Editor, EditResult
 from memoe.editors.common import (
     can_compile,
@@ -34,7 +35,6 @@ from memoe.editors.common import (
     training_precision,
 )
 from memoe.editors.memoe.config import MEMoEMethod
-from memoe.metrics import encode_pair
 from memoe.models import decoder_layers, mlp_of
 from memoe.probes import chat_prompt, restyle, scope_negatives
 
