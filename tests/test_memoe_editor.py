@@ -112,10 +112,11 @@ def test_length_buckets_partition_rows_and_cut_padding():
     assert length_buckets([7] * 5) == [[0, 1, 2, 3, 4]]  # equal lengths: one group, order kept
 
 
-def test_bucketed_bf16_training_edits_and_restores_the_model(tokenizer):
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])  # gpt2: LayerNorm, whose weights stay fp32 under autocast
+def test_bucketed_bf16_training_edits_and_restores_the_model(tokenizer, kind):
     """Length buckets + bf16 autocast still edit; the frozen weights and the attention
     implementation are exactly as before afterwards (the fp32 originals are put back)."""
-    model = tiny_model("llama", len(tokenizer))
+    model = tiny_model(kind, len(tokenizer))
     ref = {k: v.clone() for k, v in model.state_dict().items()}
     impl = model.config._attn_implementation
     recs = _records(EDITS["prompts"] + ["Paris is the capital of"], EDITS["targets"] + ["Narnia of the North"],

@@ -340,8 +340,11 @@ def training_precision(model, dtype: torch.dtype | None) -> Iterator[None]:
     # casts of trainable leaves); the fp32 originals are put back on exit
     from memoe.models import decoder_layers
 
-    stash = [(p, p.data) for layer in decoder_layers(model) for p in layer.parameters()
-             if not p.requires_grad and p.dtype == torch.float32]
+    # LayerNorm (GPT-2) keeps fp32 weights: autocast runs layer_norm in fp32, and fp32 input with bf16
+    # weights is an error there
+    frozen = [p for layer in decoder_layers(model) for m in layer.modules() if not isinstance(m, torch.nn.LayerNorm)
+              for p in m.parameters(recurse=False)]
+    stash = [(p, p.data) for p in frozen if not p.requires_grad and p.dtype == torch.float32]
     if switch:
         model.set_attn_implementation("eager")
     try:
