@@ -1,5 +1,6 @@
 """What the benchmarks share: the catalogue datasets' records, a device sync, the progress line, the
 optimiser steps' times (``StepTimes``)."""
+
 from __future__ import annotations
 
 import time

@@ -1,6 +1,7 @@
 """The host-speed gauge of the scale study (``benchmarks/scale.py``, ``gauge_every``): a fixed piece
 of training work, timed between a round's steps, tells how fast the host runs at that moment, so
 that a round's time can be divided by it."""
+
 from __future__ import annotations
 
 import time
@@ -24,8 +25,11 @@ def host_gauge(editor, records: pl.DataFrame) -> Callable[[], float]:
     def run() -> float:
         params = [p for p in adapter.parameters() if p.requires_grad]
         grads = [p.grad for p in params]
-        gens = [(m.generator, m.generator.get_state()) for m in adapter.modules()
-                if isinstance(getattr(m, "generator", None), torch.Generator)]
+        gens = [
+            (m.generator, m.generator.get_state())
+            for m in adapter.modules()
+            if isinstance(getattr(m, "generator", None), torch.Generator)
+        ]
         stats = dict(adapter.load_stats)
         for p in params:
             p.grad = None

@@ -1,5 +1,6 @@
 """The training step's FLOPs and its roofline: the step's achieved FLOP/s against the same step's
 matrix multiplies replayed alone (same shapes, strides, dtype, count) and against one large matmul."""
+
 from __future__ import annotations
 
 import collections
@@ -33,8 +34,13 @@ def step_flops(model, tok, method, recs) -> float:
 class MatmulShapes(TorchDispatchMode):
     """Records every matrix multiply a block of code runs (op, operand shapes / strides, dtype),
     after autocast, so the same multiplies can be replayed alone (``matmul_replay``)."""
-    OPS = {torch.ops.aten.mm.default: (0, 1), torch.ops.aten.bmm.default: (0, 1),
-           torch.ops.aten.addmm.default: (1, 2), torch.ops.aten.baddbmm.default: (1, 2)}
+
+    OPS = {
+        torch.ops.aten.mm.default: (0, 1),
+        torch.ops.aten.bmm.default: (0, 1),
+        torch.ops.aten.addmm.default: (1, 2),
+        torch.ops.aten.baddbmm.default: (1, 2),
+    }
 
     def __init__(self):
         super().__init__()
@@ -75,6 +81,7 @@ def matmul_replay(calls: collections.Counter, device) -> tuple[float, Callable[[
                 torch.matmul(a, b)
         sync(device)
         return time.perf_counter() - t0
+
     return float(flops), run
 
 
@@ -133,6 +140,7 @@ def roofline(model, tok, method, recs, flops: float, dtype, device, steps: int, 
         if step > 1:
             step_s.append(clock.times[-1])
             mm_s.append(replay())
+
     clock.then = pair
     for _ in range(rounds):
         ed = make_editor(model, tok, method.model_copy(update=dict(steps=steps, early_stop_loss=0.0)))
@@ -147,15 +155,26 @@ def roofline(model, tok, method, recs, flops: float, dtype, device, steps: int, 
     inter = getattr(model.config, "intermediate_size", 4 * h)
     peak = matmul_flops_per_s(ntok, h, inter, device, dtype=dtype)
     prec = str(dtype).replace("torch.", "")
-    fig = {"precision": prec, "step_flops": flops, "step_s": st, "step_flop_s": flops / st,
-           "matmul_calls": sum(calls.values()), "matmul_shapes": len(calls), "matmul_flops": mm_flops,
-           "matmul_s": mt, "matmul_flop_s": mm_flops / mt, "pairs": {"step_s": step_s, "matmul_s": mm_s,
-                                                                     "fraction": fracs},
-           "peak_matmul_shape": [ntok, h, inter], "peak_matmul_flop_s": peak,
-           "fraction_of_peak_matmul": flops / st / peak}
-    say(f"training step ({prec}): {flops / 1e9:.1f} GFLOP in {st:.3f}s = {flops / st / 1e9:.1f} GFLOP/s; "
-         f"its {fig['matmul_calls']} matmuls ({len(calls)} shapes, {mm_flops / 1e9:.1f} GFLOP) alone: {mt:.3f}s = "
-         f"{mm_flops / mt / 1e9:.1f} GFLOP/s -> roofline fraction {frac:.2f} (median of {len(fracs)} "
-         f"step/replay pairs; quartiles {_quartiles(fracs)}); one [{ntok}x{h}]@[{h}x{inter}] "
-         f"matmul {peak / 1e9:.1f} GFLOP/s -> {fig['fraction_of_peak_matmul']:.2f} of it")
+    fig = {
+        "precision": prec,
+        "step_flops": flops,
+        "step_s": st,
+        "step_flop_s": flops / st,
+        "matmul_calls": sum(calls.values()),
+        "matmul_shapes": len(calls),
+        "matmul_flops": mm_flops,
+        "matmul_s": mt,
+        "matmul_flop_s": mm_flops / mt,
+        "pairs": {"step_s": step_s, "matmul_s": mm_s, "fraction": fracs},
+        "peak_matmul_shape": [ntok, h, inter],
+        "peak_matmul_flop_s": peak,
+        "fraction_of_peak_matmul": flops / st / peak,
+    }
+    say(
+        f"training step ({prec}): {flops / 1e9:.1f} GFLOP in {st:.3f}s = {flops / st / 1e9:.1f} GFLOP/s; "
+        f"its {fig['matmul_calls']} matmuls ({len(calls)} shapes, {mm_flops / 1e9:.1f} GFLOP) alone: {mt:.3f}s = "
+        f"{mm_flops / mt / 1e9:.1f} GFLOP/s -> roofline fraction {frac:.2f} (median of {len(fracs)} "
+        f"step/replay pairs; quartiles {_quartiles(fracs)}); one [{ntok}x{h}]@[{h}x{inter}] "
+        f"matmul {peak / 1e9:.1f} GFLOP/s -> {fig['fraction_of_peak_matmul']:.2f} of it"
+    )
     return fig, frac

@@ -1,5 +1,6 @@
 """The sequential scale study: rounds x batch real edits, time per round (with a host-speed gauge) and
 Rel / Gen / Loc over rounds, and the flatness figures of the per-round times."""
+
 from __future__ import annotations
 
 import statistics
@@ -28,8 +29,18 @@ def mixed_records(n: int, seed: int = 0) -> pl.DataFrame:
     return pl.concat(parts).sample(fraction=1.0, shuffle=True, seed=seed)
 
 
-def sequential_scale(model, tok, method, rounds: int, batch: int, *, recs: pl.DataFrame | None = None,
-                     retention_sample: int | None = 200, seed: int = 0, gauge_every: int = 0) -> dict[str, Any]:
+def sequential_scale(
+    model,
+    tok,
+    method,
+    rounds: int,
+    batch: int,
+    *,
+    recs: pl.DataFrame | None = None,
+    retention_sample: int | None = 200,
+    seed: int = 0,
+    gauge_every: int = 0,
+) -> dict[str, Any]:
     """A sequential study of rounds x batch real edits (``memoe.protocol.run_sequential``): time per
     round (training, evaluation) and Rel / Gen / Loc over rounds. Training is timed in wall-clock and
     in the process's CPU time. After each round its own edits are scored with a seeded sample of at
@@ -63,27 +74,46 @@ def sequential_scale(model, tok, method, rounds: int, batch: int, *, recs: pl.Da
     ed.on_step = clock
     parts = [recs.slice(t * batch, batch) for t in range(rounds)]
     per_round = []
-    for r in run_sequential(model, tok, ed, parts, base, seed=seed, retention_sample=retention_sample,
-                            all_after_last=False, diagnostics=False, generation=False):
+    for r in run_sequential(
+        model,
+        tok,
+        ed,
+        parts,
+        base,
+        seed=seed,
+        retention_sample=retention_sample,
+        all_after_last=False,
+        diagnostics=False,
+        generation=False,
+    ):
         t, st = r.index, r.edit
         train_s, train_cpu_s = r.train_s - gauge_cost[0], r.train_cpu_s - gauge_cost[1]
         m = summarize(r.scores.table)
         times = list(clock.times)
-        row = {"round": t + 1, "edits_so_far": (t + 1) * batch, "train_s": train_s,
-               "train_cpu_s": train_cpu_s, "eval_s": r.eval_s,
-               "scored": r.scores.table.height, "steps": st.steps, "loss_final": st.loss_final,
-               "step_s_median": statistics.median(times) if times else None,
-               "step_s_mean": statistics.fmean(times) if times else None,
-               **{k: m.get(k) for k in ("reliability", "generality", "locality")}}
+        row = {
+            "round": t + 1,
+            "edits_so_far": (t + 1) * batch,
+            "train_s": train_s,
+            "train_cpu_s": train_cpu_s,
+            "eval_s": r.eval_s,
+            "scored": r.scores.table.height,
+            "steps": st.steps,
+            "loss_final": st.loss_final,
+            "step_s_median": statistics.median(times) if times else None,
+            "step_s_mean": statistics.fmean(times) if times else None,
+            **{k: m.get(k) for k in ("reliability", "generality", "locality")},
+        }
         if hasattr(ed, "adapter"):  # the gauge runs through the adapter: its size must not change
             row["adapter_params"] = sum(p.numel() for p in ed.adapter.parameters())
         if gauge_s:  # the mean: the round's time is a sum over its steps, at the host's speed of each
             row.update(gauge_s=statistics.fmean(gauge_s), gauge_times=list(gauge_s))
         per_round.append(row)
-        say(f"round {t + 1}/{rounds}: train {train_s:.1f}s eval {r.eval_s:.1f}s on {row['scored']} "
-             + (f"gauge {row['gauge_s']:.3f}s " if gauge_s else "")
-             + f"Rel {m.get('reliability', float('nan')):.2f} Gen {m.get('generality', float('nan')):.2f} "
-             f"Loc {m.get('locality', float('nan')):.2f}")
+        say(
+            f"round {t + 1}/{rounds}: train {train_s:.1f}s eval {r.eval_s:.1f}s on {row['scored']} "
+            + (f"gauge {row['gauge_s']:.3f}s " if gauge_s else "")
+            + f"Rel {m.get('reliability', float('nan')):.2f} Gen {m.get('generality', float('nan')):.2f} "
+            f"Loc {m.get('locality', float('nan')):.2f}"
+        )
         gauge_s.clear()  # before the next round (run_sequential goes on when asked for it)
         gauge_cost[:] = [0.0, 0.0]
     ed.remove()
@@ -94,12 +124,21 @@ def sequential_scale(model, tok, method, rounds: int, batch: int, *, recs: pl.Da
     for r in per_round:
         r["train_per_eval"] = r["train_s"] / r["eval_s"]
     same_eval = [r for r in later if r["scored"] == later[-1]["scored"]]
-    out = {"rounds": rounds, "batch": batch, "retention_sample": retention_sample, "replay": method.replay,
-           "precision": method.precision, "steps": method.steps, "early_stop_loss": method.early_stop_loss,
-           "compile": method.compile, "gauge_every": gauge_every, "per_round": per_round,
-           **flatness([r["train_s"] for r in later], "train_s"),
-           **flatness([r["train_cpu_s"] for r in later], "train_cpu_s"),
-           **flatness([r["train_per_eval"] for r in same_eval], "train_per_eval")}
+    out = {
+        "rounds": rounds,
+        "batch": batch,
+        "retention_sample": retention_sample,
+        "replay": method.replay,
+        "precision": method.precision,
+        "steps": method.steps,
+        "early_stop_loss": method.early_stop_loss,
+        "compile": method.compile,
+        "gauge_every": gauge_every,
+        "per_round": per_round,
+        **flatness([r["train_s"] for r in later], "train_s"),
+        **flatness([r["train_cpu_s"] for r in later], "train_cpu_s"),
+        **flatness([r["train_per_eval"] for r in same_eval], "train_per_eval"),
+    }
     if all("gauge_s" in r for r in per_round):
         typical = statistics.median(r["gauge_s"] for r in later)
         for r in per_round:
@@ -107,8 +146,11 @@ def sequential_scale(model, tok, method, rounds: int, batch: int, *, recs: pl.Da
             if r["step_s_mean"] is not None:
                 r["step_per_gauge"] = r["step_s_mean"] / r["gauge_s"]
         spread = max(r["gauge_s"] for r in later) / min(r["gauge_s"] for r in later)
-        out.update(gauge_s_median=typical, gauge_s_spread=spread,
-                   **flatness([r["train_s_host_adjusted"] for r in later], "train_s_host_adjusted"))
+        out.update(
+            gauge_s_median=typical,
+            gauge_s_spread=spread,
+            **flatness([r["train_s_host_adjusted"] for r in later], "train_s_host_adjusted"),
+        )
     return out
 
 
@@ -118,5 +160,8 @@ def flatness(times: list[float], name: str) -> dict[str, float]:
     the times, growth with the edits so far tilts them."""
     med = statistics.median(times)
     slope = statistics.linear_regression(range(len(times)), times).slope / med if len(times) > 1 else 0.0
-    return {f"{name}_median": med, f"{name}_max_dev": max(abs(x - med) for x in times) / med,
-            f"{name}_slope_per_round": slope}
+    return {
+        f"{name}_median": med,
+        f"{name}_max_dev": max(abs(x - med) for x in times) / med,
+        f"{name}_slope_per_round": slope,
+    }

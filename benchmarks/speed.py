@@ -1,5 +1,6 @@
 """Speed and memory (``run_bench``): seconds per training step, edit and evaluation throughput, peak
 RSS per phase, adapter size, and the training step's roofline (``benchmarks/roofline.py``)."""
+
 from __future__ import annotations
 
 import gc
@@ -53,14 +54,26 @@ def step_time(model, tok, method, recs, steps: int) -> float:
     return (b["wall_s"] - a["wall_s"]) / (steps - 1)
 
 
-def run_bench(quick: bool = True, model_name: str = "embedded:smollm2-135m", device: str = "auto",
-              dtype: str = "auto", memoe: MEMoEMethod | None = None,
-              scale: Callable[[], dict] | None = None) -> dict[str, Any]:
+def run_bench(
+    quick: bool = True,
+    model_name: str = "embedded:smollm2-135m",
+    device: str = "auto",
+    dtype: str = "auto",
+    memoe: MEMoEMethod | None = None,
+    scale: Callable[[], dict] | None = None,
+) -> dict[str, Any]:
     torch.manual_seed(0)
-    out: dict[str, Any] = {"quick": quick, "machine": {
-        "platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}}
+    out: dict[str, Any] = {
+        "quick": quick,
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        },
+    }
     rss: dict[str, float] = {}
     with PeakRSS() as p:
         model, tok = load_model(model_name, device, dtype)
@@ -75,14 +88,21 @@ def run_bench(quick: bool = True, model_name: str = "embedded:smollm2-135m", dev
     steps = 6 if quick else 21
     step_recs = zs.head(n_main)
     eager = method.model_copy(update=dict(compile=False))
-    variants = {"cached": eager.model_copy(update=dict(layer_cache=True)),
-                "uncached": eager.model_copy(update=dict(layer_cache=False))}
+    variants = {
+        "cached": eager.model_copy(update=dict(layer_cache=True)),
+        "uncached": eager.model_copy(update=dict(layer_cache=False)),
+    }
     first = None
     if can_compile(dev):  # the same cached step through torch.compile (MEMoEMethod.compile)
         variants["compiled"] = variants["cached"].model_copy(update=dict(compile=True))
         clock = StepTimes()
-        ed, st = timed_edit(model, tok, variants["compiled"].model_copy(update=dict(steps=2, early_stop_loss=0.0)),
-                            step_recs, clock=clock)
+        ed, st = timed_edit(
+            model,
+            tok,
+            variants["compiled"].model_copy(update=dict(steps=2, early_stop_loss=0.0)),
+            step_recs,
+            clock=clock,
+        )
         # the first step compiles the layers' forward and backward (or takes them from inductor's cache);
         # the clock's first step holds the edit's preparation too, which the editor reports
         first = clock.first - float(st.get("prep_s") or 0.0)
@@ -95,50 +115,67 @@ def run_bench(quick: bool = True, model_name: str = "embedded:smollm2-135m", dev
     med = {k: statistics.median(v) for k, v in ts.items()}
     t_c, t_u = med["cached"], med["uncached"]
     t_ft = step_time(model, tok, FTMethod(name="ft-m"), step_recs, steps)
-    out["train_step"] = {"edits_per_step": n_main, "cached_s": t_c, "uncached_s": t_u, "ft_m_s": t_ft,
-                         "turns": {f"{k}_s": v for k, v in ts.items()}}
+    out["train_step"] = {
+        "edits_per_step": n_main,
+        "cached_s": t_c,
+        "uncached_s": t_u,
+        "ft_m_s": t_ft,
+        "turns": {f"{k}_s": v for k, v in ts.items()},
+    }
     out["cached_step_ratio"] = t_c / t_u
-    say(f"training step on {n_main} edits: cached {t_c:.3f}s, uncached {t_u:.3f}s "
-         f"(ratio {t_c / t_u:.2f}); FT-M {t_ft:.3f}s")
+    say(
+        f"training step on {n_main} edits: cached {t_c:.3f}s, uncached {t_u:.3f}s "
+        f"(ratio {t_c / t_u:.2f}); FT-M {t_ft:.3f}s"
+    )
     if "compiled" in med:
         out["train_step"].update(compiled_s=med["compiled"], compiled_first_step_s=first)
         out["compiled_step_ratio"] = med["compiled"] / t_c
-        say(f"compiled: first step {first:.1f}s (compiling), then {med['compiled']:.3f}s a step against "
-             f"{t_c:.3f}s eager (ratio {med['compiled'] / t_c:.2f}, same turns)")
+        say(
+            f"compiled: first step {first:.1f}s (compiling), then {med['compiled']:.3f}s a step against "
+            f"{t_c:.3f}s eager (ratio {med['compiled'] / t_c:.2f}, same turns)"
+        )
     cached = variants["cached"]
     flops = step_flops(model, tok, cached, step_recs)
     train_dtype = resolve_precision(method.precision, dev) or torch.float32
     out["flops"], out["roofline_fraction"] = roofline(model, tok, cached, step_recs, flops, train_dtype, dev, steps)
     if train_dtype != torch.float32:  # the same step in fp32, for comparison across machines
         fp32 = cached.model_copy(update=dict(precision="float32"))
-        out["flops_fp32"], out["roofline_fraction_fp32"] = roofline(model, tok, fp32, step_recs, flops,
-                                                                     torch.float32, dev, steps)
+        out["flops_fp32"], out["roofline_fraction_fp32"] = roofline(
+            model, tok, fp32, step_recs, flops, torch.float32, dev, steps
+        )
         out["train_step"]["cached_fp32_s"] = out["flops_fp32"]["step_s"]
     if "compiled" in variants:
         out["flops_compiled"], out["roofline_fraction_compiled"] = roofline(
-            model, tok, variants["compiled"], step_recs, flops, train_dtype, dev, steps)
+            model, tok, variants["compiled"], step_recs, flops, train_dtype, dev, steps
+        )
 
     # --- edit throughput
     thr = {}
-    for n in ([10, 100] if quick else [10, 100, 1000]):
+    for n in [10, 100] if quick else [10, 100, 1000]:
         with PeakRSS() as p:
             ed, st = timed_edit(model, tok, method, zs.head(n))
         rss[f"edit_{n}"] = p.peak
-        thr[str(n)] = {"edits": n, "seconds": st["wall_s"], "edits_per_s": n / st["wall_s"],
-                       "steps": st.get("steps")}
+        thr[str(n)] = {"edits": n, "seconds": st["wall_s"], "edits_per_s": n / st["wall_s"], "steps": st.get("steps")}
         say(f"edit {n:5d} edits: {st['wall_s']:.1f}s ({n / st['wall_s']:.2f} edits/s, steps {st.get('steps')})")
         if n == 100:
             adapter_params = sum(v.numel() for v in ed.state_dict().values())
             adapter_bytes = sum(v.numel() * v.element_size() for v in ed.state_dict().values())
             base_params = sum(p.numel() for p in model.parameters())
             base_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-            out["adapter"] = {"params": adapter_params, "bytes": adapter_bytes, "base_params": base_params,
-                              "base_bytes": base_bytes, "param_fraction": adapter_params / base_params}
+            out["adapter"] = {
+                "params": adapter_params,
+                "bytes": adapter_bytes,
+                "base_params": base_params,
+                "base_bytes": base_bytes,
+                "param_fraction": adapter_params / base_params,
+            }
             # --- evaluation throughput with the edited model
             recs = zs.head(n)
             with PeakRSS() as p:
                 t0 = time.perf_counter()
-                teacher_forced(model, tok, recs["prompt"].to_list(), recs["target_new"].to_list(), editor=ed, batch_size=32)
+                teacher_forced(
+                    model, tok, recs["prompt"].to_list(), recs["target_new"].to_list(), editor=ed, batch_size=32
+                )
                 tf_s = time.perf_counter() - t0
             rss["eval_teacher_forced"] = p.peak
             with PeakRSS() as p:
@@ -146,8 +183,11 @@ def run_bench(quick: bool = True, model_name: str = "embedded:smollm2-135m", dev
                 generate(model, tok, recs["prompt"].to_list(), editor=ed, batch_size=32, max_new_tokens=8)
                 g_s = time.perf_counter() - t0
             rss["eval_generation"] = p.peak
-            out["eval_throughput"] = {"teacher_forced_prompts_per_s": n / tf_s,
-                                      "generation_prompts_per_s": n / g_s, "max_new_tokens": 8}
+            out["eval_throughput"] = {
+                "teacher_forced_prompts_per_s": n / tf_s,
+                "generation_prompts_per_s": n / g_s,
+                "max_new_tokens": 8,
+            }
             say(f"eval: teacher-forced {n / tf_s:.1f} prompts/s, generation {n / g_s:.1f} prompts/s")
             base = locality_predictions(model, tok, recs)
             out["edit_100_metrics"] = summarize(evaluate(model, tok, recs, base, editor=ed, generation=False))
@@ -157,8 +197,12 @@ def run_bench(quick: bool = True, model_name: str = "embedded:smollm2-135m", dev
         if n == n_main and "compiled" in variants:  # right after the eager edit: the same state of the host
             ed, st = timed_edit(model, tok, method.model_copy(update=dict(compile=True)), zs.head(n))
             ed.remove()
-            thr[f"{n}_compiled"] = {"edits": n, "seconds": st["wall_s"], "edits_per_s": n / st["wall_s"],
-                                    "steps": st.get("steps")}
+            thr[f"{n}_compiled"] = {
+                "edits": n,
+                "seconds": st["wall_s"],
+                "edits_per_s": n / st["wall_s"],
+                "steps": st.get("steps"),
+            }
             say(f"edit {n} edits, compiled: {st['wall_s']:.1f}s (steps {st.get('steps')})")
     out["edit_throughput"] = thr
     out["peak_rss_mb"] = rss

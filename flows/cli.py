@@ -2,6 +2,7 @@
 with ``add_arguments(parser)`` and ``run(args) -> int``: ``memoe/commands/*.py`` for the library's
 commands, ``flows/commands_*.py`` for the pipeline's (Prefect, MLflow). The library does not import
 this module (nor Prefect or MLflow)."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,15 +10,21 @@ import os
 import signal
 import sys
 
-for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               # nothing leaves the machine: MLflow 3 reads MLFLOW_DISABLE_TELEMETRY=true or DO_NOT_TRACK=true
-               # (not "1"), Prefect DO_NOT_TRACK in 1/true/yes and its server's analytics setting
-               "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-               "TOKENIZERS_PARALLELISM": "false",
-               "TRANSFORMERS_VERBOSITY": "error",
-               # Prefect gives its temporary server 20 s to create a fresh database and answer; a busy
-               # 2-core machine can take longer (CI saw it time out), and waiting costs nothing when fast.
-               "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}.items():
+for _k, _v in {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    # nothing leaves the machine: MLflow 3 reads MLFLOW_DISABLE_TELEMETRY=true or DO_NOT_TRACK=true
+    # (not "1"), Prefect DO_NOT_TRACK in 1/true/yes and its server's analytics setting
+    "DO_NOT_TRACK": "true",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "TOKENIZERS_PARALLELISM": "false",
+    "TRANSFORMERS_VERBOSITY": "error",
+    # Prefect gives its temporary server 20 s to create a fresh database and answer; a busy
+    # 2-core machine can take longer (CI saw it time out), and waiting costs nothing when fast.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+}.items():
     os.environ.setdefault(_k, _v)
 
 

@@ -5,6 +5,7 @@ measures the ratios (cached step, roofline fraction) and a short sequential stud
 the full run adds 1,000-edit batches, the 2,000-edit sequential study on CPU (10,000 on a GPU)
 and the orchestration overhead of a 1,000-edit study through the pipeline.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,9 +22,13 @@ def add_arguments(p):
     p.add_argument("--skip-scale", action="store_true", help="skip the sequential scale study")
     p.add_argument("--scale-steps", type=int, default=40, help="optimiser steps per round of the scale study")
     p.add_argument("--compile", action="store_true", help="the scale study trains with compile: true")
-    p.add_argument("--gauge-every", type=int, default=2,
-                   help="time a fixed training pass after every N steps of the scale study, to divide the host's "
-                        "speed of the moment out of each round's time (0: off)")
+    p.add_argument(
+        "--gauge-every",
+        type=int,
+        default=2,
+        help="time a fixed training pass after every N steps of the scale study, to divide the host's "
+        "speed of the moment out of each round's time (0: off)",
+    )
     p.add_argument("--skip-overhead", action="store_true", help="skip the orchestration-overhead study")
 
 
@@ -48,18 +53,43 @@ def orchestration_overhead(n_edits: int, rounds: int, out: Path, model_load_s: f
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "flows.cli", "run", "--out", str(out), "--runs-dir", str(out / "runs"),
-           "--set", f"data.n_edits={n_edits}", "--set", "protocol.mode=sequential",
-           "--set", f"protocol.rounds={rounds}", "--set", f"protocol.batch_size={n_edits // rounds}",
-           "--set", "eval.generation=false", "--set", "eval.retention_sample=200"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "run",
+        "--out",
+        str(out),
+        "--runs-dir",
+        str(out / "runs"),
+        "--set",
+        f"data.n_edits={n_edits}",
+        "--set",
+        "protocol.mode=sequential",
+        "--set",
+        f"protocol.rounds={rounds}",
+        "--set",
+        f"protocol.batch_size={n_edits // rounds}",
+        "--set",
+        "eval.generation=false",
+        "--set",
+        "eval.retention_sample=200",
+    ]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)
     wall = time.perf_counter() - t0
     t = json.loads((out / "results.json").read_text())["timings"]
     library = sum(t.get(k, 0.0) for k in ("train_compute", "evaluate_compute", "locality_base_compute")) + model_load_s
-    return {"n_edits": n_edits, "rounds": rounds, "wall_s": wall, "timings": t, "library_s": library,
-            "orchestration_s": wall - library, "orchestration_share": (wall - library) / wall,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}  # the study's process
+    return {
+        "n_edits": n_edits,
+        "rounds": rounds,
+        "wall_s": wall,
+        "timings": t,
+        "library_s": library,
+        "orchestration_s": wall - library,
+        "orchestration_share": (wall - library) / wall,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+    }  # the study's process
 
 
 def run(args) -> int:
@@ -78,12 +108,19 @@ def run(args) -> int:
         model, tok = load_model(args.model, args.device)
         rounds, batch = (4, 25) if args.quick else ((100, 100) if gpu else (20, 100))
         # a fixed number of steps per round (no early stop): the round's cost, not its convergence
-        return sequential_scale(model, tok, MEMoEMethod(steps=args.scale_steps, early_stop_loss=0.0, compile=args.compile),
-                               rounds, batch, gauge_every=args.gauge_every)
+        return sequential_scale(
+            model,
+            tok,
+            MEMoEMethod(steps=args.scale_steps, early_stop_loss=0.0, compile=args.compile),
+            rounds,
+            batch,
+            gauge_every=args.gauge_every,
+        )
 
     t0 = time.perf_counter()
-    res = run_bench(quick=args.quick, model_name=args.model, device=args.device,
-                    scale=None if args.skip_scale else scale)
+    res = run_bench(
+        quick=args.quick, model_name=args.model, device=args.device, scale=None if args.skip_scale else scale
+    )
     if not args.skip_overhead:
         from memoe.models import load_model as _load
 
@@ -92,35 +129,46 @@ def run(args) -> int:
         load_s = time.perf_counter() - t1
         n, r = (100, 4) if args.quick else (1000, 10)
         res["orchestration"] = orchestration_overhead(n, r, out / "overhead_study", load_s)
-        print(f"[bench] orchestration + tracking: {res['orchestration']['orchestration_share']:.1%} of a "
-              f"{n}-edit study ({res['orchestration']['wall_s']:.0f}s)")
+        print(
+            f"[bench] orchestration + tracking: {res['orchestration']['orchestration_share']:.1%} of a "
+            f"{n}-edit study ({res['orchestration']['wall_s']:.0f}s)"
+        )
     res["bench_wall_s"] = time.perf_counter() - t0
     path = out / "bench.json"
     path.write_text(json.dumps(res, indent=2))
     print(f"\ncached_step_ratio   {res['cached_step_ratio']:.3f}")
     print(f"roofline_fraction   {res['roofline_fraction']:.3f}")
     if "roofline_fraction_compiled" in res:
-        print(f"  compiled          {res['roofline_fraction_compiled']:.3f} (step {res['train_step']['compiled_s']:.3f} s "
-              f"against {res['train_step']['cached_s']:.3f} s eager: compiled_step_ratio {res['compiled_step_ratio']:.2f})")
+        print(
+            f"  compiled          {res['roofline_fraction_compiled']:.3f} (step {res['train_step']['compiled_s']:.3f} s "
+            f"against {res['train_step']['cached_s']:.3f} s eager: compiled_step_ratio {res['compiled_step_ratio']:.2f})"
+        )
     for n, v in res["edit_throughput"].items():
         print(f"edit {n:>5} edits     {v['seconds']:.1f} s ({v['edits_per_s']:.2f} edits/s)")
     print("peak RSS (MiB)      " + ", ".join(f"{k} {v:.0f}" for k, v in res["peak_rss_mb"].items()))
     if "scale" in res:
         sc, last = res["scale"], res["scale"]["per_round"][-1]
-        print(f"scale {sc['rounds']} x {sc['batch']} edits: training per round median {sc['train_s_median']:.1f} s, "
-              f"largest deviation {sc['train_s_max_dev']:.1%}, trend {sc['train_s_slope_per_round']:+.1%} of it per round "
-              f"(rounds 2-{sc['rounds']}); CPU time: largest deviation {sc['train_cpu_s_max_dev']:.1%}, trend "
-              f"{sc['train_cpu_s_slope_per_round']:+.1%}; over the round's own evaluation time: largest deviation "
-              f"{sc.get('train_per_eval_max_dev', float('nan')):.1%}, "
-              f"trend {sc.get('train_per_eval_slope_per_round', float('nan')):+.1%}; "
-              + (f"at the host's typical speed (gauge): largest deviation {sc['train_s_host_adjusted_max_dev']:.1%}, "
-                 f"trend {sc['train_s_host_adjusted_slope_per_round']:+.1%}; " if "train_s_host_adjusted_max_dev" in sc else "")
-              + f"after {last['edits_so_far']} "
-              f"edits Rel {last['reliability']:.2f} Gen {last['generality']:.2f} Loc {last['locality']:.2f}")
+        print(
+            f"scale {sc['rounds']} x {sc['batch']} edits: training per round median {sc['train_s_median']:.1f} s, "
+            f"largest deviation {sc['train_s_max_dev']:.1%}, trend {sc['train_s_slope_per_round']:+.1%} of it per round "
+            f"(rounds 2-{sc['rounds']}); CPU time: largest deviation {sc['train_cpu_s_max_dev']:.1%}, trend "
+            f"{sc['train_cpu_s_slope_per_round']:+.1%}; over the round's own evaluation time: largest deviation "
+            f"{sc.get('train_per_eval_max_dev', float('nan')):.1%}, "
+            f"trend {sc.get('train_per_eval_slope_per_round', float('nan')):+.1%}; "
+            + (
+                f"at the host's typical speed (gauge): largest deviation {sc['train_s_host_adjusted_max_dev']:.1%}, "
+                f"trend {sc['train_s_host_adjusted_slope_per_round']:+.1%}; "
+                if "train_s_host_adjusted_max_dev" in sc
+                else ""
+            )
+            + f"after {last['edits_so_far']} "
+            f"edits Rel {last['reliability']:.2f} Gen {last['generality']:.2f} Loc {last['locality']:.2f}"
+        )
     if args.mlflow:
         import mlflow
 
         from memoe.config import load_config
+
         uri = load_config(None).tracking.mlflow_uri or f"sqlite:///{Path('runs').resolve()}/mlflow.db"
         Path("runs").mkdir(exist_ok=True)
         mlflow.set_tracking_uri(uri)

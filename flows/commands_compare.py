@@ -2,6 +2,7 @@
 metrics after the last round and the costs, and the retention curves (reliability over the edits
 applied, on all edits so far and on the earlier rounds' edits) in one plot. A compare study given
 alone stands for its methods. ``--csv FILE`` writes the table."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -42,8 +43,15 @@ def table(client, runs: list) -> tuple[list[dict], list[str]]:
     differ = [k for k in keys if len({s.get(k) for s in sets}) > 1]
     rows = []
     for label, r, s in zip(labels, runs, sets):
-        rows.append({"run": label, "id": r.info.run_id[:8], "protocol": history.protocol(r) if "memoe.flow" in r.data.tags
-                     else "method", **{k: s.get(k) for k in differ}, **history.final_metrics(r)})
+        rows.append(
+            {
+                "run": label,
+                "id": r.info.run_id[:8],
+                "protocol": history.protocol(r) if "memoe.flow" in r.data.tags else "method",
+                **{k: s.get(k) for k in differ},
+                **history.final_metrics(r),
+            }
+        )
     return rows, differ
 
 

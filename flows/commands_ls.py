@@ -1,6 +1,7 @@
 """``memoe ls``: past studies in the MLflow store, newest first: run, date, name, flow, model, data,
 protocol, status and the headline metrics after the last round (a compare study: one line per
 method below it). Cached reruns of a config are hidden (``--all`` shows them)."""
+
 from __future__ import annotations
 
 from flows import history
@@ -22,18 +23,34 @@ def rows(client, experiment: str, show_all: bool = False, limit: int = 50) -> li
         t = r.data.tags
         if not show_all and t.get("memoe.cached_rerun") == "true" and "memoe.rerun_of" in t:
             continue
-        row = {"run": r.info.run_id[:8], "run_id": r.info.run_id, "date": history.when(r), "name": r.info.run_name,
-               "flow": t.get("memoe.flow"), "model": t.get("memoe.model", "").replace("embedded:", ""),
-               "data": t.get("memoe.dataset"), "protocol": history.protocol(r), "status": r.info.status.lower(),
-               "rerun_of": t.get("memoe.rerun_of", "")[:8] or None, **history.final_metrics(r)}
+        row = {
+            "run": r.info.run_id[:8],
+            "run_id": r.info.run_id,
+            "date": history.when(r),
+            "name": r.info.run_name,
+            "flow": t.get("memoe.flow"),
+            "model": t.get("memoe.model", "").replace("embedded:", ""),
+            "data": t.get("memoe.dataset"),
+            "protocol": history.protocol(r),
+            "status": r.info.status.lower(),
+            "rerun_of": t.get("memoe.rerun_of", "")[:8] or None,
+            **history.final_metrics(r),
+        }
         out.append(row)
         if history.is_compare(r):
             m = r.data.metrics
             for kid in history.method_children(client, r):
                 label = kid.info.run_name
-                out.append({"run": kid.info.run_id[:8], "run_id": kid.info.run_id, "name": f"  └ {label}",
-                            "flow": "method", "parent": r.info.run_id[:8],
-                            **{k: m[f"{label}.{k}"] for k in HEADLINE + ["avg"] if f"{label}.{k}" in m}})
+                out.append(
+                    {
+                        "run": kid.info.run_id[:8],
+                        "run_id": kid.info.run_id,
+                        "name": f"  └ {label}",
+                        "flow": "method",
+                        "parent": r.info.run_id[:8],
+                        **{k: m[f"{label}.{k}"] for k in HEADLINE + ["avg"] if f"{label}.{k}" in m},
+                    }
+                )
         if sum(1 for x in out if x.get("flow") != "method") >= limit:
             break
     return out

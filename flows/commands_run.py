@@ -5,6 +5,7 @@ Without CONFIG the embedded default is ``configs/quickstart.yaml`` (a small sequ
 on ZsRE with the embedded model). A bad config, data file, method or model is reported as
 ``error: ...`` (exit 2) before Prefect, MLflow or the model are started.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,16 +22,27 @@ def add_arguments(p):
 
     add_config_arguments(p)
     p.add_argument("--out", default=None, help="output folder (default: runs/<config hash>/)")
-    p.add_argument("--runs-dir", default=None,
-                   help="folder of the task cache, editor states and the MLflow database (default: $MEMOE_RUNS or runs/)")
-    p.add_argument("--dask", default=None, metavar="N|cuda|tcp://HOST:PORT",
-                   help="compare: run the methods side by side on Dask (N local worker processes, one per GPU with "
-                        "'cuda', or a running scheduler)")
+    p.add_argument(
+        "--runs-dir",
+        default=None,
+        help="folder of the task cache, editor states and the MLflow database (default: $MEMOE_RUNS or runs/)",
+    )
+    p.add_argument(
+        "--dask",
+        default=None,
+        metavar="N|cuda|tcp://HOST:PORT",
+        help="compare: run the methods side by side on Dask (N local worker processes, one per GPU with "
+        "'cuda', or a running scheduler)",
+    )
     p.add_argument("--name", default=None, help="MLflow run name (default: methods-protocol-RxB-data-model)")
-    p.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
-                   help="an MLflow tag on the study's run (repeatable)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="check everything and show what would run (flow, rounds, edits, methods, earlier runs), run nothing")
+    p.add_argument(
+        "--tag", action="append", default=[], metavar="KEY=VALUE", help="an MLflow tag on the study's run (repeatable)"
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check everything and show what would run (flow, rounds, edits, methods, earlier runs), run nothing",
+    )
 
 
 def parse_tags(items: list[str]) -> dict[str, str]:
@@ -54,12 +66,16 @@ def dry_run(cfg, info: dict, args) -> int:
 
     runs = Path(args.runs_dir).resolve() if args.runs_dir else default_runs_dir()
     chash = config_hash(cfg)
-    print(f"dry run (nothing is run): flow {flow_for(cfg).name}, {info['rounds']} round(s) x {cfg.edits_per_round()} edits "
-          f"= {info['rounds'] * cfg.edits_per_round()} of {info['n_available']} available")
+    print(
+        f"dry run (nothing is run): flow {flow_for(cfg).name}, {info['rounds']} round(s) x {cfg.edits_per_round()} edits "
+        f"= {info['rounds'] * cfg.edits_per_round()} of {info['n_available']} available"
+    )
     print(f"  methods:  {', '.join(method_labels(cfg))}")
     print(f"  model:    {cfg.model.name}   data: {resolve_path(cfg.data.path)} ({cfg.data.format})")
-    print(f"  config:   {chash}   run name: {args.name or default_run_name(cfg)}"
-          + (f"   tags: {parse_tags(args.tag)}" if args.tag else ""))
+    print(
+        f"  config:   {chash}   run name: {args.name or default_run_name(cfg)}"
+        + (f"   tags: {parse_tags(args.tag)}" if args.tag else "")
+    )
     print(f"  output:   {Path(args.out).resolve() if args.out else runs / chash}   store: {runs / 'store'}")
     db = runs / "mlflow.db"
     if cfg.tracking.enabled and not cfg.tracking.mlflow_uri and db.is_file():
@@ -68,8 +84,10 @@ def dry_run(cfg, info: dict, args) -> int:
         done = finished_studies(client_for(None, str(runs)), cfg.tracking.experiment, chash)
         if done:
             r = done[0]
-            print(f"  cache:    a finished study of this config exists (run {r.info.run_id}, "
-                  f"{r.info.run_name}): a rerun is all cache hits unless the code changed")
+            print(
+                f"  cache:    a finished study of this config exists (run {r.info.run_id}, "
+                f"{r.info.run_name}): a rerun is all cache hits unless the code changed"
+            )
         else:
             print("  cache:    no finished study of this config in the store")
     return 0
@@ -97,8 +115,10 @@ def preflight(cfg, out: str | None = None) -> dict:
             raise ConfigError(f"model.name: {name} is not a model folder (no config.json)")
     folder = model_folder(name)
     if folder is None:
-        raise ConfigError(f"model.name: '{name}' is neither a local folder nor in the Hugging Face cache "
-                          "(the hub is offline: HF_HUB_OFFLINE=1)")
+        raise ConfigError(
+            f"model.name: '{name}' is neither a local folder nor in the Hugging Face cache "
+            "(the hub is offline: HF_HUB_OFFLINE=1)"
+        )
     path = resolve_path(cfg.data.path)
     if not path.is_file():
         raise ConfigError(f"data.path: file not found: {path}")
@@ -117,19 +137,31 @@ def preflight(cfg, out: str | None = None) -> dict:
             long.append(n)
         return n
 
-    df, report = load_edits(path, cfg.data.format, skip_bad=cfg.data.skip_bad,
-                            max_prompt_tokens=cfg.model.max_length or context_of(model_cfg, tok), count_tokens=count)
+    df, report = load_edits(
+        path,
+        cfg.data.format,
+        skip_bad=cfg.data.skip_bad,
+        max_prompt_tokens=cfg.model.max_length or context_of(model_cfg, tok),
+        count_tokens=count,
+    )
     df = sample_edits(df, cfg.data.n_edits, cfg.data.seed, cfg.data.sample)
     rounds = cfg.protocol.rounds if cfg.protocol.mode == "sequential" else 1
     need = rounds * cfg.edits_per_round()
     if need < 1:
         raise ConfigError("data.n_edits / protocol.batch_size: the study has no edits")
     if need > df.height:
-        raise ConfigError(f"protocol: {rounds} rounds x {cfg.edits_per_round()} edits = {need} edits, "
-                          f"but only {df.height} are available in {path}"
-                          + (f" ({report.n_skipped} bad records skipped)" if report.n_skipped else ""))
-    return {"n_available": df.height, "n_skipped": report.n_skipped, "skipped": report.skipped, "rounds": rounds,
-            "long_prompts": long}
+        raise ConfigError(
+            f"protocol: {rounds} rounds x {cfg.edits_per_round()} edits = {need} edits, "
+            f"but only {df.height} are available in {path}"
+            + (f" ({report.n_skipped} bad records skipped)" if report.n_skipped else "")
+        )
+    return {
+        "n_available": df.height,
+        "n_skipped": report.n_skipped,
+        "skipped": report.skipped,
+        "rounds": rounds,
+        "long_prompts": long,
+    }
 
 
 def print_warnings(info: dict) -> None:
@@ -137,13 +169,19 @@ def print_warnings(info: dict) -> None:
     from memoe.checks import LONG_PROMPT_TOKENS
 
     if info["n_skipped"]:
-        print(f"warning: {info['n_skipped']} bad record(s) skipped (data.skip_bad), the first "
-              f"{min(3, info['n_skipped'])}:", file=sys.stderr)
+        print(
+            f"warning: {info['n_skipped']} bad record(s) skipped (data.skip_bad), the first "
+            f"{min(3, info['n_skipped'])}:",
+            file=sys.stderr,
+        )
         for line in info["skipped"][:3]:
             print(f"  {line}", file=sys.stderr)
     if info["long_prompts"]:
-        print(f"warning: {len(info['long_prompts'])} prompt(s) over {LONG_PROMPT_TOKENS} tokens (longest "
-              f"{max(info['long_prompts'])}): training and evaluation cost grows with them", file=sys.stderr)
+        print(
+            f"warning: {len(info['long_prompts'])} prompt(s) over {LONG_PROMPT_TOKENS} tokens (longest "
+            f"{max(info['long_prompts'])}): training and evaluation cost grows with them",
+            file=sys.stderr,
+        )
 
 
 def start_local_prefect() -> None:
@@ -185,10 +223,14 @@ def summary_lines(results: dict) -> list[str]:
     out.append("round  edits" + "".join(c[:12].rjust(13) for c in cols) + "   cached")
     for r in results["rounds"]:
         cached = "yes" if all(r["cached"].values()) else "no"
-        out.append(f"{r['round']:5d}  {r['edits_so_far']:5d}" + "".join(fmt(r.get(c)).rjust(13) for c in cols)
-                   + f"   {cached}")
-    out.append("final  " + f"{int(results['final']['n_edits']):5d}"[-5:]
-               + "".join(fmt(results["final"].get(c)).rjust(13) for c in cols))
+        out.append(
+            f"{r['round']:5d}  {r['edits_so_far']:5d}" + "".join(fmt(r.get(c)).rjust(13) for c in cols) + f"   {cached}"
+        )
+    out.append(
+        "final  "
+        + f"{int(results['final']['n_edits']):5d}"[-5:]
+        + "".join(fmt(results["final"].get(c)).rjust(13) for c in cols)
+    )
     return out
 
 
@@ -213,16 +255,22 @@ def run(args) -> int:
 
     start_local_prefect()
     fl = flow_for(cfg, getattr(args, "dask", None))
-    print(f"memoe run: {getattr(fl, 'name', 'compare')}, {info['rounds']} round(s) x {cfg.edits_per_round()} edits, "
-          f"method(s) {', '.join(m.name for m in (cfg.methods or [cfg.method]))}, model {cfg.model.name}, "
-          f"config {config_hash(cfg)}", flush=True)
+    print(
+        f"memoe run: {getattr(fl, 'name', 'compare')}, {info['rounds']} round(s) x {cfg.edits_per_round()} edits, "
+        f"method(s) {', '.join(m.name for m in (cfg.methods or [cfg.method]))}, model {cfg.model.name}, "
+        f"config {config_hash(cfg)}",
+        flush=True,
+    )
     from prefect.exceptions import ExternalSignal
 
     try:
         results = fl(cfg.to_dict(), args.out, args.runs_dir, name=args.name, tags=tags)
     except (KeyboardInterrupt, ExternalSignal):
-        print("interrupted: the study stopped; its MLflow runs are marked KILLED. The same command resumes it "
-              "from the last finished task.", file=sys.stderr)
+        print(
+            "interrupted: the study stopped; its MLflow runs are marked KILLED. The same command resumes it "
+            "from the last finished task.",
+            file=sys.stderr,
+        )
         return 130
     except Exception as e:  # noqa: BLE001 - Prefect has logged the traceback already
         print(f"error: the study failed: {type(e).__name__}: {e}", file=sys.stderr)
@@ -239,10 +287,14 @@ def run(args) -> int:
     print()
     print("\n".join(summary_lines(results)))
     hits = sum(s == "Cached" for s in results["tasks"].values())
-    print(f"\ntasks: {len(results['tasks'])} ({hits} from cache)   time: {tm['command_total']:.1f}s "
-          f"(train {tm.get('train', 0):.1f}s, evaluate {tm.get('evaluate', 0):.1f}s)")
+    print(
+        f"\ntasks: {len(results['tasks'])} ({hits} from cache)   time: {tm['command_total']:.1f}s "
+        f"(train {tm.get('train', 0):.1f}s, evaluate {tm.get('evaluate', 0):.1f}s)"
+    )
     if results["mlflow"]["run_id"]:
-        print(f"mlflow: run {results['mlflow']['run_id']} in {results['mlflow']['tracking_uri']}  "
-              f"(memoe show {results['mlflow']['run_id'][:8]}; memoe ui)")
+        print(
+            f"mlflow: run {results['mlflow']['run_id']} in {results['mlflow']['tracking_uri']}  "
+            f"(memoe show {results['mlflow']['run_id'][:8]}; memoe ui)"
+        )
     print(f"results: {out / 'results.json'}")
     return 0

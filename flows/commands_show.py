@@ -1,6 +1,7 @@
 """``memoe show RUN``: one study (or a compare's method run): its settings, headline metrics, the
 metrics after every round, a compare's methods, and the failed edits read from its per-edit table
 (prompt, target, the model's generation). ``--csv FILE`` writes the per-edit table."""
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,11 @@ def failures(table, n: int) -> list[dict]:
     for m in ("reliability", "generation_reliability"):
         if m in table.columns:
             cond = cond | (pl.col(m).fill_null(1.0) < 1.0)
-    cols = [c for c in ("id", "prompt", "target_new", "generation", "reliability", "generality", "locality")
-            if c in table.columns]
+    cols = [
+        c
+        for c in ("id", "prompt", "target_new", "generation", "reliability", "generality", "locality")
+        if c in table.columns
+    ]
     return table.filter(cond).select(cols).head(n).to_dicts()
 
 
@@ -52,15 +56,23 @@ def run(args) -> int:
     t, p = r.data.tags, r.data.params
     print(f"{r.info.run_name}   run {r.info.run_id}   {r.info.status.lower()}   {history.when(r)} UTC")
     if "memoe.flow" in t:
-        print(f"flow {t['memoe.flow']}, {history.protocol(r)}, model {t.get('memoe.model')}, data {t.get('memoe.dataset')}, "
-              f"config {t.get('memoe.config_hash')}, code {t.get('memoe.git_commit', '?')[:12]}")
+        print(
+            f"flow {t['memoe.flow']}, {history.protocol(r)}, model {t.get('memoe.model')}, data {t.get('memoe.dataset')}, "
+            f"config {t.get('memoe.config_hash')}, code {t.get('memoe.git_commit', '?')[:12]}"
+        )
     if t.get("memoe.rerun_of"):
-        print(f"a rerun of {t['memoe.rerun_of']}" + (" (every task from cache)" if t.get("memoe.cached_rerun") == "true" else ""))
+        print(
+            f"a rerun of {t['memoe.rerun_of']}"
+            + (" (every task from cache)" if t.get("memoe.cached_rerun") == "true" else "")
+        )
     user = {k: v for k, v in t.items() if not k.startswith(("memoe.", "mlflow.", "prefect."))}
     if user:
         print("tags: " + ", ".join(f"{k}={v}" for k, v in sorted(user.items())))
-    settings = {k: v for k, v in p.items() if k.startswith(("method.", "methods.", "protocol.", "data.n_edits",
-                                                             "eval.retention_sample"))}
+    settings = {
+        k: v
+        for k, v in p.items()
+        if k.startswith(("method.", "methods.", "protocol.", "data.n_edits", "eval.retention_sample"))
+    }
     if settings:
         print("settings: " + ", ".join(f"{k}={v}" for k, v in sorted(settings.items())))
     fin = history.final_metrics(r)
@@ -74,28 +86,46 @@ def run(args) -> int:
         print("\n" + "\n".join(history.print_table(flat, cols)))
     if history.is_compare(r):
         m = r.data.metrics
-        rows = [{"method": k.info.run_name, "run": k.info.run_id[:8],
-                 **{c: m.get(f"{k.info.run_name}.{c}") for c in HEADLINE + ["avg"] + COSTS}}
-                for k in history.method_children(client, r)]
+        rows = [
+            {
+                "method": k.info.run_name,
+                "run": k.info.run_id[:8],
+                **{c: m.get(f"{k.info.run_name}.{c}") for c in HEADLINE + ["avg"] + COSTS},
+            }
+            for k in history.method_children(client, r)
+        ]
         cols = ["method", "run", *(c for c in HEADLINE + ["avg"] + COSTS if any(x.get(c) is not None for x in rows))]
         print("\n" + "\n".join(history.print_table(rows, cols)))
         print("(memoe show <method run> for a method's rounds and failed edits)")
     table = None if history.is_compare(r) else per_edit(client, r)
     if table is not None and args.edits:
         bad = failures(table, args.edits)
-        print(f"\nfailed edits (reliability or exact generation below 1): "
-              f"{len(bad)} shown of {table.height} scored" if bad else f"\nno failed edits of {table.height} scored")
+        print(
+            f"\nfailed edits (reliability or exact generation below 1): {len(bad)} shown of {table.height} scored"
+            if bad
+            else f"\nno failed edits of {table.height} scored"
+        )
         for b in bad:
-            print(f"  [{b['id']}] {b.get('prompt')!r} -> {b.get('target_new')!r}: generated {b.get('generation')!r}"
-                  + "".join(f", {k} {b[k]:.2f}" for k in ("reliability", "generality", "locality")
-                            if isinstance(b.get(k), float)))
+            print(
+                f"  [{b['id']}] {b.get('prompt')!r} -> {b.get('target_new')!r}: generated {b.get('generation')!r}"
+                + "".join(
+                    f", {k} {b[k]:.2f}"
+                    for k in ("reliability", "generality", "locality")
+                    if isinstance(b.get(k), float)
+                )
+            )
     if args.csv:
         if table is None:
             print("no per-edit table for this run (a compare: give one of its method runs)")
             return 1
         import polars as pl
 
-        out = table.with_columns([pl.col(c).map_elements(json.dumps, return_dtype=pl.String)
-                                  for c, d in table.schema.items() if isinstance(d, (pl.List, pl.Struct))])
+        out = table.with_columns(
+            [
+                pl.col(c).map_elements(json.dumps, return_dtype=pl.String)
+                for c, d in table.schema.items()
+                if isinstance(d, (pl.List, pl.Struct))
+            ]
+        )
         print(f"csv: {history.write_csv(out.to_dicts(), Path(args.csv))}")
     return 0

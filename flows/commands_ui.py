@@ -1,4 +1,5 @@
 """``memoe ui``: the MLflow UI on 127.0.0.1 against the default database (runs/mlflow.db)."""
+
 from __future__ import annotations
 
 import os
@@ -20,9 +21,22 @@ def command(args) -> list[str]:
     rd = Path(args.runs_dir).resolve() if args.runs_dir else default_runs_dir()
     rd.mkdir(parents=True, exist_ok=True)
     uri = args.uri or default_uri(rd)
-    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-            "--default-artifact-root", (rd / "mlartifacts").resolve().as_uri(),
-            "--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"]
+    return [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        uri,
+        "--default-artifact-root",
+        (rd / "mlartifacts").resolve().as_uri(),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(args.port),
+        "--workers",
+        "1",
+    ]
 
 
 def run(args) -> int:
@@ -31,10 +45,13 @@ def run(args) -> int:
     import signal
 
     cmd = command(args)
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true",
-               DO_NOT_TRACK="true")
-    print(f"MLflow UI on http://127.0.0.1:{args.port}  ({cmd[cmd.index('--backend-store-uri') + 1]}); Ctrl-C stops it",
-          flush=True)
+    env = dict(
+        os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false", MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true"
+    )
+    print(
+        f"MLflow UI on http://127.0.0.1:{args.port}  ({cmd[cmd.index('--backend-store-uri') + 1]}); Ctrl-C stops it",
+        flush=True,
+    )
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     try:
         return proc.wait()

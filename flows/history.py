@@ -1,5 +1,6 @@
 """Past studies in the MLflow store, for ``memoe ls``, ``memoe show`` and ``memoe compare``: find
 runs by id, id prefix or name, read their settings, headline metrics and per-round curves."""
+
 from __future__ import annotations
 
 import os
@@ -11,8 +12,13 @@ from flows.report import COSTS, HEADLINE
 from memoe.metric_registry import REGISTRY as METRIC_REGISTRY
 
 # column headings: the metrics' short names (the metric registry), then the costs'
-SHORT = {**{n: m.short for n, m in METRIC_REGISTRY.items() if m.short}, "avg": "avg", "setup_s": "setup_s",
-         "edit_s_per_100": "s/100", "peak_memory_mb": "peak_mb"}
+SHORT = {
+    **{n: m.short for n, m in METRIC_REGISTRY.items() if m.short},
+    "avg": "avg",
+    "setup_s": "setup_s",
+    "edit_s_per_100": "s/100",
+    "peak_memory_mb": "peak_mb",
+}
 
 
 class HistoryError(FileNotFoundError):
@@ -48,8 +54,12 @@ def experiment_id(client, name: str) -> str:
 
 def studies(client, experiment: str, max_results: int = 1000) -> list:
     """The studies (parent runs), newest first."""
-    runs = client.search_runs([experiment_id(client, experiment)], "tags.`memoe.flow` != ''",
-                              order_by=["attributes.start_time DESC"], max_results=max_results)
+    runs = client.search_runs(
+        [experiment_id(client, experiment)],
+        "tags.`memoe.flow` != ''",
+        order_by=["attributes.start_time DESC"],
+        max_results=max_results,
+    )
     return [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
 
 
@@ -58,8 +68,12 @@ def finished_studies(client, experiment: str, chash: str) -> list:
         eid = experiment_id(client, experiment)
     except HistoryError:
         return []
-    return client.search_runs([eid], f"tags.`memoe.config_hash` = '{chash}' and attributes.status = 'FINISHED'",
-                              order_by=["attributes.start_time ASC"], max_results=10)
+    return client.search_runs(
+        [eid],
+        f"tags.`memoe.config_hash` = '{chash}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time ASC"],
+        max_results=10,
+    )
 
 
 def find_run(client, experiment: str, ref: str):
@@ -72,8 +86,12 @@ def find_run(client, experiment: str, ref: str):
             return client.get_run(ref)
         except MlflowException:
             pass
-    by_name = client.search_runs([eid], f"attributes.run_name = '{ref.replace(chr(39), '')}'",
-                                 order_by=["attributes.start_time DESC"], max_results=1)
+    by_name = client.search_runs(
+        [eid],
+        f"attributes.run_name = '{ref.replace(chr(39), '')}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     if by_name:
         return by_name[0]
     hits = [r for r in client.search_runs([eid], "", max_results=5000) if r.info.run_id.startswith(ref)]
@@ -81,8 +99,10 @@ def find_run(client, experiment: str, ref: str):
         return hits[0]
     if hits:
         raise HistoryError(f"run '{ref}' is ambiguous: {', '.join(r.info.run_id for r in hits[:5])}")
-    raise HistoryError(f"no run '{ref}' (an id, an id prefix or a run name) in experiment '{experiment}' "
-                       f"of {client.tracking_uri}; `memoe ls` lists them")
+    raise HistoryError(
+        f"no run '{ref}' (an id, an id prefix or a run name) in experiment '{experiment}' "
+        f"of {client.tracking_uri}; `memoe ls` lists them"
+    )
 
 
 def when(run) -> str:
@@ -106,8 +126,12 @@ def is_compare(run) -> bool:
 
 def method_children(client, run) -> list:
     """A compare study's per-method runs, in the order they ran."""
-    kids = client.search_runs([run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'",
-                              order_by=["attributes.start_time ASC"], max_results=100)
+    kids = client.search_runs(
+        [run.info.experiment_id],
+        f"tags.`mlflow.parentRunId` = '{run.info.run_id}'",
+        order_by=["attributes.start_time ASC"],
+        max_results=100,
+    )
     return [k for k in kids if "memoe.round" not in k.data.tags]
 
 
@@ -144,9 +168,9 @@ def print_table(rows: list[dict[str, Any]], cols: list[str], widths: dict[str, i
     widths = widths or {}
     cells = [[fmt(r.get(c)) for c in cols] for r in rows]
     w = [min(widths.get(c, 60), max([len(SHORT.get(c, c))] + [len(x[i]) for x in cells])) for i, c in enumerate(cols)]
-    out = ["  ".join(SHORT.get(c, c)[:w[i]].ljust(w[i]) for i, c in enumerate(cols)).rstrip()]
+    out = ["  ".join(SHORT.get(c, c)[: w[i]].ljust(w[i]) for i, c in enumerate(cols)).rstrip()]
     for x in cells:
-        out.append("  ".join(x[i][:w[i]].ljust(w[i]) for i in range(len(cols))).rstrip())
+        out.append("  ".join(x[i][: w[i]].ljust(w[i]) for i in range(len(cols))).rstrip())
     return out
 
 

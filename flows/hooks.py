@@ -4,6 +4,7 @@ SIGTERM) or is cancelled leaves no MLflow run ``RUNNING``: the hook marks the st
 them, in the worker's runner that started it, so this works across machines (unlike the host+pid
 check of ``flows.study._mark_stale_runs``, kept as the fallback for studies run without a worker).
 """
+
 from __future__ import annotations
 
 import logging
@@ -41,8 +42,11 @@ def mark_mlflow_killed(flow, flow_run, state) -> list[str]:
                 found[r.info.run_id] = r
         killed = []
         for rid, r in found.items():
-            children = tr.client.search_runs([tr.experiment_id], f"tags.`mlflow.parentRunId` = '{rid}' "
-                                             "and attributes.status = 'RUNNING'", max_results=200)
+            children = tr.client.search_runs(
+                [tr.experiment_id],
+                f"tags.`mlflow.parentRunId` = '{rid}' and attributes.status = 'RUNNING'",
+                max_results=200,
+            )
             for c in children:
                 tr.end(c.info.run_id, "KILLED")
                 killed.append(c.info.run_id)

@@ -7,6 +7,7 @@ memory requests, and a toleration for GPU-tainted nodes. It is kept in
 ``docker/k8s-gpu-job-template.json`` (``python -m flows.k8s --write`` regenerates it) and given to
 ``prefect work-pool create memoe-gpu --type kubernetes --base-job-template docker/k8s-gpu-job-template.json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,12 +19,21 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = PROJECT_ROOT / "docker" / "k8s-gpu-job-template.json"
 EXTRA_VARIABLES = {
-    "gpus": {"title": "GPUs", "type": "integer", "default": 1, "minimum": 0,
-             "description": "nvidia.com/gpu limit of the flow run's pod"},
+    "gpus": {
+        "title": "GPUs",
+        "type": "integer",
+        "default": 1,
+        "minimum": 0,
+        "description": "nvidia.com/gpu limit of the flow run's pod",
+    },
     "cpu": {"title": "CPU request", "type": "string", "default": "4"},
     "memory": {"title": "Memory request and limit", "type": "string", "default": "32Gi"},
-    "store_claim": {"title": "Shared store PVC", "type": "string", "default": "memoe-store",
-                    "description": "PersistentVolumeClaim (ReadWriteMany) every worker pod mounts: runs/, cache/, shared/"},
+    "store_claim": {
+        "title": "Shared store PVC",
+        "type": "string",
+        "default": "memoe-store",
+        "description": "PersistentVolumeClaim (ReadWriteMany) every worker pod mounts: runs/, cache/, shared/",
+    },
     "store_mount": {"title": "Shared store mount path", "type": "string", "default": "/mnt/memoe"},
 }
 
@@ -36,8 +46,10 @@ def gpu_job_template() -> dict:
     t["variables"]["properties"].update(copy.deepcopy(EXTRA_VARIABLES))
     pod = t["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
     container = pod["containers"][0]
-    container["resources"] = {"limits": {"nvidia.com/gpu": "{{ gpus }}", "memory": "{{ memory }}"},
-                              "requests": {"cpu": "{{ cpu }}", "memory": "{{ memory }}"}}
+    container["resources"] = {
+        "limits": {"nvidia.com/gpu": "{{ gpus }}", "memory": "{{ memory }}"},
+        "requests": {"cpu": "{{ cpu }}", "memory": "{{ memory }}"},
+    }
     container["volumeMounts"] = [{"name": "memoe-store", "mountPath": "{{ store_mount }}"}]
     pod["volumes"] = [{"name": "memoe-store", "persistentVolumeClaim": {"claimName": "{{ store_claim }}"}}]
     pod["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]

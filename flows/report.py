@@ -1,4 +1,5 @@
 """Summaries, tables and plots of study results (no Prefect, no MLflow)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,12 +13,29 @@ COSTS = ["setup_s", "edit_s_per_100", "peak_memory_mb"]
 # Lifelong-editing figures published by peers, as quoted in memoe's issue 16 (their models and protocols,
 # not ours): drawn beside a sequential study's curves where their edit count is inside the plot's range
 PUBLISHED = [
-    {"name": "WISE", "protocol": "LLaMA-2-7B, ZsRE, 1,000 single edits", "edits": 1000,
-     "reliability": 0.77, "generality": 0.72, "locality": 1.00},
-    {"name": "LEMoE", "protocol": "LLaMA-2-7B, ZsRE, 1,000 edits", "edits": 1000,
-     "reliability": 0.80, "generality": 0.60, "locality": 1.00},
-    {"name": "AlphaEdit", "protocol": "8B, 2,000 edits in batches of 100", "edits": 2000,
-     "reliability": 0.94, "generality": 0.91},
+    {
+        "name": "WISE",
+        "protocol": "LLaMA-2-7B, ZsRE, 1,000 single edits",
+        "edits": 1000,
+        "reliability": 0.77,
+        "generality": 0.72,
+        "locality": 1.00,
+    },
+    {
+        "name": "LEMoE",
+        "protocol": "LLaMA-2-7B, ZsRE, 1,000 edits",
+        "edits": 1000,
+        "reliability": 0.80,
+        "generality": 0.60,
+        "locality": 1.00,
+    },
+    {
+        "name": "AlphaEdit",
+        "protocol": "8B, 2,000 edits in batches of 100",
+        "edits": 2000,
+        "reliability": 0.94,
+        "generality": 0.91,
+    },
     {"name": "UltraEdit", "protocol": "7-8B, 20,000 edits", "edits": 20000, "reliability": 0.90, "generality": 0.87},
 ]
 PEER_MARKERS = ["s", "^", "D", "v"]
@@ -122,8 +140,16 @@ def _peers(ax, x: list, metrics: list[tuple[str, str]]) -> list[float]:
         first = True
         for m, c in metrics:
             if m in peer:
-                ax.plot([peer["edits"]], [peer[m]], marker, mfc="none", mec=c, ms=8, ls="none",
-                        label=f"{peer['name']} ({peer['protocol']}, published)" if first else None)
+                ax.plot(
+                    [peer["edits"]],
+                    [peer[m]],
+                    marker,
+                    mfc="none",
+                    mec=c,
+                    ms=8,
+                    ls="none",
+                    label=f"{peer['name']} ({peer['protocol']}, published)" if first else None,
+                )
                 first = False
                 shown.append(peer[m])
     return shown
@@ -173,8 +199,9 @@ def expert_load_plot(rounds: list[dict[str, Any]], path: Path) -> Path | None:
     return path
 
 
-def retention_plot(curves: dict[str, list[dict[str, Any]]], path: Path, title: str,
-                   metric: str = "reliability") -> Path:
+def retention_plot(
+    curves: dict[str, list[dict[str, Any]]], path: Path, title: str, metric: str = "reliability"
+) -> Path:
     """One curve per method (or run): ``metric`` over all edits so far after every round (solid)
     and on the earlier rounds' edits only (dashed): how much of the old edits survive new ones."""
     import matplotlib
@@ -212,8 +239,9 @@ def compare_plot(finals: dict[str, dict[str, Any]], path: Path, title: str = "")
     w = 0.8 / max(1, len(names))
     fig, ax = plt.subplots(figsize=(8, 4))
     for i, n in enumerate(names):
-        ax.bar(np.arange(len(metrics)) + i * w, [finals[n].get(m) or 0.0 for m in metrics], w, label=n,
-               color=f"C{i % 10}")
+        ax.bar(
+            np.arange(len(metrics)) + i * w, [finals[n].get(m) or 0.0 for m in metrics], w, label=n, color=f"C{i % 10}"
+        )
     ax.set_xticks(np.arange(len(metrics)) + w * (len(names) - 1) / 2)
     ax.set_xticklabels([m.replace("_", "\n") for m in metrics], fontsize=8)
     ax.set_ylim(0, 1.02)

@@ -6,6 +6,7 @@ folder; every task is cached on its inputs' contents, so a study killed at round
 with the same config re-executes nothing before round k, and a finished study reruns from cache.
 Tracking goes through explicit MLflow run ids (tasks never rely on an active run).
 """
+
 from __future__ import annotations
 
 import json
@@ -58,8 +59,9 @@ class Ctx:
             self.pending.append(track.submit(*args, **kwargs))
 
     @classmethod
-    def make(cls, cfg: Config, out: str | None, runs_dir: str | None, name: str | None = None,
-             tags: dict | None = None) -> "Ctx":
+    def make(
+        cls, cfg: Config, out: str | None, runs_dir: str | None, name: str | None = None, tags: dict | None = None
+    ) -> "Ctx":
         rd = Path(runs_dir).resolve() if runs_dir else default_runs_dir()
         o = Path(out).resolve() if out else rd / config_hash(cfg)
         o.mkdir(parents=True, exist_ok=True)
@@ -82,8 +84,12 @@ class Ctx:
             state = t.with_options(refresh_cache=True)(**params, return_state=True)
             res = state.result()
         self.tick(phase, time.perf_counter() - t0)
-        if phase not in ("train", "evaluate") and state.name != "Cached" and isinstance(res, dict) \
-                and isinstance(res.get("seconds"), (int, float)):
+        if (
+            phase not in ("train", "evaluate")
+            and state.name != "Cached"
+            and isinstance(res, dict)
+            and isinstance(res.get("seconds"), (int, float))
+        ):
             self.tick(f"{phase}_compute", res["seconds"])  # the library's own work inside the task
         self.task_states[label] = state.name
         return res
@@ -113,10 +119,18 @@ def _clean_tmp(folder: Path, older_than_s: float = 6 * 3600) -> None:
 
 # ------------------------------------------------------------------ tracking tasks (never cached)
 
+
 @task(name="track", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=1)
-def track(tracking: dict, run_id: str | None, metrics: dict | None = None, step: int = 0,
-          params: dict | None = None, tags: dict | None = None, artifacts: list | None = None,
-          end: str | None = None) -> None:
+def track(
+    tracking: dict,
+    run_id: str | None,
+    metrics: dict | None = None,
+    step: int = 0,
+    params: dict | None = None,
+    tags: dict | None = None,
+    artifacts: list | None = None,
+    end: str | None = None,
+) -> None:
     """Log to an MLflow run given by id (tasks cannot see the flow thread's active run)."""
     tr = tracker(**tracking)
     if params:
@@ -132,8 +146,12 @@ def track(tracking: dict, run_id: str | None, metrics: dict | None = None, step:
 
 
 def _tracking(ctx: Ctx) -> dict:
-    return {"uri": ctx.tracking_uri, "experiment": ctx.cfg.tracking.experiment, "runs_dir": str(ctx.runs_dir),
-            "enabled": ctx.cfg.tracking.enabled}
+    return {
+        "uri": ctx.tracking_uri,
+        "experiment": ctx.cfg.tracking.experiment,
+        "runs_dir": str(ctx.runs_dir),
+        "enabled": ctx.cfg.tracking.enabled,
+    }
 
 
 def _metric_dict(summary: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -151,8 +169,11 @@ def _mark_stale_runs(ctx: Ctx, tr, chash: str) -> None:
     if not tr.enabled:
         return
     try:
-        runs = tr.client.search_runs([tr.experiment_id], f"tags.`memoe.config_hash` = '{chash}' "
-                                     "and attributes.status = 'RUNNING'", max_results=50)
+        runs = tr.client.search_runs(
+            [tr.experiment_id],
+            f"tags.`memoe.config_hash` = '{chash}' and attributes.status = 'RUNNING'",
+            max_results=50,
+        )
     except Exception:  # noqa: BLE001 - best effort
         return
     host = socket.gethostname()
@@ -167,8 +188,11 @@ def _end_tree(tr, run_id: str | None, status: str) -> None:
     if not run_id:
         return
     try:
-        children = tr.client.search_runs([tr.experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}' "
-                                         "and attributes.status = 'RUNNING'", max_results=1000)
+        children = tr.client.search_runs(
+            [tr.experiment_id],
+            f"tags.`mlflow.parentRunId` = '{run_id}' and attributes.status = 'RUNNING'",
+            max_results=1000,
+        )
     except Exception:  # noqa: BLE001 - best effort: the run itself is still ended
         children = []
     for c in children:
@@ -206,21 +230,39 @@ def _alive(pid: int) -> bool:
 
 # ------------------------------------------------------------------ the shared steps
 
+
 def _prepare(ctx: Ctx) -> tuple[dict, dict, dict | None]:
     cfg = ctx.cfg
     rounds = cfg.protocol.rounds if cfg.protocol.mode == "sequential" else 1
     batch = cfg.edits_per_round()
     md = cfg.model.model_dump(mode="json")
-    data = ctx.call(steps.prepare_dataset, "prepare_dataset", "prepare", data_cfg=cfg.data.model_dump(mode="json"),
-                    model_cfg=md, rounds=rounds, batch_size=batch, store=str(ctx.store),
-                    re_edit=[cfg.protocol.re_edit.round, cfg.protocol.re_edit.of_round] if cfg.protocol.re_edit else None)
-    base = ctx.call(steps.base_locality, "base_locality", "locality_base", edits=data["edits"], model_cfg=md,
-                    batch_size=cfg.eval.batch_size, store=str(ctx.store), threads=cfg.threads)
+    data = ctx.call(
+        steps.prepare_dataset,
+        "prepare_dataset",
+        "prepare",
+        data_cfg=cfg.data.model_dump(mode="json"),
+        model_cfg=md,
+        rounds=rounds,
+        batch_size=batch,
+        store=str(ctx.store),
+        re_edit=[cfg.protocol.re_edit.round, cfg.protocol.re_edit.of_round] if cfg.protocol.re_edit else None,
+    )
+    base = ctx.call(
+        steps.base_locality,
+        "base_locality",
+        "locality_base",
+        edits=data["edits"],
+        model_cfg=md,
+        batch_size=cfg.eval.batch_size,
+        store=str(ctx.store),
+        threads=cfg.threads,
+    )
     anchors = None
     methods = cfg.methods or [cfg.method]
     if any(METHODS[m.name].editor_class().uses_anchors for m in methods) and steps.anchors_available():
-        anchors = ctx.call(steps.extract_anchors, "extract_anchors", "anchors", edits=data["edits"],
-                           store=str(ctx.store))
+        anchors = ctx.call(
+            steps.extract_anchors, "extract_anchors", "anchors", edits=data["edits"], store=str(ctx.store)
+        )
     return data, base, anchors
 
 
@@ -240,15 +282,42 @@ def _run_rounds(ctx: Ctx, method, data: dict, base: dict, parent_run: str | None
     bar = Reporter(f"{label or method.name}: rounds", 2 * n_rounds, key=_artifact_key(f"{label or method.name}-rounds"))
     for t in range(n_rounds):
         bar.update(2 * t, f"{label or method.name}: round {t + 1}/{n_rounds} training")
-        progress = {"tracking": tracking, "run_id": parent_run, "label": label,
-                    "step_offset": t * int(mc.get("steps") or 1)}
-        tr_res = ctx.call(steps.train_round, f"{pfx}train_round_{t}", "train", round_index=t,
-                          records=data["rounds"][t], prev_state=prev, method_cfg=mc, seed=cfg.seed, model_cfg=md,
-                          store=str(ctx.store), threads=cfg.threads, progress=progress)
+        progress = {
+            "tracking": tracking,
+            "run_id": parent_run,
+            "label": label,
+            "step_offset": t * int(mc.get("steps") or 1),
+        }
+        tr_res = ctx.call(
+            steps.train_round,
+            f"{pfx}train_round_{t}",
+            "train",
+            round_index=t,
+            records=data["rounds"][t],
+            prev_state=prev,
+            method_cfg=mc,
+            seed=cfg.seed,
+            model_cfg=md,
+            store=str(ctx.store),
+            threads=cfg.threads,
+            progress=progress,
+        )
         bar.update(2 * t + 1, f"{label or method.name}: round {t + 1}/{n_rounds} evaluation", force=True)
-        ev = ctx.call(steps.evaluate_round, f"{pfx}evaluate_round_{t}", "evaluate", round_index=t,
-                      rounds=data["rounds"], state=tr_res["state"], base=base["table"], method_cfg=mc, eval_cfg=ec,
-                      seed=cfg.seed, model_cfg=md, store=str(ctx.store), threads=cfg.threads)
+        ev = ctx.call(
+            steps.evaluate_round,
+            f"{pfx}evaluate_round_{t}",
+            "evaluate",
+            round_index=t,
+            rounds=data["rounds"],
+            state=tr_res["state"],
+            base=base["table"],
+            method_cfg=mc,
+            eval_cfg=ec,
+            seed=cfg.seed,
+            model_cfg=md,
+            store=str(ctx.store),
+            threads=cfg.threads,
+        )
         prev, table_path = tr_res["state"], ev["table"]
         train_compute += tr_res["seconds"]
         setup_s += float((tr_res["stats"] or {}).get("setup_s") or 0.0)  # one-time cost (MEMIT's key statistics)
@@ -257,40 +326,75 @@ def _run_rounds(ctx: Ctx, method, data: dict, base: dict, parent_run: str | None
         import polars as pl
 
         summ = report.summaries(pl.read_parquet(ev["table"]))
-        entry = {"round": t + 1, "edits_so_far": (t + 1) * batch, **summ, "n_scored": ev["n_scored"],
-                 "n_earlier_scored": ev["n_earlier_scored"], "train": tr_res["stats"],
-                 "diagnostics": ev.get("diagnostics") or {},
-                 "cached": {"train": ctx.task_states[f"{pfx}train_round_{t}"] == "Cached",
-                            "evaluate": ctx.task_states[f"{pfx}evaluate_round_{t}"] == "Cached"}}
+        entry = {
+            "round": t + 1,
+            "edits_so_far": (t + 1) * batch,
+            **summ,
+            "n_scored": ev["n_scored"],
+            "n_earlier_scored": ev["n_earlier_scored"],
+            "train": tr_res["stats"],
+            "diagnostics": ev.get("diagnostics") or {},
+            "cached": {
+                "train": ctx.task_states[f"{pfx}train_round_{t}"] == "Cached",
+                "evaluate": ctx.task_states[f"{pfx}evaluate_round_{t}"] == "Cached",
+            },
+        }
         rounds.append(entry)
-        log.info(f"{label or method.name} round {t + 1}/{n_rounds}: {entry['edits_so_far']} edits, "
-                 + ", ".join(f"{m}={entry[m]:.3f}" for m in report.HEADLINE if m in entry)
-                 + (" (cached)" if entry["cached"]["train"] and entry["cached"]["evaluate"] else ""))
+        log.info(
+            f"{label or method.name} round {t + 1}/{n_rounds}: {entry['edits_so_far']} edits, "
+            + ", ".join(f"{m}={entry[m]:.3f}" for m in report.HEADLINE if m in entry)
+            + (" (cached)" if entry["cached"]["train"] and entry["cached"]["evaluate"] else "")
+        )
         t0 = time.perf_counter()
         rid = tr.start(f"round-{t + 1}", {"memoe.round": str(t + 1), "memoe.method": method.name}, parent=parent_run)
         ctx.runs.append(rid)
-        metrics = _metric_dict({k: v for k, v in summ.items()}) | {
-            f"train.{k}": v for k, v in _metric_dict(tr_res["stats"]).items()} | {
-            f"diag.{k}": v for k, v in _metric_dict(ev.get("diagnostics") or {}).items()} | {
-            "train.seconds": tr_res["seconds"], "eval.seconds": ev["seconds"],
-            "eval.n_scored": ev["n_scored"], "eval.retention_sample_size": ev["n_earlier_scored"]}
-        ctx.track(tracking, rid, metrics=metrics, step=entry["edits_so_far"],
-                  params={"round": t + 1, "edits_in_round": batch}, artifacts=[(ev["table"], "per_edit")], end="FINISHED")
-        ctx.track(tracking, parent_run, step=entry["edits_so_far"],
-                  metrics=_metric_dict({k: summ[k] for k in summ if k in report.HEADLINE
-                                        or k in (*report.AVERAGES, "earlier", "current")}))
+        metrics = (
+            _metric_dict({k: v for k, v in summ.items()})
+            | {f"train.{k}": v for k, v in _metric_dict(tr_res["stats"]).items()}
+            | {f"diag.{k}": v for k, v in _metric_dict(ev.get("diagnostics") or {}).items()}
+            | {
+                "train.seconds": tr_res["seconds"],
+                "eval.seconds": ev["seconds"],
+                "eval.n_scored": ev["n_scored"],
+                "eval.retention_sample_size": ev["n_earlier_scored"],
+            }
+        )
+        ctx.track(
+            tracking,
+            rid,
+            metrics=metrics,
+            step=entry["edits_so_far"],
+            params={"round": t + 1, "edits_in_round": batch},
+            artifacts=[(ev["table"], "per_edit")],
+            end="FINISHED",
+        )
+        ctx.track(
+            tracking,
+            parent_run,
+            step=entry["edits_so_far"],
+            metrics=_metric_dict(
+                {k: summ[k] for k in summ if k in report.HEADLINE or k in (*report.AVERAGES, "earlier", "current")}
+            ),
+        )
         ctx.tick("tracking", time.perf_counter() - t0)
         bar.update(2 * t + 2, force=True)
     bar.close()
     import polars as pl
 
-    final = {k: v for k, v in report.summaries(pl.read_parquet(table_path)).items()
-             if not isinstance(v, dict)}
-    costs = {"setup_s": round(setup_s, 2),
-             "edit_s_per_100": round(100 * (train_compute - setup_s) / max(1, data["n_edits"]), 2),
-             "peak_memory_mb": round(peak_mb, 1)}
-    return {"final": final, "rounds": rounds, "state": prev, "table": table_path, "costs": costs,
-            "compute": {"train_compute": train_compute, "evaluate_compute": eval_compute}}
+    final = {k: v for k, v in report.summaries(pl.read_parquet(table_path)).items() if not isinstance(v, dict)}
+    costs = {
+        "setup_s": round(setup_s, 2),
+        "edit_s_per_100": round(100 * (train_compute - setup_s) / max(1, data["n_edits"]), 2),
+        "peak_memory_mb": round(peak_mb, 1),
+    }
+    return {
+        "final": final,
+        "rounds": rounds,
+        "state": prev,
+        "table": table_path,
+        "costs": costs,
+        "compute": {"train_compute": train_compute, "evaluate_compute": eval_compute},
+    }
 
 
 def _write_common(ctx: Ctx, results: dict) -> None:
@@ -308,7 +412,9 @@ def default_run_name(cfg: Config) -> str:
     """e.g. ``memoe-sequential-3x5-zsre-smollm2-135m``: the settings that tell studies apart."""
     rounds = cfg.protocol.rounds if cfg.protocol.mode == "sequential" else 1
     model = cfg.model.name.replace("embedded:", "").rstrip("/").rsplit("/", 1)[-1]
-    return f"{'+'.join(method_labels(cfg))}-{cfg.protocol.mode}-{rounds}x{cfg.edits_per_round()}-{cfg.data.format}-{model}"
+    return (
+        f"{'+'.join(method_labels(cfg))}-{cfg.protocol.mode}-{rounds}x{cfg.edits_per_round()}-{cfg.data.format}-{model}"
+    )
 
 
 def parent_params(cfg: Config) -> dict[str, Any]:
@@ -325,13 +431,22 @@ def parent_params(cfg: Config) -> dict[str, Any]:
 def _first_finished(tr, chash: str) -> str | None:
     """The first FINISHED study of this config that is not itself a rerun, if any."""
     try:
-        runs = tr.client.search_runs([tr.experiment_id], f"tags.`memoe.config_hash` = '{chash}' "
-                                     "and attributes.status = 'FINISHED'", order_by=["attributes.start_time ASC"],
-                                     max_results=50)
+        runs = tr.client.search_runs(
+            [tr.experiment_id],
+            f"tags.`memoe.config_hash` = '{chash}' and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time ASC"],
+            max_results=50,
+        )
     except Exception:  # noqa: BLE001 - best effort
         return None
-    return next((r.info.run_id for r in runs if "memoe.rerun_of" not in r.data.tags
-                 and "mlflow.parentRunId" not in r.data.tags), None)
+    return next(
+        (
+            r.info.run_id
+            for r in runs
+            if "memoe.rerun_of" not in r.data.tags and "mlflow.parentRunId" not in r.data.tags
+        ),
+        None,
+    )
 
 
 def _start_parent(ctx: Ctx, kind: str, data: dict | None = None) -> str | None:
@@ -340,11 +455,19 @@ def _start_parent(ctx: Ctx, kind: str, data: dict | None = None) -> str | None:
     _mark_stale_runs(ctx, tr, chash)
     if not tr.enabled:
         return None
-    tags = {"memoe.config_hash": chash, "memoe.git_commit": git_commit(), "memoe.model": cfg.model.name,
-            "memoe.dataset": Path(cfg.data.path).name, "memoe.data_format": cfg.data.format,
-            "memoe.protocol": cfg.protocol.mode, "memoe.flow": kind, "memoe.host": socket.gethostname(),
-            "memoe.pid": str(os.getpid()), "memoe.out": str(ctx.out),
-            "memoe.method": ",".join(m.name for m in (cfg.methods or [cfg.method]))} | ctx.tags
+    tags = {
+        "memoe.config_hash": chash,
+        "memoe.git_commit": git_commit(),
+        "memoe.model": cfg.model.name,
+        "memoe.dataset": Path(cfg.data.path).name,
+        "memoe.data_format": cfg.data.format,
+        "memoe.protocol": cfg.protocol.mode,
+        "memoe.flow": kind,
+        "memoe.host": socket.gethostname(),
+        "memoe.pid": str(os.getpid()),
+        "memoe.out": str(ctx.out),
+        "memoe.method": ",".join(m.name for m in (cfg.methods or [cfg.method])),
+    } | ctx.tags
     name = ctx.name or default_run_name(cfg)
     first = _first_finished(tr, chash)
     if first:  # the same config again: marked, so that `memoe ls` and the UI tell it from the first
@@ -374,16 +497,27 @@ def _finish_parent(ctx: Ctx, rid: str | None, data: dict, results: dict, extra: 
     ctx.pending.clear()
     if rid:
         try:
-            tr.dataset(rid, data["edits"], name=f"{Path(ctx.cfg.data.path).stem}-{data['frame_hash']}",
-                       source=str(resolve_path(ctx.cfg.data.path)))
+            tr.dataset(
+                rid,
+                data["edits"],
+                name=f"{Path(ctx.cfg.data.path).stem}-{data['frame_hash']}",
+                source=str(resolve_path(ctx.cfg.data.path)),
+            )
         except Exception as e:  # noqa: BLE001 - the dataset input is informative, never fatal
             get_run_logger().warning(f"could not log the dataset input: {e}")
         n_cached = sum(s == "Cached" for s in ctx.task_states.values())
-        tr.tags(rid, {"memoe.cached_tasks": str(n_cached), "memoe.cached_rerun": str(
-                          n_cached == len(ctx.task_states)).lower(),
-                      "memoe.tasks": str(len(ctx.task_states)), "memoe.n_edits": str(data["n_edits"])})
-        tr.metrics(rid, {"final." + k: v for k, v in _metric_dict(results.get("final", {})).items()},
-                   step=data["n_edits"])
+        tr.tags(
+            rid,
+            {
+                "memoe.cached_tasks": str(n_cached),
+                "memoe.cached_rerun": str(n_cached == len(ctx.task_states)).lower(),
+                "memoe.tasks": str(len(ctx.task_states)),
+                "memoe.n_edits": str(data["n_edits"]),
+            },
+        )
+        tr.metrics(
+            rid, {"final." + k: v for k, v in _metric_dict(results.get("final", {})).items()}, step=data["n_edits"]
+        )
         _write_common(ctx, results)
         for path, folder in [(ctx.out / "config.yaml", None), (ctx.out / "results.json", None)] + extra:
             tr.artifact(rid, path, folder)
@@ -392,17 +526,24 @@ def _finish_parent(ctx: Ctx, rid: str | None, data: dict, results: dict, extra: 
     try:
         from flows import artifacts
 
-        artifacts.publish(results, tr.client.get_run(rid).info.run_name if rid else config_hash(ctx.cfg),
-                          tr.experiment_id)
+        artifacts.publish(
+            results, tr.client.get_run(rid).info.run_name if rid else config_hash(ctx.cfg), tr.experiment_id
+        )
     except Exception as e:  # noqa: BLE001 - the Prefect UI's view is informative, never fatal
         get_run_logger().warning(f"could not publish the Prefect artifacts: {e}")
 
 
 def _results_base(ctx: Ctx, rid: str | None) -> dict:
-    return {"config_hash": config_hash(ctx.cfg), "protocol": ctx.cfg.protocol.mode,
-            "mlflow": {"tracking_uri": ctx.tracking_uri if ctx.cfg.tracking.enabled else None, "run_id": rid,
-                       "experiment": ctx.cfg.tracking.experiment},
-            "out": str(ctx.out)}
+    return {
+        "config_hash": config_hash(ctx.cfg),
+        "protocol": ctx.cfg.protocol.mode,
+        "mlflow": {
+            "tracking_uri": ctx.tracking_uri if ctx.cfg.tracking.enabled else None,
+            "run_id": rid,
+            "experiment": ctx.cfg.tracking.experiment,
+        },
+        "out": str(ctx.out),
+    }
 
 
 def _timings(ctx: Ctx, t_start: float, compute: dict) -> dict:
@@ -412,8 +553,9 @@ def _timings(ctx: Ctx, t_start: float, compute: dict) -> dict:
     return tm
 
 
-def _single(config: dict, out: str | None, runs_dir: str | None, kind: str, name: str | None = None,
-            tags: dict | None = None) -> dict:
+def _single(
+    config: dict, out: str | None, runs_dir: str | None, kind: str, name: str | None = None, tags: dict | None = None
+) -> dict:
     t_start = time.perf_counter()
     cfg = Config.model_validate(config)
     ctx = Ctx.make(cfg, out, runs_dir, name, tags)
@@ -422,19 +564,33 @@ def _single(config: dict, out: str | None, runs_dir: str | None, kind: str, name
         data, base, anchors = _prepare(ctx)
         res = _run_rounds(ctx, cfg.method, data, base, rid)
         results = _results_base(ctx, rid) | {
-            "method": cfg.method.name, "final": res["final"], "rounds": res["rounds"],
+            "method": cfg.method.name,
+            "final": res["final"],
+            "rounds": res["rounds"],
             "edited_model": res["state"],
             "data": {k: data[k] for k in ("n_edits", "n_read", "n_kept", "n_skipped", "frame_hash")},
-            "anchors": anchors["coverage"] if anchors else None, "tasks": ctx.task_states}
+            "anchors": anchors["coverage"] if anchors else None,
+            "tasks": ctx.task_states,
+        }
         shutil.copyfile(res["table"], ctx.out / "per_edit.parquet")
-        plots = [(report.rounds_plot(res["rounds"], ctx.out / "rounds.png",
-                                     f"{report.method_title(cfg.method)}\n{Path(cfg.data.path).name}, {kind}, "
-                                     f"{cfg.model.name}"), "plots")]
+        plots = [
+            (
+                report.rounds_plot(
+                    res["rounds"],
+                    ctx.out / "rounds.png",
+                    f"{report.method_title(cfg.method)}\n{Path(cfg.data.path).name}, {kind}, {cfg.model.name}",
+                ),
+                "plots",
+            )
+        ]
         el = report.expert_load_plot(res["rounds"], ctx.out / "expert_load.png")
         if el:
             plots.append((el, "plots"))
-        extra = [(str(ctx.out / "per_edit.parquet"), None), (res["state"], "adapter")] + \
-            [(str(p), f) for p, f in plots] + ([(anchors["table"], "anchors")] if anchors else [])
+        extra = (
+            [(str(ctx.out / "per_edit.parquet"), None), (res["state"], "adapter")]
+            + [(str(p), f) for p, f in plots]
+            + ([(anchors["table"], "anchors")] if anchors else [])
+        )
         results["timings"] = _timings(ctx, t_start, res["compute"])
         _write_common(ctx, results)
         _finish_parent(ctx, rid, data, results, extra)
@@ -447,8 +603,9 @@ def _single(config: dict, out: str | None, runs_dir: str | None, kind: str, name
 
 
 @flow(name="batch_edit", **HOOKS)
-def batch_edit(config: dict, out: str | None = None, runs_dir: str | None = None, name: str | None = None,
-               tags: dict | None = None) -> dict:
+def batch_edit(
+    config: dict, out: str | None = None, runs_dir: str | None = None, name: str | None = None, tags: dict | None = None
+) -> dict:
     """All edits in one batch, then evaluation (the batch-editing protocol)."""
     cfg = Config.model_validate(config)
     cfg.protocol.mode = "batch"
@@ -456,8 +613,9 @@ def batch_edit(config: dict, out: str | None = None, runs_dir: str | None = None
 
 
 @flow(name="sequential_study", **HOOKS)
-def sequential_study(config: dict, out: str | None = None, runs_dir: str | None = None, name: str | None = None,
-                     tags: dict | None = None) -> dict:
+def sequential_study(
+    config: dict, out: str | None = None, runs_dir: str | None = None, name: str | None = None, tags: dict | None = None
+) -> dict:
     """T rounds of B edits; round t's editor state feeds round t+1; evaluation after every round
     on the round's edits and the earlier ones (retention)."""
     return _single(config, out, runs_dir, "sequential", name, tags)
@@ -475,13 +633,31 @@ def _one_method(ctx: Ctx, i: int, m, label: str, data: dict, base: dict, rid: st
     res = _run_rounds(ctx, m, data, base, mrid, label)
     tm = {k: round(v - before.get(k, 0.0), 3) for k, v in ctx.timings.items()}
     tm.update({k: round(v, 3) for k, v in res["compute"].items()})
-    ctx.track(tracking, mrid, metrics={"final." + k: v for k, v in _metric_dict(res["final"] | res["costs"]).items()},
-              step=data["n_edits"], artifacts=[(res["state"], "adapter"), (res["table"], "per_edit")], end="FINISHED")
-    return {"label": label, "compute": res["compute"],
-            "entry": {"method": m.model_dump(mode="json"), "final": res["final"], "rounds": res["rounds"],
-                      "timings": tm, "costs": res["costs"], "worker": _worker_name()},
-            "row": {"method": label, **{k: res["final"].get(k) for k in report.HEADLINE + report.AVERAGES + ["n_edits"]},
-                    **res["costs"]}}
+    ctx.track(
+        tracking,
+        mrid,
+        metrics={"final." + k: v for k, v in _metric_dict(res["final"] | res["costs"]).items()},
+        step=data["n_edits"],
+        artifacts=[(res["state"], "adapter"), (res["table"], "per_edit")],
+        end="FINISHED",
+    )
+    return {
+        "label": label,
+        "compute": res["compute"],
+        "entry": {
+            "method": m.model_dump(mode="json"),
+            "final": res["final"],
+            "rounds": res["rounds"],
+            "timings": tm,
+            "costs": res["costs"],
+            "worker": _worker_name(),
+        },
+        "row": {
+            "method": label,
+            **{k: res["final"].get(k) for k in report.HEADLINE + report.AVERAGES + ["n_edits"]},
+            **res["costs"],
+        },
+    }
 
 
 def _worker_name() -> str:
@@ -508,8 +684,14 @@ def method_study(ctx: Ctx, i: int, m, label: str, data: dict, base: dict, rid: s
 
 
 @flow(name="compare", **HOOKS)
-def compare(config: dict, out: str | None = None, runs_dir: str | None = None, parallel: bool = False,
-            name: str | None = None, tags: dict | None = None) -> dict:
+def compare(
+    config: dict,
+    out: str | None = None,
+    runs_dir: str | None = None,
+    parallel: bool = False,
+    name: str | None = None,
+    tags: dict | None = None,
+) -> dict:
     """Several methods (``methods:``) on the same edits and protocol, side by side. ``parallel``:
     the methods run as tasks on the flow's task runner (``with_options(task_runner=dask_runner(...))``),
     each in its own worker process; else one after the other in this process."""
@@ -540,28 +722,51 @@ def compare(config: dict, out: str | None = None, runs_dir: str | None = None, p
             table_rows.append(d["row"])
         import polars as pl
 
-        cols = [c for c in report.HEADLINE + report.AVERAGES + report.COSTS if any(r.get(c) is not None for r in table_rows)]
-        md_text = (f"# Comparison ({cfg.protocol.mode}, {data['n_edits']} edits, {Path(cfg.data.path).name}, "
-                   f"{cfg.model.name})\n\n" + report.markdown_table(table_rows, cols, "method") + "\n")
+        cols = [
+            c for c in report.HEADLINE + report.AVERAGES + report.COSTS if any(r.get(c) is not None for r in table_rows)
+        ]
+        md_text = (
+            f"# Comparison ({cfg.protocol.mode}, {data['n_edits']} edits, {Path(cfg.data.path).name}, "
+            f"{cfg.model.name})\n\n" + report.markdown_table(table_rows, cols, "method") + "\n"
+        )
         (ctx.out / "comparison.md").write_text(md_text)
         pl.DataFrame(table_rows).write_parquet(ctx.out / "comparison.parquet")
-        protocol = (f"{cfg.protocol.mode}, {len(data['rounds'])} x {data['n_edits'] // len(data['rounds'])} edits"
-                    if cfg.protocol.mode == "sequential" else f"batch of {data['n_edits']} edits")
-        report.compare_plot({r["method"]: r for r in table_rows}, ctx.out / "comparison.png",
-                            f"{Path(cfg.data.path).name}, {protocol}, {cfg.model.name}")
+        protocol = (
+            f"{cfg.protocol.mode}, {len(data['rounds'])} x {data['n_edits'] // len(data['rounds'])} edits"
+            if cfg.protocol.mode == "sequential"
+            else f"batch of {data['n_edits']} edits"
+        )
+        report.compare_plot(
+            {r["method"]: r for r in table_rows},
+            ctx.out / "comparison.png",
+            f"{Path(cfg.data.path).name}, {protocol}, {cfg.model.name}",
+        )
         plots = ["comparison.md", "comparison.parquet", "comparison.png"]
         if len(data["rounds"]) > 1:  # sequential: one retention curve per method
-            report.retention_plot({k: v["rounds"] for k, v in methods.items()}, ctx.out / "retention.png",
-                                  f"retention: {Path(cfg.data.path).name}, {protocol}, {cfg.model.name}")
+            report.retention_plot(
+                {k: v["rounds"] for k, v in methods.items()},
+                ctx.out / "retention.png",
+                f"retention: {Path(cfg.data.path).name}, {protocol}, {cfg.model.name}",
+            )
             plots.append("retention.png")
         extra = [(str(ctx.out / n), None) for n in plots]
         if rid:  # each method's headline metrics and costs on the parent, prefixed by its label
-            tr.metrics(rid, {f"{r['method']}.{k}": r[k] for r in table_rows for k in report.HEADLINE + ["avg"]
-                             + report.COSTS if isinstance(r.get(k), (int, float))}, step=data["n_edits"])
+            tr.metrics(
+                rid,
+                {
+                    f"{r['method']}.{k}": r[k]
+                    for r in table_rows
+                    for k in report.HEADLINE + ["avg"] + report.COSTS
+                    if isinstance(r.get(k), (int, float))
+                },
+                step=data["n_edits"],
+            )
         results = _results_base(ctx, rid) | {
-            "methods": methods, "tasks": ctx.task_states,
+            "methods": methods,
+            "tasks": ctx.task_states,
             "data": {k: data[k] for k in ("n_edits", "n_read", "n_kept", "n_skipped", "frame_hash")},
-            "anchors": anchors["coverage"] if anchors else None}
+            "anchors": anchors["coverage"] if anchors else None,
+        }
         results["timings"] = _timings(ctx, t_start, compute)
         _finish_parent(ctx, rid, data, results, extra)
         results["timings"] = _timings(ctx, t_start, compute)
@@ -593,11 +798,13 @@ def dask_runner(spec: str):
         api = server.api_url if server.running else None
     env = {"PREFECT_API_URL": api} if api else {}
     if spec.isdigit() and int(spec) >= 1:
-        return DaskTaskRunner(cluster_kwargs={"n_workers": int(spec), "threads_per_worker": 1, "processes": True,
-                                              "env": env})
+        return DaskTaskRunner(
+            cluster_kwargs={"n_workers": int(spec), "threads_per_worker": 1, "processes": True, "env": env}
+        )
     if spec == "cuda":
-        return DaskTaskRunner(cluster_class="dask_cuda.LocalCUDACluster",
-                              cluster_kwargs={"threads_per_worker": 1, "env": env})
+        return DaskTaskRunner(
+            cluster_class="dask_cuda.LocalCUDACluster", cluster_kwargs={"threads_per_worker": 1, "env": env}
+        )
     if "://" in spec:
         return DaskTaskRunner(address=spec)
     raise ConfigError(f"--dask {spec}: a number of local workers, 'cuda', or a scheduler address (tcp://host:port)")
@@ -619,9 +826,15 @@ def flow_for(cfg: Config, dask: str | None = None):
 
 
 @flow(name="memoe-study", **HOOKS)
-def study(config_path: str | None = "configs/quickstart.yaml", overrides: list[str] | None = None,
-          out: str | None = None, runs_dir: str | None = None, dask: str | None = None,
-          name: str | None = None, tags: dict | None = None) -> dict:
+def study(
+    config_path: str | None = "configs/quickstart.yaml",
+    overrides: list[str] | None = None,
+    out: str | None = None,
+    runs_dir: str | None = None,
+    dask: str | None = None,
+    name: str | None = None,
+    tags: dict | None = None,
+) -> dict:
     """Deployment entry point: load a config file (relative to the project) plus overrides and run
     the matching flow (compare when ``methods`` is set, else batch or sequential). ``dask``: run a
     comparison's methods side by side on a Dask task runner (see ``dask_runner``)."""

@@ -8,6 +8,7 @@ Prefect flow runs carry the tag ``memoe.sweep=<id>``. A failed cell is reported 
 on. The tasks are cached on their inputs' contents, so a rerun of the same sweep recomputes only
 what no earlier run (on any worker sharing the store) has computed.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,10 +40,19 @@ class CellRun:
     cached_tasks: int | None = None
 
     def row(self) -> dict[str, Any]:
-        return {"cell": self.cell.index, "values": dict(self.cell.values), "overrides": list(self.cell.overrides),
-                "state": self.state, "seconds": self.seconds, "error": self.error, "flow_run_id": self.flow_run_id,
-                "mlflow_run_id": self.mlflow_run_id, "tasks": self.tasks, "cached_tasks": self.cached_tasks,
-                "final": {k.removeprefix("final."): v for k, v in self.metrics.items() if k.startswith("final.")}}
+        return {
+            "cell": self.cell.index,
+            "values": dict(self.cell.values),
+            "overrides": list(self.cell.overrides),
+            "state": self.state,
+            "seconds": self.seconds,
+            "error": self.error,
+            "flow_run_id": self.flow_run_id,
+            "mlflow_run_id": self.mlflow_run_id,
+            "tasks": self.tasks,
+            "cached_tasks": self.cached_tasks,
+            "final": {k.removeprefix("final."): v for k, v in self.metrics.items() if k.startswith("final.")},
+        }
 
 
 def config_path_for(base: str | None) -> str:
@@ -72,7 +82,9 @@ def check_cells(sweep: Sweep, preflight) -> tuple[str, list[CellRun]]:
         runs.append(CellRun(c, cfg))
     uris = {(r.cfg.tracking.mlflow_uri, r.cfg.tracking.experiment, r.cfg.tracking.enabled) for r in runs}
     if len(uris) > 1:
-        raise ConfigError(f"sweep: the cells must share one MLflow experiment (tracking.* differs: {sorted(map(str, uris))})")
+        raise ConfigError(
+            f"sweep: the cells must share one MLflow experiment (tracking.* differs: {sorted(map(str, uris))})"
+        )
     return base, runs
 
 
@@ -100,26 +112,35 @@ def read_sweep_tags(tags) -> dict[str, str]:
     out = {}
     for t in tags or []:
         if t.startswith(SWEEP_TAG):
-            out["memoe.sweep"] = t[len(SWEEP_TAG):]
+            out["memoe.sweep"] = t[len(SWEEP_TAG) :]
         elif t.startswith(SWEEP_RUN_TAG):
-            out["mlflow.parentRunId"] = t[len(SWEEP_RUN_TAG):]
+            out["mlflow.parentRunId"] = t[len(SWEEP_RUN_TAG) :]
     return out
 
 
 class SweepRunner:
     """Runs the cells (on a pool or here), follows them, records the sweep in MLflow."""
 
-    def __init__(self, sweep: Sweep, base: str, cells: list[CellRun], runs_dir: str | None, console,
-                 poll_s: float = 2.0):
+    def __init__(
+        self, sweep: Sweep, base: str, cells: list[CellRun], runs_dir: str | None, console, poll_s: float = 2.0
+    ):
         from tasks.tracking import resolve_uri, tracker
 
         self.sweep, self.base, self.cells, self.runs_dir = sweep, base, cells, runs_dir
         self.console, self.poll_s = console, poll_s
         self.id = sweep.sweep_id()
         cfg = cells[0].cfg
-        rd = Path(runs_dir).resolve() if runs_dir else Path(os.environ.get("MEMOE_RUNS") or PROJECT_ROOT / "runs").resolve()
-        self.tracking = {"uri": resolve_uri(cfg.tracking.mlflow_uri, rd), "experiment": cfg.tracking.experiment,
-                         "runs_dir": str(rd), "enabled": cfg.tracking.enabled}
+        rd = (
+            Path(runs_dir).resolve()
+            if runs_dir
+            else Path(os.environ.get("MEMOE_RUNS") or PROJECT_ROOT / "runs").resolve()
+        )
+        self.tracking = {
+            "uri": resolve_uri(cfg.tracking.mlflow_uri, rd),
+            "experiment": cfg.tracking.experiment,
+            "runs_dir": str(rd),
+            "enabled": cfg.tracking.enabled,
+        }
         self.tr = tracker(**self.tracking)
         self.run_id: str | None = None
 
@@ -144,21 +165,35 @@ class SweepRunner:
     def start(self) -> None:
         from memoe.config import flatten
 
-        self.run_id = self.tr.start(f"sweep-{self.id}", {"memoe.sweep": self.id, "memoe.flow": "sweep",
-                                                          "memoe.base": self.base,
-                                                          "memoe.sweep_cells": str(len(self.cells))})
+        self.run_id = self.tr.start(
+            f"sweep-{self.id}",
+            {
+                "memoe.sweep": self.id,
+                "memoe.flow": "sweep",
+                "memoe.base": self.base,
+                "memoe.sweep_cells": str(len(self.cells)),
+            },
+        )
         flats = [flatten(c.cfg.to_dict()) for c in self.cells]
-        common = {k: v for k, v in flats[0].items()  # the settings every cell shares
-                  if all(k in f and str(f[k]) == str(v) for f in flats[1:])}
-        self.tr.params(self.run_id, {"base": self.base, "set": json.dumps(self.sweep.fixed)}
-                       | {f"grid.{k}": json.dumps(v) for k, v in self.sweep.axes.items()} | common)
+        common = {
+            k: v
+            for k, v in flats[0].items()  # the settings every cell shares
+            if all(k in f and str(f[k]) == str(v) for f in flats[1:])
+        }
+        self.tr.params(
+            self.run_id,
+            {"base": self.base, "set": json.dumps(self.sweep.fixed)}
+            | {f"grid.{k}": json.dumps(v) for k, v in self.sweep.axes.items()}
+            | common,
+        )
 
     def collect(self, c: CellRun) -> None:
         """The cell's study run in MLflow (found by its Prefect flow run) and its final metrics."""
         if not (self.tr.enabled and c.flow_run_id):
             return
-        runs = self.tr.client.search_runs([self.tr.experiment_id],
-                                          f"tags.`prefect.root_flow_run_id` = '{c.flow_run_id}'", max_results=5)
+        runs = self.tr.client.search_runs(
+            [self.tr.experiment_id], f"tags.`prefect.root_flow_run_id` = '{c.flow_run_id}'", max_results=5
+        )
         if runs:
             r = runs[0]
             c.mlflow_run_id = r.info.run_id
@@ -169,14 +204,21 @@ class SweepRunner:
 
     def finish(self, wall_s: float) -> dict:
         ok = sum(c.state == "COMPLETED" for c in self.cells)
-        summary = {"sweep": self.id, "base": self.base, "cells": [c.row() for c in self.cells], "completed": ok,
-                   "failed": len(self.cells) - ok, "wall_s": round(wall_s, 3),
-                   "mlflow": {"tracking_uri": self.tracking["uri"], "run_id": self.run_id}}
+        summary = {
+            "sweep": self.id,
+            "base": self.base,
+            "cells": [c.row() for c in self.cells],
+            "completed": ok,
+            "failed": len(self.cells) - ok,
+            "wall_s": round(wall_s, 3),
+            "mlflow": {"tracking_uri": self.tracking["uri"], "run_id": self.run_id},
+        }
         if self.run_id:
             import tempfile
 
-            self.tr.metrics(self.run_id, {"cells_completed": ok, "cells_failed": len(self.cells) - ok,
-                                          "wall_s": wall_s})
+            self.tr.metrics(
+                self.run_id, {"cells_completed": ok, "cells_failed": len(self.cells) - ok, "wall_s": wall_s}
+            )
             with tempfile.TemporaryDirectory() as d:
                 p = Path(d) / "sweep.json"
                 p.write_text(json.dumps(summary, indent=1, default=str))
@@ -215,8 +257,9 @@ class SweepRunner:
             c.state, c.started = "RUNNING", time.perf_counter()
             progress.update(bar, description=escape(f"cell {c.cell.index + 1}/{len(self.cells)} [{c.cell.label}]"))
             with tags(*sweep_tags(self.id, self.run_id)):
-                state = study(config_path=self.base, overrides=list(c.cell.overrides), runs_dir=self.runs_dir,
-                              return_state=True)
+                state = study(
+                    config_path=self.base, overrides=list(c.cell.overrides), runs_dir=self.runs_dir, return_state=True
+                )
             c.flow_run_id = str(state.state_details.flow_run_id) if state.state_details.flow_run_id else None
             c.state, c.seconds = state.type.value, time.perf_counter() - c.started
             if c.state != "COMPLETED":
@@ -233,8 +276,12 @@ class SweepRunner:
         self.console.print(f"sweep {self.id}: {len(self.cells)} cells on work pool '{pool}' (deployment {name})")
         params_extra = {"runs_dir": self.runs_dir} if self.runs_dir else {}
         for c in self.cells:
-            fr = run_deployment(name=name, parameters={"config_path": self.base, "overrides": list(c.cell.overrides)}
-                                | params_extra, timeout=0, tags=sweep_tags(self.id, self.run_id))
+            fr = run_deployment(
+                name=name,
+                parameters={"config_path": self.base, "overrides": list(c.cell.overrides)} | params_extra,
+                timeout=0,
+                tags=sweep_tags(self.id, self.run_id),
+            )
             c.flow_run_id, c.state = str(fr.id), "SCHEDULED"
         bar = progress.add_task(f"sweep cells on {pool}", total=len(self.cells))
         t0 = time.time()
@@ -284,18 +331,25 @@ def pick_deployment(pool: str, deployment: str | None) -> str:
             client.read_work_pool(pool)
         except Exception:  # noqa: BLE001 - ObjectNotFound, or no server
             raise ConfigError(f"--pool {pool}: no such work pool on {client.api_url}") from None
-        deps = client.read_deployments(flow_filter=FlowFilter(name=FlowFilterName(any_=["memoe-study"])),
-                                       work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool])))
+        deps = client.read_deployments(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["memoe-study"])),
+            work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool])),
+        )
     names = {d.name: d for d in deps}
     if deployment:
         short = deployment.split("/", 1)[-1]
         if short not in names:
-            raise ConfigError(f"--deployment {deployment}: no memoe-study deployment of that name on pool '{pool}' "
-                              f"(there: {sorted(names) or 'none; run prefect deploy --name quickstart'})")
+            raise ConfigError(
+                f"--deployment {deployment}: no memoe-study deployment of that name on pool '{pool}' "
+                f"(there: {sorted(names) or 'none; run prefect deploy --name quickstart'})"
+            )
         return f"memoe-study/{short}"
     free = [n for n, d in names.items() if not d.schedules]
     if len(free) != 1:
-        raise ConfigError(f"--pool {pool}: {len(free)} unscheduled memoe-study deployments there ({sorted(free)}); "
-                          "name one with --deployment" if free else
-                          f"--pool {pool}: no memoe-study deployment on it (run prefect --no-prompt deploy --name quickstart)")
+        raise ConfigError(
+            f"--pool {pool}: {len(free)} unscheduled memoe-study deployments there ({sorted(free)}); "
+            "name one with --deployment"
+            if free
+            else f"--pool {pool}: no memoe-study deployment on it (run prefect --no-prompt deploy --name quickstart)"
+        )
     return f"memoe-study/{free[0]}"

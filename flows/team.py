@@ -8,6 +8,7 @@ binds to ``host`` (127.0.0.1 unless told otherwise). PostgreSQL refuses to run a
 root it runs as the ``postgres`` user (``runuser``); when its binaries are missing and this is a
 Debian machine run as root, ``ensure_postgres`` installs Debian's ``postgresql`` package.
 """
+
 from __future__ import annotations
 
 import glob
@@ -53,15 +54,20 @@ def ensure_postgres() -> Path:
         return b
     if os.geteuid() == 0 and shutil.which("apt-get"):
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        for cmd in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "--no-install-recommends", "postgresql"]):
+        for cmd in (
+            ["apt-get", "update", "-q"],
+            ["apt-get", "install", "-y", "-q", "--no-install-recommends", "postgresql"],
+        ):
             p = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if p.returncode != 0:
                 raise ServerError(f"{' '.join(cmd)} failed:\n{p.stdout[-2000:]}{p.stderr[-2000:]}")
         b = pg_bin()
         if b:
             return b
-    raise ServerError("PostgreSQL is not installed (no pg_ctl): install Debian's 'postgresql' package "
-                      "(apt-get install postgresql) or put pg_ctl on PATH")
+    raise ServerError(
+        "PostgreSQL is not installed (no pg_ctl): install Debian's 'postgresql' package "
+        "(apt-get install postgresql) or put pg_ctl on PATH"
+    )
 
 
 def _wait_http(url: str, proc: subprocess.Popen, log: Path, name: str, timeout: float) -> None:
@@ -104,6 +110,7 @@ def stop_process(proc: subprocess.Popen, sig: int = signal.SIGINT, wait: float =
 @dataclass
 class Postgres:
     """One PostgreSQL cluster in ``data`` on ``host:port``; user ``memoe`` with a password."""
+
     data: Path
     port: int
     host: str = "127.0.0.1"
@@ -141,8 +148,22 @@ class Postgres:
                 os.chown(pwfile, owner.pw_uid, owner.pw_gid)
             pwfile.chmod(0o600)
             try:
-                self._run([str(b / "initdb"), "-D", str(self.data), "-U", self.user, "--pwfile", str(pwfile),
-                           "--auth-local=scram-sha-256", "--auth-host=scram-sha-256", "-E", "UTF8"], "initdb")
+                self._run(
+                    [
+                        str(b / "initdb"),
+                        "-D",
+                        str(self.data),
+                        "-U",
+                        self.user,
+                        "--pwfile",
+                        str(pwfile),
+                        "--auth-local=scram-sha-256",
+                        "--auth-host=scram-sha-256",
+                        "-E",
+                        "UTF8",
+                    ],
+                    "initdb",
+                )
             finally:
                 pwfile.unlink(missing_ok=True)
         log = self.data.parent / "postgres.log"
@@ -154,8 +175,10 @@ class Postgres:
             os.chown(log, owner.pw_uid, owner.pw_gid)
         # sockets in the data folder (not /var/run/postgresql, which may not exist); TCP on host only
         opts = f"-p {self.port} -h {self.host} -k {self.data}"
-        self._run([str(b / "pg_ctl"), "-D", str(self.data), "-l", str(log), "-o", opts, "-w", "-t", "60", "start"],
-                  f"start (log {log}: {_tail(log, 1500)})")
+        self._run(
+            [str(b / "pg_ctl"), "-D", str(self.data), "-l", str(log), "-o", opts, "-w", "-t", "60", "start"],
+            f"start (log {log}: {_tail(log, 1500)})",
+        )
         self.started = True
         for db in ("prefect", "mlflow"):
             self._psql(f"SELECT 1 FROM pg_database WHERE datname = '{db}'", create=db)
@@ -164,8 +187,19 @@ class Postgres:
     def _psql(self, query: str, create: str | None = None) -> None:
         env = dict(os.environ, PGPASSWORD=self.password)
         b = pg_bin()
-        args = [str(b / "psql"), "-h", self.host, "-p", str(self.port), "-U", self.user, "-d", "postgres",
-                "-tAc", query]
+        args = [
+            str(b / "psql"),
+            "-h",
+            self.host,
+            "-p",
+            str(self.port),
+            "-U",
+            self.user,
+            "-d",
+            "postgres",
+            "-tAc",
+            query,
+        ]
         p = subprocess.run(args, env=env, capture_output=True, text=True)
         if p.returncode != 0:
             raise ServerError(f"PostgreSQL query failed: {p.stderr[-2000:]}")
@@ -181,8 +215,11 @@ class Postgres:
     def stop(self) -> None:
         if self.started:
             b = pg_bin()
-            subprocess.run(self._as_owner() + [str(b / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"],
-                           capture_output=True, cwd="/")
+            subprocess.run(
+                self._as_owner() + [str(b / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"],
+                capture_output=True,
+                cwd="/",
+            )
             self.started = False
 
 
@@ -193,6 +230,7 @@ class TeamServer:
     ``artifacts``: where MLflow keeps artifacts, proxied by its server (clients only need the
     tracking URI): a folder (default ``folder/mlartifacts``) or ``s3://bucket/prefix`` (credentials
     and ``MLFLOW_S3_ENDPOINT_URL`` from the environment or ``artifacts_env``)."""
+
     folder: Path
     host: str = "127.0.0.1"
     prefect_port: int = 4200
@@ -223,22 +261,57 @@ class TeamServer:
         try:
             self.pg = Postgres(self.folder / "postgres", self.pg_port or free_port("127.0.0.1"), "127.0.0.1").start()
             base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
-            base |= {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                     "MLFLOW_ENABLE_TELEMETRY": "false"}
-            penv = base | {"PREFECT_HOME": str(self.folder / "prefect-home"),
-                           "PREFECT_API_DATABASE_CONNECTION_URL": self.pg.url("prefect", "asyncpg"),
-                           "PREFECT_UI_ENABLED": "true" if self.prefect_ui else "false",
-                           "PREFECT_UI_API_URL": self.prefect_api}
-            prefect = self._spawn([sys.executable, "-m", "prefect", "server", "start", "--host", self.host,
-                                   "--port", str(self.prefect_port)], penv, logs / "prefect.log")
+            base |= {
+                "DO_NOT_TRACK": "1",
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                "MLFLOW_ENABLE_TELEMETRY": "false",
+            }
+            penv = base | {
+                "PREFECT_HOME": str(self.folder / "prefect-home"),
+                "PREFECT_API_DATABASE_CONNECTION_URL": self.pg.url("prefect", "asyncpg"),
+                "PREFECT_UI_ENABLED": "true" if self.prefect_ui else "false",
+                "PREFECT_UI_API_URL": self.prefect_api,
+            }
+            prefect = self._spawn(
+                [
+                    sys.executable,
+                    "-m",
+                    "prefect",
+                    "server",
+                    "start",
+                    "--host",
+                    self.host,
+                    "--port",
+                    str(self.prefect_port),
+                ],
+                penv,
+                logs / "prefect.log",
+            )
             dest = self.artifacts or str(self.folder / "mlartifacts")
             if "://" not in dest:
                 Path(dest).mkdir(parents=True, exist_ok=True)
             menv = base | self.artifacts_env
-            mlflow = self._spawn([sys.executable, "-m", "mlflow", "server", "--host", self.host,
-                                  "--port", str(self.mlflow_port), "--workers", "1",
-                                  "--backend-store-uri", self.pg.url("mlflow", "psycopg2"),
-                                  "--artifacts-destination", dest, "--serve-artifacts"], menv, logs / "mlflow.log")
+            mlflow = self._spawn(
+                [
+                    sys.executable,
+                    "-m",
+                    "mlflow",
+                    "server",
+                    "--host",
+                    self.host,
+                    "--port",
+                    str(self.mlflow_port),
+                    "--workers",
+                    "1",
+                    "--backend-store-uri",
+                    self.pg.url("mlflow", "psycopg2"),
+                    "--artifacts-destination",
+                    dest,
+                    "--serve-artifacts",
+                ],
+                menv,
+                logs / "mlflow.log",
+            )
             _wait_http(f"{self.prefect_api}/health", prefect, logs / "prefect.log", "the Prefect server", timeout)
             _wait_http(f"{self.mlflow_uri}/health", mlflow, logs / "mlflow.log", "the MLflow server", timeout)
         except BaseException:
@@ -247,8 +320,9 @@ class TeamServer:
         return self
 
     def _spawn(self, cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-        p = subprocess.Popen(cmd, env=env, cwd=self.folder, start_new_session=True,
-                             stdout=open(log, "w"), stderr=subprocess.STDOUT)
+        p = subprocess.Popen(
+            cmd, env=env, cwd=self.folder, start_new_session=True, stdout=open(log, "w"), stderr=subprocess.STDOUT
+        )
         self.procs.append(p)
         return p
 

@@ -24,6 +24,7 @@ number of blocks; ``grow`` freezes every earlier block.
 
 This module knows nothing about the editor or about how anchors are found.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from memoe.models import arch_of, decoder_layers, mlp_of
 @dataclass
 class RouteState:
     """Per-row routing context shared by the adapter layers of one model."""
+
     anchor: torch.Tensor | None = None  # (B, d_a) anchor embeddings (zeros: no anchor); (B, T, d_a) per token
     gate: torch.Tensor | None = None  # (B,) 1.0 where the adapter acts on the row, 0.0 where silent
     start: torch.Tensor | None = None  # (B,) first active token index in the unpadded row (0: all)
@@ -72,9 +74,20 @@ class MoELayer(nn.Module):
     """Router + E experts for one MLP. ``form``: lowrank (d->r->d) or ffn (the MLP's own shape,
     gated SiLU like llama's MLP)."""
 
-    def __init__(self, d: int, d_anchor: int, num_experts: int, top_k: int, form: str = "lowrank",
-                 rank: int = 32, ffn_dim: int | None = None, lam: float = 1.0, noise: float = 1.0,
-                 expert_sees_anchor: bool = False, act: str = "none"):
+    def __init__(
+        self,
+        d: int,
+        d_anchor: int,
+        num_experts: int,
+        top_k: int,
+        form: str = "lowrank",
+        rank: int = 32,
+        ffn_dim: int | None = None,
+        lam: float = 1.0,
+        noise: float = 1.0,
+        expert_sees_anchor: bool = False,
+        act: str = "none",
+    ):
         super().__init__()
         self.d, self.d_anchor, self.E, self.k = d, d_anchor, num_experts, top_k
         self.form, self.lam, self.noise, self.sees_anchor, self.act = form, lam, noise, expert_sees_anchor, act
@@ -82,20 +95,21 @@ class MoELayer(nn.Module):
         nn.init.normal_(self.router.weight, std=0.02)
         m = rank if form == "lowrank" else (ffn_dim or 4 * d)
         self.m = m
-        self.w_in = nn.Parameter(torch.randn(num_experts, d, m) / d ** 0.5)
+        self.w_in = nn.Parameter(torch.randn(num_experts, d, m) / d**0.5)
         if form == "ffn":
-            self.w_gate = nn.Parameter(torch.randn(num_experts, d, m) / d ** 0.5)
+            self.w_gate = nn.Parameter(torch.randn(num_experts, d, m) / d**0.5)
         self.w_out = nn.Parameter(torch.zeros(num_experts, m, d))  # zero: a fresh adapter adds 0
         if expert_sees_anchor:
-            self.w_anchor = nn.Parameter(torch.randn(num_experts, d_anchor, m) / d_anchor ** 0.5)
+            self.w_anchor = nn.Parameter(torch.randn(num_experts, d_anchor, m) / d_anchor**0.5)
         self.generator: torch.Generator | None = None
 
     def route(self, x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (N, d), a (N, d_a) -> probs (N, E), top-k weights (N, k), top-k indices (N, k)."""
         logits = self.router(torch.cat([x, a], -1))
         if self.training and self.noise > 0:
-            logits = logits + self.noise * torch.randn(logits.shape, generator=self.generator,
-                                                       device=logits.device, dtype=logits.dtype)
+            logits = logits + self.noise * torch.randn(
+                logits.shape, generator=self.generator, device=logits.device, dtype=logits.dtype
+            )
         probs = logits.float().softmax(-1)
         w, idx = probs.topk(self.k, dim=-1)
         return probs, w.to(x.dtype), idx
@@ -130,9 +144,20 @@ class MoELayer(nn.Module):
 class MEMoEAdapter(nn.Module):
     """The adapter of a whole model: one ``MoELayer`` per edited layer, hooks, a shared RouteState."""
 
-    def __init__(self, model: nn.Module, layers: list[int], *, num_experts: int = 4, top_k: int = 1,
-                 form: str = "lowrank", rank: int = 32, lam: float = 1.0, noise: float = 1.0,
-                 expert_sees_anchor: bool = False, act: str = "none"):
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: list[int],
+        *,
+        num_experts: int = 4,
+        top_k: int = 1,
+        form: str = "lowrank",
+        rank: int = 32,
+        lam: float = 1.0,
+        noise: float = 1.0,
+        expert_sees_anchor: bool = False,
+        act: str = "none",
+    ):
         super().__init__()
         n = len(decoder_layers(model))
         self.layer_ids = sorted({l % n for l in layers})
@@ -140,9 +165,12 @@ class MEMoEAdapter(nn.Module):
         d_model = model.config.hidden_size if hasattr(model.config, "hidden_size") else d
         ffn = getattr(model.config, "intermediate_size", None) or getattr(model.config, "n_inner", None) or 4 * d_model
         param = next(model.parameters())
-        self._make = lambda: nn.ModuleDict({
-            str(l): MoELayer(d_model, d, num_experts, top_k, form, rank, ffn, lam, noise, expert_sees_anchor, act)
-            for l in self.layer_ids}).to(device=param.device, dtype=param.dtype)
+        self._make = lambda: nn.ModuleDict(
+            {
+                str(l): MoELayer(d_model, d, num_experts, top_k, form, rank, ffn, lam, noise, expert_sees_anchor, act)
+                for l in self.layer_ids
+            }
+        ).to(device=param.device, dtype=param.dtype)
         self.moe = self._make()  # block 0
         self.grown = nn.ModuleList()  # blocks 1.. (``grow``)
         self.state = RouteState()
@@ -297,12 +325,13 @@ class MEMoEAdapter(nn.Module):
             if autocast:
                 output = output.to(dt)
             return output + total.view(B, T, d)
+
         return hook
 
     def load_balance_loss(self) -> torch.Tensor:
         """Switch-style auxiliary loss E * sum_e f_e P_e over the last training forward."""
         losses = []
-        for l, (probs, idx) in self.load_stats.items():
+        for probs, idx in self.load_stats.values():
             E = probs.shape[-1]
             f = F.one_hot(idx[:, 0], E).float().mean(0)
             losses.append(E * (f * probs.mean(0)).sum())
@@ -340,14 +369,21 @@ class LayerCache:
     ``first`` and every later layer's other call arguments (rotary position embeddings, causal
     mask, position ids), captured once from a normal forward. ``run`` recomputes only layers
     ``first..`` - the layers below compute the same thing at every training step."""
+
     first: int
     hidden: torch.Tensor
     calls: list = field(default_factory=list)  # [(args_without_hidden, kwargs)] per layer first..
 
     @classmethod
     @torch.no_grad()
-    def capture(cls, model: nn.Module, first: int, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                position_ids: torch.Tensor | None = None) -> "LayerCache":
+    def capture(
+        cls,
+        model: nn.Module,
+        first: int,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None = None,
+    ) -> "LayerCache":
         layers = decoder_layers(model)
         calls: list = []
         hidden: list = []
@@ -362,12 +398,15 @@ class LayerCache:
                 calls.append((rest, kw))
                 if i == len(layers) - 1:
                     raise _Stop
+
             return fn
 
         for i in range(first, len(layers)):
             handles.append(layers[i].register_forward_pre_hook(pre(i), with_kwargs=True))
         try:
-            model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+            model.base_model(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            )
         except _Stop:
             pass
         finally:

@@ -16,6 +16,7 @@ goes through :class:`AnchorExtractor`:
 Only a known-subject match has ``known=True``; the adapter's anchor gate fires on those.
 This module knows nothing about the editor.
 """
+
 from __future__ import annotations
 
 import re
@@ -61,13 +62,94 @@ NO_ANCHOR = Anchor(None)
 
 # words that start sentences and questions but are not names
 _FUNCTION = {
-    "a", "an", "the", "what", "which", "who", "whom", "whose", "when", "where", "why", "how", "is", "are",
-    "was", "were", "do", "does", "did", "in", "on", "at", "of", "for", "to", "from", "by", "with", "and",
-    "or", "but", "if", "it", "its", "this", "that", "these", "those", "there", "he", "she", "they", "we",
-    "i", "you", "my", "his", "her", "their", "our", "nq", "question", "can", "could", "would", "should",
-    "will", "has", "have", "had", "name", "tell", "as", "after", "before", "during", "since",
+    "a",
+    "an",
+    "the",
+    "what",
+    "which",
+    "who",
+    "whom",
+    "whose",
+    "when",
+    "where",
+    "why",
+    "how",
+    "is",
+    "are",
+    "was",
+    "were",
+    "do",
+    "does",
+    "did",
+    "in",
+    "on",
+    "at",
+    "of",
+    "for",
+    "to",
+    "from",
+    "by",
+    "with",
+    "and",
+    "or",
+    "but",
+    "if",
+    "it",
+    "its",
+    "this",
+    "that",
+    "these",
+    "those",
+    "there",
+    "he",
+    "she",
+    "they",
+    "we",
+    "i",
+    "you",
+    "my",
+    "his",
+    "her",
+    "their",
+    "our",
+    "nq",
+    "question",
+    "can",
+    "could",
+    "would",
+    "should",
+    "will",
+    "has",
+    "have",
+    "had",
+    "name",
+    "tell",
+    "as",
+    "after",
+    "before",
+    "during",
+    "since",
 }
-_CONNECT = {"of", "de", "von", "van", "der", "den", "la", "le", "du", "da", "di", "del", "the", "and", "&", "y", "bin", "al"}
+_CONNECT = {
+    "of",
+    "de",
+    "von",
+    "van",
+    "der",
+    "den",
+    "la",
+    "le",
+    "du",
+    "da",
+    "di",
+    "del",
+    "the",
+    "and",
+    "&",
+    "y",
+    "bin",
+    "al",
+}
 _TOKEN = re.compile(r"[\w'&.-]+", re.UNICODE)
 
 
@@ -147,7 +229,7 @@ class AnchorExtractor:
             # the rightmost match of the longest length: a question's subject usually follows
             # any preamble (CounterFact paraphrases start with an unrelated sentence)
             for i in range(len(ws) - n, -1, -1):
-                key = " ".join(w for w, _, _ in ws[i:i + n])
+                key = " ".join(w for w, _, _ in ws[i : i + n])
                 if key in self._index:
                     return Anchor(self._index[key], ws[i][1], ws[i + n - 1][2], known=True, source="known")
         return NO_ANCHOR
@@ -168,14 +250,15 @@ def gold_anchor(prompt: str, subject: str) -> Anchor:
     """An edit's own anchor: its gold subject (span located in the prompt when present)."""
     ws, sw = words(prompt), normalise_subject(subject).split()
     for i in range(len(ws) - len(sw), -1, -1):
-        if [w for w, _, _ in ws[i:i + len(sw)]] == sw and sw:
+        if [w for w, _, _ in ws[i : i + len(sw)]] == sw and sw:
             return Anchor(subject, ws[i][1], ws[i + len(sw) - 1][2], known=True, source="gold")
     return Anchor(subject, -1, -1, known=True, source="gold")
 
 
 @torch.no_grad()
-def anchor_embeddings(embedding: torch.nn.Module, tokenizer, anchors: Sequence[str | None],
-                      pooling: str = "mean") -> torch.Tensor:
+def anchor_embeddings(
+    embedding: torch.nn.Module, tokenizer, anchors: Sequence[str | None], pooling: str = "mean"
+) -> torch.Tensor:
     """(N, d) pooled frozen input embeddings of each anchor's tokens (``" " + anchor``, no special
     tokens); a zero vector for no anchor. ``pooling``: mean | last | sum."""
     w = embedding.weight

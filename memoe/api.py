@@ -17,6 +17,7 @@ The records go through the same checks as a data file (``memoe.data.validate_fra
 field, a subject absent from its prompt or unequal numbers of locality prompts and answers is an
 ``EditDataError`` naming the record and the field. No Prefect, no MLflow, no files written.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,10 +28,10 @@ import polars as pl
 
 @dataclass
 class EditResult:
-    scores: dict[str, float]      # means over the edits (memoe.metrics.summarize): reliability, generality, ...
-    per_edit: pl.DataFrame        # one row per edit: id, subject, prompt, target_new, the metric columns, generation
-    stats: Any                    # the editor's training figures: a memoe.editors.base.EditResult
-    editor: Any                   # the Editor, still applied to the model (editor.remove() restores it)
+    scores: dict[str, float]  # means over the edits (memoe.metrics.summarize): reliability, generality, ...
+    per_edit: pl.DataFrame  # one row per edit: id, subject, prompt, target_new, the metric columns, generation
+    stats: Any  # the editor's training figures: a memoe.editors.base.EditResult
+    editor: Any  # the Editor, still applied to the model (editor.remove() restores it)
     model: Any = None
     tokenizer: Any = None
 
@@ -49,9 +50,18 @@ def _per_edit(values, n: int, field: str) -> list[list[str]]:
     return [[v] if isinstance(v, str) else list(v or []) for v in values]
 
 
-def records(prompts: Sequence[str] | str, target_new: Sequence[str] | str, subject: Sequence[str] | str,
-            rephrase_prompts=None, locality_prompts=None, locality_ground_truth=None, portability_prompts=None,
-            portability_ground_truth=None, target_true=None, ids: Sequence[str] | None = None) -> pl.DataFrame:
+def records(
+    prompts: Sequence[str] | str,
+    target_new: Sequence[str] | str,
+    subject: Sequence[str] | str,
+    rephrase_prompts=None,
+    locality_prompts=None,
+    locality_ground_truth=None,
+    portability_prompts=None,
+    portability_ground_truth=None,
+    target_true=None,
+    ids: Sequence[str] | None = None,
+) -> pl.DataFrame:
     """The edit-record frame (``memoe.data.SCHEMA``) for lists in EasyEdit's argument names, checked."""
     from memoe.data import SCHEMA, EditDataError, validate_frame
 
@@ -66,15 +76,22 @@ def records(prompts: Sequence[str] | str, target_new: Sequence[str] | str, subje
     tt = as_list(target_true) if target_true is not None else [None] * n
     if len(tt) != n:
         raise EditDataError("memoe.api.edit", f"{len(tt)} values for {n} prompts", field="target_true")
-    df = pl.DataFrame({
-        "id": list(ids) if ids is not None else [str(i) for i in range(n)],
-        "subject": subject, "prompt": prompts, "target_new": target_new, "target_true": tt,
-        "rephrase_prompts": _per_edit(rephrase_prompts, n, "rephrase_prompts"),
-        "locality_prompts": _per_edit(locality_prompts, n, "locality_prompts"),
-        "locality_answers": _per_edit(locality_ground_truth, n, "locality_ground_truth"),
-        "portability_prompts": _per_edit(portability_prompts, n, "portability_prompts"),
-        "portability_answers": _per_edit(portability_ground_truth, n, "portability_ground_truth"),
-        "generation_prompts": [[] for _ in range(n)]}, schema=SCHEMA)
+    df = pl.DataFrame(
+        {
+            "id": list(ids) if ids is not None else [str(i) for i in range(n)],
+            "subject": subject,
+            "prompt": prompts,
+            "target_new": target_new,
+            "target_true": tt,
+            "rephrase_prompts": _per_edit(rephrase_prompts, n, "rephrase_prompts"),
+            "locality_prompts": _per_edit(locality_prompts, n, "locality_prompts"),
+            "locality_answers": _per_edit(locality_ground_truth, n, "locality_ground_truth"),
+            "portability_prompts": _per_edit(portability_prompts, n, "portability_prompts"),
+            "portability_answers": _per_edit(portability_ground_truth, n, "portability_ground_truth"),
+            "generation_prompts": [[] for _ in range(n)],
+        },
+        schema=SCHEMA,
+    )
     return validate_frame(df, "memoe.api.edit")
 
 
@@ -85,23 +102,49 @@ def method_config(method: Any = "memoe", **hparams):
 
     from memoe.config import ConfigError, validate_method
 
-    d = method.model_dump(mode="json") if isinstance(method, BaseModel) else \
-        dict(method) if isinstance(method, dict) else {"name": method}
+    d = (
+        method.model_dump(mode="json")
+        if isinstance(method, BaseModel)
+        else dict(method)
+        if isinstance(method, dict)
+        else {"name": method}
+    )
     d.setdefault("name", "memoe")
     d.update(hparams)
     try:
         return validate_method(d)
     except ValidationError as e:
         # loc: (tag, field, ...); () where the name itself matches no registered method
-        raise ConfigError("method: " + "; ".join(f"{'.'.join(map(str, x['loc'][1:])) or (x['loc'] or ('name',))[0]}: "
-                                                 f"{x['msg']}" for x in e.errors())) from None
+        raise ConfigError(
+            "method: "
+            + "; ".join(
+                f"{'.'.join(map(str, x['loc'][1:])) or (x['loc'] or ('name',))[0]}: {x['msg']}" for x in e.errors()
+            )
+        ) from None
 
 
-def edit(prompts, target_new, subject, rephrase_prompts=None, locality_prompts=None, locality_ground_truth=None,
-         portability_prompts=None, portability_ground_truth=None, target_true=None, *, method: Any = "memoe",
-         model: Any = "embedded:smollm2-135m", tokenizer=None, device: str = "auto", dtype: str = "auto",
-         seed: int = 0, generation: bool = True, max_new_tokens: int = 16, batch_size: int = 16,
-         **hparams) -> EditResult:
+def edit(
+    prompts,
+    target_new,
+    subject,
+    rephrase_prompts=None,
+    locality_prompts=None,
+    locality_ground_truth=None,
+    portability_prompts=None,
+    portability_ground_truth=None,
+    target_true=None,
+    *,
+    method: Any = "memoe",
+    model: Any = "embedded:smollm2-135m",
+    tokenizer=None,
+    device: str = "auto",
+    dtype: str = "auto",
+    seed: int = 0,
+    generation: bool = True,
+    max_new_tokens: int = 16,
+    batch_size: int = 16,
+    **hparams,
+) -> EditResult:
     """Edit ``model`` (a memoe model name, or a loaded model with its ``tokenizer``) on the given
     facts with ``method`` (its hyperparameters as keyword arguments, e.g. ``steps=40``) and score
     the edits as the pipeline does (reliability, generality, locality against the unedited model,
@@ -111,8 +154,17 @@ def edit(prompts, target_new, subject, rephrase_prompts=None, locality_prompts=N
     from memoe.editors import make_editor
     from memoe.metrics import evaluate, locality_predictions, summarize
 
-    recs = records(prompts, target_new, subject, rephrase_prompts, locality_prompts, locality_ground_truth,
-                   portability_prompts, portability_ground_truth, target_true)
+    recs = records(
+        prompts,
+        target_new,
+        subject,
+        rephrase_prompts,
+        locality_prompts,
+        locality_ground_truth,
+        portability_prompts,
+        portability_ground_truth,
+        target_true,
+    )
     mcfg = method_config(method, **hparams)
     if isinstance(model, str):
         from memoe.models import load_model
@@ -126,8 +178,17 @@ def edit(prompts, target_new, subject, rephrase_prompts=None, locality_prompts=N
     torch.manual_seed(seed)
     editor = make_editor(model, tokenizer, mcfg, seed=seed)
     stats = editor.edit(recs)
-    table = evaluate(model, tokenizer, recs, base, editor=editor, batch_size=batch_size, generation=generation,
-                     max_new_tokens=max_new_tokens)
+    table = evaluate(
+        model,
+        tokenizer,
+        recs,
+        base,
+        editor=editor,
+        batch_size=batch_size,
+        generation=generation,
+        max_new_tokens=max_new_tokens,
+    )
     table = recs.select("id", "subject", "prompt", "target_new").join(table, on="id", how="left", maintain_order="left")
-    return EditResult(scores=summarize(table), per_edit=table, stats=stats, editor=editor, model=model,
-                      tokenizer=tokenizer)
+    return EditResult(
+        scores=summarize(table), per_edit=table, stats=stats, editor=editor, model=model, tokenizer=tokenizer
+    )

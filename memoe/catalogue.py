@@ -2,6 +2,7 @@
 description, read from one file, ``configs/datasets/catalogue.yaml``. Nothing else in the code holds a
 dataset's path: the config's default data, ``data.dataset: NAME``, the benchmarks, the scripts and the
 tests ask the catalogue."""
+
 from __future__ import annotations
 
 import functools
@@ -51,8 +52,11 @@ def datasets() -> dict[str, Dataset]:
         raise DatasetError(f"{_where()}: top level must be a mapping of dataset names")
     out = {}
     for name, entry in raw.items():
-        if not isinstance(entry, dict) or set(entry) != set(FIELDS) or not all(
-                isinstance(entry[k], str) and entry[k] for k in FIELDS):
+        if (
+            not isinstance(entry, dict)
+            or set(entry) != set(FIELDS)
+            or not all(isinstance(entry[k], str) and entry[k] for k in FIELDS)
+        ):
             raise DatasetError(f"{_where()}: dataset {name!r} needs exactly {', '.join(FIELDS)} (non-empty strings)")
         out[str(name)] = Dataset(str(name), entry["path"], entry["format"], entry["description"])
     return out

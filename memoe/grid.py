@@ -13,6 +13,7 @@ quotes separates values, so ``method.layers=[2,3]`` is one value and ``method.la
 The cells are the product in the order the keys are given; each is a list of ``key=value``
 overrides applied after the base config's own values.
 """
+
 from __future__ import annotations
 
 import hashlib

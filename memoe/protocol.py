@@ -19,6 +19,7 @@ pieces as one cached task per round, so that a study killed in round k resumes a
 
 At the top of the library: it uses the editors and the metrics; no Prefect, no MLflow.
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,7 +30,7 @@ from typing import Any, Callable, Iterator, Sequence
 import polars as pl
 
 from memoe.data import RE_EDIT
-from memoe.metrics import evaluate, exact_match, generate, teacher_forced
+from memoe.metrics import Scoring, evaluate, generation_reliability, reliability
 
 log = logging.getLogger(__name__)
 
@@ -58,16 +59,19 @@ def seed_round(seed: int, round_index: int) -> int:
     return s
 
 
-def eval_records(rounds: Sequence[pl.DataFrame], round_index: int, retention_sample: int | None, seed: int,
-                 final: bool) -> tuple[pl.DataFrame, int]:
+def eval_records(
+    rounds: Sequence[pl.DataFrame], round_index: int, retention_sample: int | None, seed: int, final: bool
+) -> tuple[pl.DataFrame, int]:
     """What is scored after round t (``rounds``: the rounds' edits, at least up to t): round t's own
     edits plus the earlier ones, a seeded sample of at most ``retention_sample`` of them unless
     ``final`` (after the last round every edit is scored). Columns ``round_of_edit`` (0-based) and
     ``current`` (round t's own) are added; earlier edits come first. Returns (records, number of
     earlier edits among them)."""
     own = rounds[round_index].with_columns(pl.lit(round_index).alias("round_of_edit"), pl.lit(True).alias("current"))
-    earlier = [r.with_columns(pl.lit(i).alias("round_of_edit"), pl.lit(False).alias("current"))
-               for i, r in enumerate(rounds[:round_index])]
+    earlier = [
+        r.with_columns(pl.lit(i).alias("round_of_edit"), pl.lit(False).alias("current"))
+        for i, r in enumerate(rounds[:round_index])
+    ]
     if not earlier:
         return own, 0
     prev = pl.concat(earlier)
@@ -94,9 +98,20 @@ class Scores:
     diagnostics: dict = field(default_factory=dict)  # the editor's own figures (Editor.diagnostics)
 
 
-def score_round(model, tok, editor, records: pl.DataFrame, base: pl.DataFrame, overwritten: set[str] = frozenset(),
-                *, batch_size: int = 16, generation: bool = True, max_new_tokens: int = 16, fluency: bool = False,
-                diagnostics: bool = True) -> Scores:
+def score_round(
+    model,
+    tok,
+    editor,
+    records: pl.DataFrame,
+    base: pl.DataFrame,
+    overwritten: set[str] = frozenset(),
+    *,
+    batch_size: int = 16,
+    generation: bool = True,
+    max_new_tokens: int = 16,
+    fluency: bool = False,
+    diagnostics: bool = True,
+) -> Scores:
     """Score the edited model after a round on ``records`` (``eval_records``; ``base``: the unedited
     model's locality predictions). The edits in ``overwritten`` (``overwritten_ids``) are scored
     apart: only their old target's reliability (``overwritten_reliability``); when there are any,
@@ -104,28 +119,57 @@ def score_round(model, tok, editor, records: pl.DataFrame, base: pl.DataFrame, o
     (``Editor.diagnostics``; MEMoE: expert load, anchor hit rates) on the round's own edits in force;
     a failure there is logged, never fails the scoring. ``editor`` None: the unedited model."""
     records, old = split_overwritten(records, overwritten)
-    table = evaluate(model, tok, records.drop("round_of_edit", "current"), base, editor=editor,
-                     batch_size=batch_size, generation=generation, max_new_tokens=max_new_tokens, fluency=fluency)
+    table = evaluate(
+        model,
+        tok,
+        records.drop("round_of_edit", "current"),
+        base,
+        editor=editor,
+        batch_size=batch_size,
+        generation=generation,
+        max_new_tokens=max_new_tokens,
+        fluency=fluency,
+    )
     old_cols = _overwritten_scores(model, tok, editor, old, records, batch_size, generation, max_new_tokens)
     diag = {}
     if diagnostics and editor is not None:
-        diag = editor_diagnostics(editor, records.filter(pl.col("current")).drop("round_of_edit", "current"),
-                                  batch_size)
+        diag = editor_diagnostics(
+            editor, records.filter(pl.col("current")).drop("round_of_edit", "current"), batch_size
+        )
     # the edit itself beside its scores and generations (whatever columns evaluate() returns come along)
     shown = [c for c in SHOWN if c not in table.columns]
     table = table.with_columns(records["round_of_edit"], records["current"], *(records[c] for c in shown))
     table = table.select(["id", *shown, *(c for c in table.columns if c not in ("id", *shown))])
     if overwritten:
-        table = table.with_columns(pl.when(pl.col("id").str.contains(RE_EDIT, literal=True))
-                                   .then(pl.col("reliability")).otherwise(None).alias("reedit_reliability"))
+        table = table.with_columns(
+            pl.when(pl.col("id").str.contains(RE_EDIT, literal=True))
+            .then(pl.col("reliability"))
+            .otherwise(None)
+            .alias("reedit_reliability")
+        )
     if old.height:
-        table = pl.concat([table, old.select("id", "round_of_edit", "current", *shown).with_columns(
-            *(pl.Series(k, v, pl.Float64) for k, v in old_cols.items()))], how="diagonal_relaxed")
+        table = pl.concat(
+            [
+                table,
+                old.select("id", "round_of_edit", "current", *shown).with_columns(
+                    *(pl.Series(k, v, pl.Float64) for k, v in old_cols.items())
+                ),
+            ],
+            how="diagonal_relaxed",
+        )
     return Scores(table, diag)
 
 
-def _overwritten_scores(model, tok, editor, old: pl.DataFrame, in_force: pl.DataFrame, batch_size: int,
-                        generation: bool, max_new_tokens: int) -> dict[str, list]:
+def _overwritten_scores(
+    model,
+    tok,
+    editor,
+    old: pl.DataFrame,
+    in_force: pl.DataFrame,
+    batch_size: int,
+    generation: bool,
+    max_new_tokens: int,
+) -> dict[str, list]:
     """An overwritten edit's old target on its prompt: its reliability (teacher-forced: the share of the
     old target's tokens predicted, each after the old target's own earlier tokens, so a multi-token name
     keeps some credit for its continuation even when its first token is gone), whether it is more likely
@@ -133,10 +177,20 @@ def _overwritten_scores(model, tok, editor, old: pl.DataFrame, in_force: pl.Data
     records), and whether greedy generation starts with it (``overwritten_generation``, with generation)."""
     if not old.height:
         return {}
+    # the old rows as records of their own (target_new: the old target): the evaluation's own metrics
+    s = Scoring(
+        model,
+        tok,
+        old,
+        None,
+        editor=editor,
+        batch_size=batch_size,
+        generation=generation,
+        max_new_tokens=max_new_tokens,
+    )
     prompts, targets = old["prompt"].to_list(), old["target_new"].to_list()
-    kw = dict(editor=editor, batch_size=batch_size)
-    res = teacher_forced(model, tok, prompts, targets, **kw)
-    out: dict[str, list] = {"overwritten_reliability": res.acc()}
+    res = s.tf(prompts, targets)
+    out: dict[str, list] = {"overwritten_reliability": reliability(s)}
     latest = {}  # the newest re-edit of each overwritten edit among the scored records
     for i, t in sorted(zip(in_force["id"].to_list(), in_force["target_new"].to_list())):
         if RE_EDIT in i:
@@ -144,14 +198,12 @@ def _overwritten_scores(model, tok, editor, old: pl.DataFrame, in_force: pl.Data
     rows = [k for k, i in enumerate(old["id"].to_list()) if i in latest]
     pref: list[float | None] = [None] * old.height
     if rows:
-        now = teacher_forced(model, tok, [prompts[k] for k in rows], [latest[old["id"][k]] for k in rows], **kw)
+        now = s.tf([prompts[k] for k in rows], [latest[old["id"][k]] for k in rows])
         for k, lp in zip(rows, now.logprob):
             pref[k] = float(res.logprob[k] > lp)
     out["overwritten_preferred"] = pref
     if generation:
-        gen = generate(model, tok, prompts, editor=editor, batch_size=batch_size,
-                       max_new_tokens=max(max_new_tokens, max(len(t) for t in res.target) + 2))
-        out["overwritten_generation"] = [exact_match(g, t) for g, t in zip(gen, targets)]
+        out["overwritten_generation"] = generation_reliability(s)
     return out
 
 
@@ -167,6 +219,7 @@ def editor_diagnostics(editor, records: pl.DataFrame, batch_size: int) -> dict:
 @dataclass
 class Round:
     """One round of ``run_sequential``."""
+
     index: int  # 0-based
     edit: Any  # what editor.edit() returned (None for the unedited model)
     train_s: float  # wall-clock seconds of editor.edit()
@@ -176,10 +229,21 @@ class Round:
     eval_s: float = 0.0  # seconds of score_round
 
 
-def run_sequential(model, tok, editor, rounds: Sequence[pl.DataFrame], base: pl.DataFrame, *, seed: int = 0,
-                   retention_sample: int | None = None, every_round: bool = True, all_after_last: bool = True,
-                   diagnostics: bool = True, after_edit: Callable[[int], None] | None = None,
-                   **eval_kw) -> Iterator[Round]:
+def run_sequential(
+    model,
+    tok,
+    editor,
+    rounds: Sequence[pl.DataFrame],
+    base: pl.DataFrame,
+    *,
+    seed: int = 0,
+    retention_sample: int | None = None,
+    every_round: bool = True,
+    all_after_last: bool = True,
+    diagnostics: bool = True,
+    after_edit: Callable[[int], None] | None = None,
+    **eval_kw,
+) -> Iterator[Round]:
     """The protocol in one process, on one editor: for each round, seed it (``seed_round``), edit on
     its records, score it (``eval_records`` + ``score_round``; ``eval_kw``: ``score_round``'s
     batch_size, generation, max_new_tokens, fluency); yields a ``Round`` after each. Code run
@@ -203,6 +267,7 @@ def run_sequential(model, tok, editor, rounds: Sequence[pl.DataFrame], base: pl.
             continue
         t0 = time.perf_counter()
         recs, n_earlier = eval_records(rounds, t, retention_sample, seed, final=all_after_last and t == last)
-        scores = score_round(model, tok, editor, recs, base, overwritten_ids(rounds[:t + 1]),
-                             diagnostics=diagnostics, **eval_kw)
+        scores = score_round(
+            model, tok, editor, recs, base, overwritten_ids(rounds[: t + 1]), diagnostics=diagnostics, **eval_kw
+        )
         yield Round(t, res, train_s, train_cpu_s, scores, n_earlier, time.perf_counter() - t0)

@@ -1,5 +1,6 @@
 """One registry per concept (editing methods, data formats, metrics): a name registered twice is an
 error, never a silent overwrite, and everything that lists the concept's names reads its registry."""
+
 from __future__ import annotations
 
 from typing import Callable

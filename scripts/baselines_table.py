@@ -9,6 +9,7 @@ Protocol (``memoe.protocol.run_sequential``): batch (all N edits in one round) o
 sequential rounds of N/T edits, scored after the last round on all of them. Prints one JSON line per
 method and a markdown table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,16 +64,36 @@ def run_one(args) -> dict:
         rss1[0] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     parts = split_rounds(df, args.rounds, args.n // args.rounds) if ed is not None else [df]
-    done = list(run_sequential(model, tok, ed, parts, base, seed=args.seed, every_round=False, diagnostics=False,
-                               after_edit=after_edit, generation=not args.no_generation))
+    done = list(
+        run_sequential(
+            model,
+            tok,
+            ed,
+            parts,
+            base,
+            seed=args.seed,
+            every_round=False,
+            diagnostics=False,
+            after_edit=after_edit,
+            generation=not args.no_generation,
+        )
+    )
     edit_s = sum(r.train_s for r in done)
     s = summarize(done[-1].scores.table)
     stats = [{}] + [r.edit.as_dict() for r in done if r.edit is not None]
-    out = {"method": args.method, "data": args.data, "n": args.n, "rounds": args.rounds, **s,
-           "edit_s": edit_s, "edit_s_per_100": edit_s * 100 / args.n,
-           "peak_rss_mb_before_edit": rss0, "peak_rss_mb_after_edit": rss1[0],
-           "cfg": cfg.model_dump(mode="json") if cfg is not None else None,
-           "stats_last": {k: v for k, v in stats[-1].items() if isinstance(v, (int, float))}}
+    out = {
+        "method": args.method,
+        "data": args.data,
+        "n": args.n,
+        "rounds": args.rounds,
+        **s,
+        "edit_s": edit_s,
+        "edit_s_per_100": edit_s * 100 / args.n,
+        "peak_rss_mb_before_edit": rss0,
+        "peak_rss_mb_after_edit": rss1[0],
+        "cfg": cfg.model_dump(mode="json") if cfg is not None else None,
+        "stats_last": {k: v for k, v in stats[-1].items() if isinstance(v, (int, float))},
+    }
     if torch.cuda.is_available():
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -100,7 +121,9 @@ def main() -> None:
         return
     rows = []
     for m in args.methods:
-        cmd = [sys.executable, __file__, "--method", m] + [a for a in sys.argv[1:] if a not in args.methods and a != "--methods"]
+        cmd = [sys.executable, __file__, "--method", m] + [
+            a for a in sys.argv[1:] if a not in args.methods and a != "--methods"
+        ]
         p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
@@ -113,13 +136,25 @@ def main() -> None:
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             with open(args.out, "a") as f:
                 f.write(json.dumps(r) + "\n")
-    cols = ["reliability", "generality", "locality", "generation_reliability", "efficacy", "paraphrase",
-            "neighborhood", "avg"]
+    cols = [
+        "reliability",
+        "generality",
+        "locality",
+        "generation_reliability",
+        "efficacy",
+        "paraphrase",
+        "neighborhood",
+        "avg",
+    ]
     print("| method | " + " | ".join(cols) + " | edit s/100 | peak RSS MB |")
     print("|" + "---|" * (len(cols) + 3))
     for r in rows:
         vals = [f"{r[c]:.3f}" if c in r else "-" for c in cols]
-        print(f"| {r['method']} | " + " | ".join(vals) + f" | {r['edit_s_per_100']:.1f} | {r['peak_rss_mb_after_edit']:.0f} |")
+        print(
+            f"| {r['method']} | "
+            + " | ".join(vals)
+            + f" | {r['edit_s_per_100']:.1f} | {r['peak_rss_mb_after_edit']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

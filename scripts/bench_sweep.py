@@ -10,6 +10,7 @@ of the cell's time (from the worker picking the flow run up to its end) that is 
 work inside the tasks (training, evaluation, the unedited model's locality predictions, as timed in
 them): process start, imports, Prefect, MLflow, hashing, model load. Writes runs/bench/sweep.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,9 +35,18 @@ def tiny_model(folder: Path) -> str:
     if not (folder / "config.json").exists():
         tok = AutoTokenizer.from_pretrained(embedded_checkpoint("smollm2-135m"))
         torch.manual_seed(0)
-        LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                     tie_word_embeddings=True)).save_pretrained(folder)
+        LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=len(tok),
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=4,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=256,
+                tie_word_embeddings=True,
+            )
+        ).save_pretrained(folder)
         tok.save_pretrained(folder)
     return str(folder)
 
@@ -58,27 +68,69 @@ def main() -> int:
     work.chmod(0o755)
     model = args.model or tiny_model(work / "tiny")
     layer = "[2]" if args.model is None else "[20]"
-    sets = [f"model.name={model}", f"method.layers={layer}", "method.steps=5", "data.n_edits=4", "data.sample=random",
-            "protocol.rounds=2", "protocol.batch_size=2", "eval.max_new_tokens=4", "threads=1",
-            "method.rank=4,8", "data.seed=0,1"] + args.set
+    sets = [
+        f"model.name={model}",
+        f"method.layers={layer}",
+        "method.steps=5",
+        "data.n_edits=4",
+        "data.sample=random",
+        "protocol.rounds=2",
+        "protocol.batch_size=2",
+        "eval.max_new_tokens=4",
+        "threads=1",
+        "method.rank=4,8",
+        "data.seed=0,1",
+    ] + args.set
     srv = TeamServer(work / "team", prefect_port=free_port(), mlflow_port=free_port(), prefect_ui=False)
     report: dict = {"model": model, "set": sets, "runs": {}}
     with srv:
         base_env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "MLFLOW_TRACKING"))}
-        base_env |= srv.client_env() | {"PREFECT_HOME": str(work / "prefect-home"), "OMP_NUM_THREADS": "1",
-                                        "PWD": str(ROOT), "DO_NOT_TRACK": "1"}
+        base_env |= srv.client_env() | {
+            "PREFECT_HOME": str(work / "prefect-home"),
+            "OMP_NUM_THREADS": "1",
+            "PWD": str(ROOT),
+            "DO_NOT_TRACK": "1",
+        }
         py = [sys.executable, "-m"]
-        subprocess.run(py + ["prefect", "work-pool", "create", "memoe-process", "--type", "process"], env=base_env,
-                       cwd=ROOT, check=True, capture_output=True)
-        subprocess.run(py + ["prefect", "--no-prompt", "deploy", "--name", "quickstart"], env=base_env, cwd=ROOT,
-                       check=True, capture_output=True)
+        subprocess.run(
+            py + ["prefect", "work-pool", "create", "memoe-process", "--type", "process"],
+            env=base_env,
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run(
+            py + ["prefect", "--no-prompt", "deploy", "--name", "quickstart"],
+            env=base_env,
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
         for n in [int(x) for x in args.workers.split(",")]:
             store = work / f"store-{n}"  # empty: nothing cached
             env = base_env | {"MEMOE_RUNS": str(store)}
-            workers = [subprocess.Popen(py + ["prefect", "worker", "start", "--pool", "memoe-process", "--limit", "1",
-                                              "--name", f"bench-{n}-{i}"], env=env, cwd=ROOT, start_new_session=True,
-                                        stdout=open(work / f"worker-{n}-{i}.log", "w"), stderr=subprocess.STDOUT)
-                       for i in range(n)]
+            workers = [
+                subprocess.Popen(
+                    py
+                    + [
+                        "prefect",
+                        "worker",
+                        "start",
+                        "--pool",
+                        "memoe-process",
+                        "--limit",
+                        "1",
+                        "--name",
+                        f"bench-{n}-{i}",
+                    ],
+                    env=env,
+                    cwd=ROOT,
+                    start_new_session=True,
+                    stdout=open(work / f"worker-{n}-{i}.log", "w"),
+                    stderr=subprocess.STDOUT,
+                )
+                for i in range(n)
+            ]
             try:
                 cmd = py + ["flows.cli", "sweep", "--pool", "memoe-process", "--out", str(work / f"sweep-{n}.json")]
                 for s in sets:
@@ -104,17 +156,30 @@ def main() -> int:
                         r = json.loads(p.read_text())
                         if r["mlflow"]["run_id"] == c["mlflow_run_id"]:
                             t = r["timings"]
-                            lib = sum(t.get(k, 0.0) for k in ("train_compute", "evaluate_compute",
-                                                              "locality_base_compute"))
-                    cells.append({"cell": c["values"], "state": c["state"], "cell_s": round(cell_s, 2),
-                                  "library_s": round(lib, 2) if lib is not None else None,
-                                  "orchestration_share": round(1 - lib / cell_s, 3) if lib is not None else None})
+                            lib = sum(
+                                t.get(k, 0.0) for k in ("train_compute", "evaluate_compute", "locality_base_compute")
+                            )
+                    cells.append(
+                        {
+                            "cell": c["values"],
+                            "state": c["state"],
+                            "cell_s": round(cell_s, 2),
+                            "library_s": round(lib, 2) if lib is not None else None,
+                            "orchestration_share": round(1 - lib / cell_s, 3) if lib is not None else None,
+                        }
+                    )
             shares = sorted(x["orchestration_share"] for x in cells if x["orchestration_share"] is not None)
-            report["runs"][str(n)] = {"workers": n, "wall_s": round(wall, 2), "cells": cells,
-                                      "median_orchestration_share": shares[len(shares) // 2] if shares else None}
-            print(f"{n} worker(s): sweep of {len(cells)} cells in {wall:.1f}s; per cell "
-                  + ", ".join(f"{x['cell_s']:.1f}s ({x['orchestration_share']:.0%} orchestration)" for x in cells),
-                  flush=True)
+            report["runs"][str(n)] = {
+                "workers": n,
+                "wall_s": round(wall, 2),
+                "cells": cells,
+                "median_orchestration_share": shares[len(shares) // 2] if shares else None,
+            }
+            print(
+                f"{n} worker(s): sweep of {len(cells)} cells in {wall:.1f}s; per cell "
+                + ", ".join(f"{x['cell_s']:.1f}s ({x['orchestration_share']:.0%} orchestration)" for x in cells),
+                flush=True,
+            )
     runs = report["runs"]
     if "1" in runs and "2" in runs:
         report["speedup_2_vs_1"] = round(runs["1"]["wall_s"] / runs["2"]["wall_s"], 2)

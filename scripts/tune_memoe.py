@@ -7,6 +7,7 @@
 ``--set`` keys are MEMoEMethod fields. Tune on a slice you will not report (e.g. --start 500);
 report on --start 0.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,18 +65,38 @@ def main(argv=None) -> int:
     base = locality_predictions(model, tok, recs)
     ed = MEMoEEditor(model, tok, cfg, seed=args.seed)
     per = args.n // args.rounds
-    done = list(run_sequential(model, tok, ed, [recs.slice(r * per, per) for r in range(args.rounds)], base,
-                               seed=args.seed, every_round=False, diagnostics=False,
-                               generation=not args.no_generation))  # scored after the last round, on all edits
+    done = list(
+        run_sequential(
+            model,
+            tok,
+            ed,
+            [recs.slice(r * per, per) for r in range(args.rounds)],
+            base,
+            seed=args.seed,
+            every_round=False,
+            diagnostics=False,
+            generation=not args.no_generation,
+        )
+    )  # scored after the last round, on all edits
     stats = [r.edit for r in done]
     t_edit = sum(r.train_s for r in done)
     c_edit = sum(r.train_cpu_s for r in done)  # CPU seconds: comparable when the machine is shared
     table, t_eval = done[-1].scores.table, done[-1].eval_s
-    out = {"tag": args.tag, "data": args.data, "start": args.start, "n": args.n, "rounds": args.rounds,
-           "set": args.set, "config": args.config, "edit_s": round(t_edit, 1), "edit_cpu_s": round(c_edit, 1),
-           "eval_s": round(t_eval, 1),
-           "steps": [s.steps for s in stats], "loss_final": [round(s.loss_final, 4) for s in stats],
-           "curve": stats[-1].details["loss_curve"]}
+    out = {
+        "tag": args.tag,
+        "data": args.data,
+        "start": args.start,
+        "n": args.n,
+        "rounds": args.rounds,
+        "set": args.set,
+        "config": args.config,
+        "edit_s": round(t_edit, 1),
+        "edit_cpu_s": round(c_edit, 1),
+        "eval_s": round(t_eval, 1),
+        "steps": [s.steps for s in stats],
+        "loss_final": [round(s.loss_final, 4) for s in stats],
+        "curve": stats[-1].details["loss_curve"],
+    }
     out.update({k: round(v, 4) for k, v in summarize(table).items()})
     if args.diagnostics:
         out["diag"] = {k: round(v, 3) for k, v in ed.diagnostics(recs.head(32)).items()}

@@ -10,6 +10,7 @@
   JSON record, serializer ``json``, whose result is plain JSON data. Anything else is moved aside
   (``<key>.rejected``) before Prefect can read it, and the task runs again.
 """
+
 from __future__ import annotations
 
 import json

@@ -4,6 +4,7 @@ A cache key never contains a path string or a tensor: a file enters a key throug
 bytes, a model through the hash of its weight and tokenizer files, the code through the hash of
 the memoe sources that can change the task's output.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -82,7 +83,7 @@ def _memoe_imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                up = pkg.split(".")[:-node.level]
+                up = pkg.split(".")[: -node.level]
                 base = ".".join(up + ([base] if base else []))
             found.add(base)
             found.update(f"{base}.{a.name}" for a in node.names)  # "from memoe import anchors"
@@ -128,8 +129,7 @@ def code_version(method: str | None = None) -> str:
 
 def _fingerprint_files(folder: Path) -> list[Path]:
     keep = (".safetensors", ".bin", ".json", ".model", ".txt", ".gguf", ".tiktoken")
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in keep
-                  and not p.name.startswith("."))
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in keep and not p.name.startswith("."))
 
 
 def _cached_file_digest(path: Path, memo: Path) -> str:
@@ -165,6 +165,8 @@ def model_fingerprint(name: str, store: Path) -> str:
         return digest("hub", name)
     if src.is_file():
         return _cached_file_digest(src, store / "fingerprints.json")[:20]
-    parts = [(p.relative_to(src).as_posix(), _cached_file_digest(p, store / "fingerprints.json"))
-             for p in _fingerprint_files(src)]
+    parts = [
+        (p.relative_to(src).as_posix(), _cached_file_digest(p, store / "fingerprints.json"))
+        for p in _fingerprint_files(src)
+    ]
     return digest("folder", parts)

@@ -8,6 +8,7 @@
 - Always, when the study has an MLflow run: the loss of every training step as the metric
   ``train.step_loss`` at step ``round x steps cap + step`` (batched, sent every ``every_s`` seconds).
 """
+
 from __future__ import annotations
 
 import sys
@@ -52,8 +53,16 @@ def _bar(description: str, total: float):
 
     with _lock:
         if _live["progress"] is None:
-            p = Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
-                         TextColumn("eta"), TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+            p = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TaskProgressColumn(),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+                transient=True,
+            )
             p.start()
             _live["progress"] = p
         _live["tasks"] += 1
@@ -75,8 +84,15 @@ def _close(task_id) -> None:
 class Reporter:
     """One unit of long work (``total`` parts): terminal bar, Prefect progress artifact, or neither."""
 
-    def __init__(self, description: str, total: float, key: str | None = None, every_s: float = 2.0,
-                 terminal: bool | None = None, artifact: bool | None = None):
+    def __init__(
+        self,
+        description: str,
+        total: float,
+        key: str | None = None,
+        every_s: float = 2.0,
+        terminal: bool | None = None,
+        artifact: bool | None = None,
+    ):
         self.description, self.total, self.done, self.every_s = description, float(total), 0.0, every_s
         self.bar = _bar(description, total) if (in_terminal() if terminal is None else terminal) else None
         self.artifact_id, self._last = None, 0.0

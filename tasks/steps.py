@@ -11,6 +11,7 @@ Cache keys (``*_key``) hash what determines the output and nothing else: file co
 config parts the task reads, the model fingerprint and the code version. The store folder, run
 ids and paths stay out of them.
 """
+
 from __future__ import annotations
 
 import functools
@@ -40,8 +41,10 @@ class DamagedStoreError(ValueError):
 def verified(path: str | Path) -> str:
     """``path`` if it has the content it is named by, else a DamagedStoreError naming it."""
     if not intact(path):
-        raise DamagedStoreError(f"run store: {path} is damaged or missing (its content does not match the hash it "
-                                "is named by); delete it and run again to recompute it")
+        raise DamagedStoreError(
+            f"run store: {path} is damaged or missing (its content does not match the hash it "
+            "is named by); delete it and run again to recompute it"
+        )
     return str(path)
 
 
@@ -59,11 +62,18 @@ def _transient(task_, task_run, state) -> bool:
     return False
 
 
-COMMON = dict(persist_result=True, result_serializer="json", retries=2, retry_delay_seconds=1,
-              retry_condition_fn=_transient, cache_result_in_memory=False)
+COMMON = dict(
+    persist_result=True,
+    result_serializer="json",
+    retries=2,
+    retry_delay_seconds=1,
+    retry_condition_fn=_transient,
+    cache_result_in_memory=False,
+)
 
 
 # --------------------------------------------------------------------------- helpers
+
 
 @functools.lru_cache(maxsize=2)
 def _load(name: str, device: str, dtype: str):
@@ -81,8 +91,11 @@ def model_and_tokenizer(model_cfg: dict[str, Any], threads: int | None = None):
 
 
 def _model_key(model_cfg: dict[str, Any], store: str) -> dict[str, Any]:
-    return {"fingerprint": model_fingerprint(model_cfg["name"], Path(store)),
-            "device": model_cfg["device"], "dtype": model_cfg["dtype"]}
+    return {
+        "fingerprint": model_fingerprint(model_cfg["name"], Path(store)),
+        "device": model_cfg["device"],
+        "dtype": model_cfg["dtype"],
+    }
 
 
 def method_from_dict(d: dict[str, Any]):
@@ -152,18 +165,27 @@ def _jsonable(x: Any) -> Any:
 
 # --------------------------------------------------------------------------- prepare_dataset
 
+
 def prepare_key(ctx, p: dict[str, Any]) -> str:
     from memoe.config import resolve_path
 
     data = {k: v for k, v in p["data_cfg"].items() if k != "path"}
-    return "data-" + digest(file_digest(resolve_path(p["data_cfg"]["path"])), data, p["rounds"],
-                            p["batch_size"], p.get("re_edit"), p["model_cfg"].get("max_length"),
-                            _model_key(p["model_cfg"], p["store"])["fingerprint"], code_version())
+    return "data-" + digest(
+        file_digest(resolve_path(p["data_cfg"]["path"])),
+        data,
+        p["rounds"],
+        p["batch_size"],
+        p.get("re_edit"),
+        p["model_cfg"].get("max_length"),
+        _model_key(p["model_cfg"], p["store"])["fingerprint"],
+        code_version(),
+    )
 
 
 @task(name="prepare_dataset", cache_key_fn=prepare_key, **COMMON)
-def prepare_dataset(data_cfg: dict, model_cfg: dict, rounds: int, batch_size: int, store: str,
-                    re_edit: list[int] | None = None) -> dict:
+def prepare_dataset(
+    data_cfg: dict, model_cfg: dict, rounds: int, batch_size: int, store: str, re_edit: list[int] | None = None
+) -> dict:
     """Load, validate (context length with the model's tokenizer), sample and split the edits."""
     import polars as pl
 
@@ -181,17 +203,35 @@ def prepare_dataset(data_cfg: dict, model_cfg: dict, rounds: int, batch_size: in
     df.write_parquet(tmp / "edits.parquet")
     for t, part in enumerate(parts):
         part.write_parquet(tmp / f"round_{t}.parquet")
-    (tmp / "report.json").write_text(json.dumps(
-        {"path": str(report.path), "format": report.format, "n_read": report.n_read, "n_kept": report.n_kept,
-         "n_skipped": report.n_skipped, "skipped": report.skipped[:50], "frame_hash": frame_hash(df)}, indent=1))
+    (tmp / "report.json").write_text(
+        json.dumps(
+            {
+                "path": str(report.path),
+                "format": report.format,
+                "n_read": report.n_read,
+                "n_kept": report.n_kept,
+                "n_skipped": report.n_skipped,
+                "skipped": report.skipped[:50],
+                "frame_hash": frame_hash(df),
+            },
+            indent=1,
+        )
+    )
     folder = publish_folder(tmp, Path(store) / "data")
-    return {"folder": str(folder), "edits": str(folder / "edits.parquet"),
-            "rounds": [str(folder / f"round_{t}.parquet") for t in range(rounds)],
-            "n_edits": df.height, "n_read": report.n_read, "n_kept": report.n_kept,
-            "n_skipped": report.n_skipped, "frame_hash": frame_hash(df)}
+    return {
+        "folder": str(folder),
+        "edits": str(folder / "edits.parquet"),
+        "rounds": [str(folder / f"round_{t}.parquet") for t in range(rounds)],
+        "n_edits": df.height,
+        "n_read": report.n_read,
+        "n_kept": report.n_kept,
+        "n_skipped": report.n_skipped,
+        "frame_hash": frame_hash(df),
+    }
 
 
 # --------------------------------------------------------------------------- extract_anchors
+
 
 def anchors_available() -> bool:
     try:
@@ -219,15 +259,29 @@ def extract_anchors(edits: str, store: str) -> dict:
     for r in df.iter_rows(named=True):
         a = gold_anchor(r["prompt"], r["subject"])
         rows.append((r["id"], "edit", r["prompt"], a.text, a.source, a.known, a.text == r["subject"]))
-        for kind, col in (("rephrase", "rephrase_prompts"), ("locality", "locality_prompts"),
-                          ("portability", "portability_prompts")):
+        for kind, col in (
+            ("rephrase", "rephrase_prompts"),
+            ("locality", "locality_prompts"),
+            ("portability", "portability_prompts"),
+        ):
             for text in r.get(col) or []:
                 a = ext(text)
-                rows.append((r["id"], kind, text, a.text, a.source, a.known,
-                             a.known and ext.canonical(r["subject"]) == a.text))
-    out = pl.DataFrame(rows, schema={"id": pl.String, "kind": pl.String, "prompt": pl.String, "anchor": pl.String,
-                                     "source": pl.String, "known": pl.Boolean, "own_subject": pl.Boolean},
-                       orient="row")
+                rows.append(
+                    (r["id"], kind, text, a.text, a.source, a.known, a.known and ext.canonical(r["subject"]) == a.text)
+                )
+    out = pl.DataFrame(
+        rows,
+        schema={
+            "id": pl.String,
+            "kind": pl.String,
+            "prompt": pl.String,
+            "anchor": pl.String,
+            "source": pl.String,
+            "known": pl.Boolean,
+            "own_subject": pl.Boolean,
+        },
+        orient="row",
+    )
     tmp = _tmp(store, "anchors", ".parquet")
     out.write_parquet(tmp)
     path = publish_file(tmp, Path(store) / "anchors", ".parquet")
@@ -242,9 +296,11 @@ def extract_anchors(edits: str, store: str) -> dict:
 
 # --------------------------------------------------------------------------- base_locality
 
+
 def locality_key(ctx, p: dict[str, Any]) -> str:
-    return "locality-" + digest(file_digest(p["edits"]), _model_key(p["model_cfg"], p["store"]),
-                                p["batch_size"], code_version())
+    return "locality-" + digest(
+        file_digest(p["edits"]), _model_key(p["model_cfg"], p["store"]), p["batch_size"], code_version()
+    )
 
 
 @task(name="base_locality", cache_key_fn=locality_key, **COMMON)
@@ -259,21 +315,37 @@ def base_locality(edits: str, model_cfg: dict, batch_size: int, store: str, thre
     base = locality_predictions(model, tok, pl.read_parquet(edits), batch_size=batch_size)
     tmp = _tmp(store, "locality", ".parquet")
     base.write_parquet(tmp)
-    return {"table": str(publish_file(tmp, Path(store) / "locality", ".parquet")),
-            "seconds": time.perf_counter() - t0}
+    return {"table": str(publish_file(tmp, Path(store) / "locality", ".parquet")), "seconds": time.perf_counter() - t0}
 
 
 # --------------------------------------------------------------------------- train_round
 
+
 def train_key(ctx, p: dict[str, Any]) -> str:
     prev = folder_digest(p["prev_state"]) if p["prev_state"] else "none"
-    return "train-" + digest(p["round_index"], file_digest(p["records"]), prev, p["method_cfg"], p["seed"],
-                             _model_key(p["model_cfg"], p["store"]), code_version(p["method_cfg"]["name"]))
+    return "train-" + digest(
+        p["round_index"],
+        file_digest(p["records"]),
+        prev,
+        p["method_cfg"],
+        p["seed"],
+        _model_key(p["model_cfg"], p["store"]),
+        code_version(p["method_cfg"]["name"]),
+    )
 
 
 @task(name="train_round", cache_key_fn=train_key, task_run_name="train_round_{round_index}", **COMMON)
-def train_round(round_index: int, records: str, prev_state: str | None, method_cfg: dict, seed: int,
-                model_cfg: dict, store: str, threads: int | None = None, progress: dict | None = None) -> dict:
+def train_round(
+    round_index: int,
+    records: str,
+    prev_state: str | None,
+    method_cfg: dict,
+    seed: int,
+    model_cfg: dict,
+    store: str,
+    threads: int | None = None,
+    progress: dict | None = None,
+) -> dict:
     """Editor state after round t: load state t-1 (if any), edit on round t's records, save.
     ``progress`` (not part of the cache key): where the step losses go (``tasks.progress.StepLoss``)."""
     import polars as pl
@@ -305,23 +377,47 @@ def train_round(round_index: int, records: str, prev_state: str | None, method_c
         if steps:
             steps.close()
     folder = publish_folder(tmp, Path(store) / "states")
-    return {"state": str(folder), "stats": _jsonable(stats.as_dict()), "seconds": seconds,
-            "edits_applied": int(getattr(editor, "edits_applied", 0)), "peak_memory_mb": mem.peak}
+    return {
+        "state": str(folder),
+        "stats": _jsonable(stats.as_dict()),
+        "seconds": seconds,
+        "edits_applied": int(getattr(editor, "edits_applied", 0)),
+        "peak_memory_mb": mem.peak,
+    }
 
 
 # --------------------------------------------------------------------------- evaluate_round
 
+
 def evaluate_key(ctx, p: dict[str, Any]) -> str:
     final = p["round_index"] == len(p["rounds"]) - 1
-    return "eval-" + digest(p["round_index"], [file_digest(r) for r in p["rounds"][:p["round_index"] + 1]],
-                            folder_digest(p["state"]), file_digest(p["base"]), p["method_cfg"], p["eval_cfg"],
-                            p["seed"], final, _model_key(p["model_cfg"], p["store"]),
-                            code_version(p["method_cfg"]["name"]))
+    return "eval-" + digest(
+        p["round_index"],
+        [file_digest(r) for r in p["rounds"][: p["round_index"] + 1]],
+        folder_digest(p["state"]),
+        file_digest(p["base"]),
+        p["method_cfg"],
+        p["eval_cfg"],
+        p["seed"],
+        final,
+        _model_key(p["model_cfg"], p["store"]),
+        code_version(p["method_cfg"]["name"]),
+    )
 
 
 @task(name="evaluate_round", cache_key_fn=evaluate_key, task_run_name="evaluate_round_{round_index}", **COMMON)
-def evaluate_round(round_index: int, rounds: list[str], state: str, base: str, method_cfg: dict, eval_cfg: dict,
-                   seed: int, model_cfg: dict, store: str, threads: int | None = None) -> dict:
+def evaluate_round(
+    round_index: int,
+    rounds: list[str],
+    state: str,
+    base: str,
+    method_cfg: dict,
+    eval_cfg: dict,
+    seed: int,
+    model_cfg: dict,
+    store: str,
+    threads: int | None = None,
+) -> dict:
     """Per-edit metrics after round t on the round's edits and (a sample of) the earlier ones
     (``memoe.protocol``: ``eval_records``, the re-edit bookkeeping, ``score_round``)."""
     import polars as pl
@@ -331,21 +427,34 @@ def evaluate_round(round_index: int, rounds: list[str], state: str, base: str, m
 
     final = round_index == len(rounds) - 1
     verified(Path(rounds[0]).parent), verified(state), verified(base)
-    applied = [pl.read_parquet(r) for r in rounds[:round_index + 1]]
+    applied = [pl.read_parquet(r) for r in rounds[: round_index + 1]]
     records, n_earlier = eval_records(applied, round_index, eval_cfg.get("retention_sample"), seed, final)
     model, tok = model_and_tokenizer(model_cfg, threads)
     editor = make_editor(model, tok, method_from_dict(method_cfg), seed=round_seed(seed, round_index))
     try:
         editor.load(state)
         t0 = time.perf_counter()
-        scores = score_round(model, tok, editor, records, pl.read_parquet(base), overwritten_ids(applied),
-                             batch_size=eval_cfg["batch_size"], generation=eval_cfg["generation"],
-                             max_new_tokens=eval_cfg["max_new_tokens"], fluency=eval_cfg["fluency"])
+        scores = score_round(
+            model,
+            tok,
+            editor,
+            records,
+            pl.read_parquet(base),
+            overwritten_ids(applied),
+            batch_size=eval_cfg["batch_size"],
+            generation=eval_cfg["generation"],
+            max_new_tokens=eval_cfg["max_new_tokens"],
+            fluency=eval_cfg["fluency"],
+        )
         seconds = time.perf_counter() - t0
     finally:
         editor.remove()
     tmp = _tmp(store, "eval", ".parquet")
     scores.table.write_parquet(tmp)
-    return {"table": str(publish_file(tmp, Path(store) / "evals", ".parquet")), "seconds": seconds,
-            "n_scored": scores.table.height, "n_earlier_scored": n_earlier,
-            "diagnostics": _jsonable(scores.diagnostics)}
+    return {
+        "table": str(publish_file(tmp, Path(store) / "evals", ".parquet")),
+        "seconds": seconds,
+        "n_scored": scores.table.height,
+        "n_earlier_scored": n_earlier,
+        "diagnostics": _jsonable(scores.diagnostics),
+    }

@@ -6,6 +6,7 @@ dataset; the dataset as an input; artifacts: resolved config, results.json, per-
 final editor state, plots), a nested run per round (metrics at step = edits applied so far), and
 for ``compare`` a nested run per method with its rounds nested below it.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -47,8 +48,13 @@ def _retry(fn: Callable[[], T], tries: int = 6) -> T:
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "memoe", "tasks", "flows"], cwd=PROJECT_ROOT,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "memoe", "tasks", "flows"],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -66,7 +72,7 @@ class Tracker:
 
         lock = None
         if uri.startswith("sqlite:///"):
-            db = Path(uri[len("sqlite:///"):])
+            db = Path(uri[len("sqlite:///") :])
             db.parent.mkdir(parents=True, exist_ok=True)
             lock = open(db.with_suffix(".lock"), "w")
             fcntl.flock(lock, fcntl.LOCK_EX)  # one process creates the schema / experiment at a time
@@ -110,7 +116,7 @@ class Tracker:
 
         items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
         for i in range(0, len(items), 100):
-            _retry(lambda i=i: self.client.log_batch(run_id, params=items[i:i + 100], synchronous=True))
+            _retry(lambda i=i: self.client.log_batch(run_id, params=items[i : i + 100], synchronous=True))
 
     def metrics(self, run_id: str | None, values: dict[str, float], step: int = 0) -> None:
         if not run_id:
@@ -118,18 +124,20 @@ class Tracker:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        items = [Metric(k, float(v), ts, step) for k, v in sorted(values.items())
-                 if isinstance(v, (int, float)) and v == v]
+        items = [
+            Metric(k, float(v), ts, step) for k, v in sorted(values.items()) if isinstance(v, (int, float)) and v == v
+        ]
         for i in range(0, len(items), 1000):
-            _retry(lambda i=i: self.client.log_batch(run_id, metrics=items[i:i + 1000], synchronous=True))
+            _retry(lambda i=i: self.client.log_batch(run_id, metrics=items[i : i + 1000], synchronous=True))
 
     def tags(self, run_id: str | None, tags: dict[str, str]) -> None:
         if not run_id:
             return
         from mlflow.entities import RunTag
 
-        _retry(lambda: self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()],
-                                             synchronous=True))
+        _retry(
+            lambda: self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()], synchronous=True)
+        )
 
     def artifact(self, run_id: str | None, path: str | Path, folder: str | None = None) -> None:
         if not run_id:

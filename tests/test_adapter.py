@@ -58,21 +58,29 @@ def test_anchor_gate_silences_rows_without_known_anchor(tokenizer):
 @pytest.mark.parametrize("apply_from", ["all", "anchor"])
 def test_routing_in_generate_equals_teacher_forcing(tiny, apply_from):
     model, tok = tiny
-    ed = MEMoEEditor(model, tok, MEMoEMethod(layers=[2], rank=4, num_experts=3, apply_from=apply_from, gate_mode="always"))
+    ed = MEMoEEditor(
+        model, tok, MEMoEMethod(layers=[2], rank=4, num_experts=3, apply_from=apply_from, gate_mode="always")
+    )
     ed.extractor.add(SUBJECTS)
     _perturb(ed, std=2.0)
     for prompt in PROMPTS:  # one row each: no padding, so the base model's own positions agree too
         enc = tok([prompt], return_tensors="pt")
         n = enc.input_ids.shape[1]
         with ed.route([prompt]):
-            g = model.generate(**enc, max_new_tokens=6, do_sample=False, output_logits=True,
-                               return_dict_in_generate=True, pad_token_id=tok.pad_token_id)
-            tf = model(g.sequences).logits[0, n - 1:-1]
+            g = model.generate(
+                **enc,
+                max_new_tokens=6,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+                pad_token_id=tok.pad_token_id,
+            )
+            tf = model(g.sequences).logits[0, n - 1 : -1]
         gl = torch.stack(g.logits, 1)[0]
         assert torch.allclose(gl, tf, atol=1e-4)
         ed.adapter.remove()
         with torch.no_grad():
-            plain = model(g.sequences).logits[0, n - 1:-1]
+            plain = model(g.sequences).logits[0, n - 1 : -1]
         ed.adapter.attach()
         assert not torch.allclose(plain, tf, atol=1e-3)  # the adapter really acted in both runs
     recs = _records(PROMPTS, ["Paris", "Homer"], ["Danielle Darrieux", "Iliad"])
@@ -99,26 +107,42 @@ def _records(prompts, targets, subjects):
     import polars as pl
 
     n = len(prompts)
-    return pl.DataFrame({"id": [str(i) for i in range(n)], "subject": subjects, "prompt": prompts,
-                         "target_new": targets, "target_true": [None] * n,
-                         "rephrase_prompts": [[p.replace("The", "the")] for p in prompts],
-                         "locality_prompts": [["nq question: what is water"]] * n,
-                         "locality_answers": [["wet"]] * n, "portability_prompts": [[]] * n,
-                         "portability_answers": [[]] * n, "generation_prompts": [[]] * n},
-                        schema_overrides={"target_true": pl.String, "portability_prompts": pl.List(pl.String),
-                                          "portability_answers": pl.List(pl.String),
-                                          "generation_prompts": pl.List(pl.String)})
+    return pl.DataFrame(
+        {
+            "id": [str(i) for i in range(n)],
+            "subject": subjects,
+            "prompt": prompts,
+            "target_new": targets,
+            "target_true": [None] * n,
+            "rephrase_prompts": [[p.replace("The", "the")] for p in prompts],
+            "locality_prompts": [["nq question: what is water"]] * n,
+            "locality_answers": [["wet"]] * n,
+            "portability_prompts": [[]] * n,
+            "portability_answers": [[]] * n,
+            "generation_prompts": [[]] * n,
+        },
+        schema_overrides={
+            "target_true": pl.String,
+            "portability_prompts": pl.List(pl.String),
+            "portability_answers": pl.List(pl.String),
+            "generation_prompts": pl.List(pl.String),
+        },
+    )
 
 
 @pytest.mark.parametrize("layers", [[2], [1, 3]])
 def test_layer_cache_equals_full_forward(tiny, layers):
     model, tok = tiny
     assert supports_layer_cache(model)
-    ed = MEMoEEditor(model, tok, MEMoEMethod(layers=layers, rank=4, expert_sees_anchor=True, apply_from="anchor",
-                                             router_noise=0.0))
+    ed = MEMoEEditor(
+        model, tok, MEMoEMethod(layers=layers, rank=4, expert_sees_anchor=True, apply_from="anchor", router_noise=0.0)
+    )
     _perturb(ed)
-    recs = _records(["The capital of Danielle Darrieux is", "Homer wrote"], ["Paris France", "the Iliad"],
-                    ["Danielle Darrieux", "Homer"])
+    recs = _records(
+        ["The capital of Danielle Darrieux is", "Homer wrote"],
+        ["Paris France", "the Iliad"],
+        ["Danielle Darrieux", "Homer"],
+    )
     ed.extractor.add(recs["subject"])
     with torch.no_grad():
         a = ed.train_loss(recs, use_cache=True)

@@ -7,7 +7,7 @@ def test_longest_known_match_wins():
     ex = AnchorExtractor(["New York", "New York City", "York"])
     a = ex("What is the population of New York City today?")
     assert a.known and a.text == "New York City" and a.source == "known"
-    assert "What is the population of New York City today?"[a.start:a.end] == "New York City"
+    assert "What is the population of New York City today?"[a.start : a.end] == "New York City"
 
 
 def test_case_whitespace_punctuation_tolerant():
@@ -32,7 +32,7 @@ def test_ner_fallback_and_no_anchor():
 def test_gold_anchor_and_token_end(tokenizer):
     p = "The mother tongue of Danielle Darrieux is"
     a = gold_anchor(p, "Danielle Darrieux")
-    assert p[a.start:a.end] == "Danielle Darrieux" and a.known
+    assert p[a.start : a.end] == "Danielle Darrieux" and a.known
     j = anchor_end_token(tokenizer, p, a)
     ids = tokenizer(p).input_ids
     assert "Darrieux".endswith(tokenizer.decode(ids[j]).strip()[-3:])
@@ -44,5 +44,9 @@ def test_anchor_embedding_pooling(tokenizer):
     e = anchor_embeddings(emb, tokenizer, ["Paris", None, "Paris"], "mean")
     assert torch.equal(e[0], e[2]) and torch.count_nonzero(e[1]) == 0
     ids = tokenizer(" New York", add_special_tokens=False).input_ids
-    for pool, ref in [("mean", emb.weight[ids].mean(0)), ("last", emb.weight[ids[-1]]), ("sum", emb.weight[ids].sum(0))]:
+    for pool, ref in [
+        ("mean", emb.weight[ids].mean(0)),
+        ("last", emb.weight[ids[-1]]),
+        ("sum", emb.weight[ids].sum(0)),
+    ]:
         assert torch.allclose(anchor_embeddings(emb, tokenizer, ["New York"], pool)[0], ref)

@@ -2,6 +2,7 @@
 closed form and key statistics, the training shortcuts) on tiny random models. The contract every
 method keeps (it edits, comes off exactly, saves and loads, is deterministic, generates with the KV
 cache as without) is checked for all of them in tests/test_contract.py."""
+
 from __future__ import annotations
 
 import pytest
@@ -112,7 +113,9 @@ def test_layer_stats_cached_pure(tiny, cache, monkeypatch):
 
     model, tok = tiny
     a = corpus.layer_stats(model, tok, [1], "pydoc", 1024, 64)
-    monkeypatch.setattr(corpus, "compute_layer_stats", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
+    monkeypatch.setattr(
+        corpus, "compute_layer_stats", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed"))
+    )
     b = corpus.layer_stats(model, tok, [1], "pydoc", 1024, 64)
     assert torch.equal(a[1], b[1])
     C = a[1]

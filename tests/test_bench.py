@@ -1,4 +1,5 @@
 """The benchmark's measuring tools (the benchmarks themselves are `memoe bench`, not tests)."""
+
 import statistics
 
 import pytest
@@ -25,8 +26,9 @@ def test_matmul_recorder_sees_the_same_flops_as_torch_and_replays_them():
     assert sum(rec.calls.values()) == 3
     assert sum(mm_flops(k) * n for k, n in rec.calls.items()) == fc.get_total_flops()
     # transposed operands keep their strides in the record (backward multiplies by W^T, x^T)
-    assert any(k[1] != tuple(torch.empty(k[0]).stride()) or k[3] != tuple(torch.empty(k[2]).stride())
-               for k in rec.calls)
+    assert any(
+        k[1] != tuple(torch.empty(k[0]).stride()) or k[3] != tuple(torch.empty(k[2]).stride()) for k in rec.calls
+    )
     flops, run = matmul_replay(rec.calls, torch.device("cpu"))
     assert flops == fc.get_total_flops() and run() > 0
 
@@ -79,8 +81,11 @@ def test_step_times_time_each_step_through_on_step(tokenizer):
     from .conftest import tiny_model
     from .test_memoe_editor import _recs
 
-    ed = make_editor(tiny_model("llama", len(tokenizer)), tokenizer,
-                     MEMoEMethod(layers=[2], rank=8, steps=4, early_stop_loss=0.0, precision="float32"))
+    ed = make_editor(
+        tiny_model("llama", len(tokenizer)),
+        tokenizer,
+        MEMoEMethod(layers=[2], rank=8, steps=4, early_stop_loss=0.0, precision="float32"),
+    )
     seen = []
     pause = 0.05
 
@@ -119,7 +124,9 @@ def test_roofline_pairs_each_step_with_a_replay_of_its_matmuls(tokenizer, compil
     model = tiny_model("llama", len(tokenizer))
     method = MEMoEMethod(layers=[2], rank=8, precision="float32", compile=compiled)
     flops = step_flops(model, tokenizer, method, _recs())
-    fig, frac = roofline(model, tokenizer, method, _recs(), flops, torch.float32, torch.device("cpu"), steps=4, rounds=2)
+    fig, frac = roofline(
+        model, tokenizer, method, _recs(), flops, torch.float32, torch.device("cpu"), steps=4, rounds=2
+    )
     pairs = fig["pairs"]
     assert len(pairs["step_s"]) == len(pairs["matmul_s"]) == len(pairs["fraction"]) == 6  # steps 2-4, twice
     assert frac > 0 and frac == statistics.median(pairs["fraction"])
@@ -133,9 +140,16 @@ def test_scale_study_samples_earlier_edits_and_leaves_the_model_unedited(tokeniz
     from .conftest import tiny_model
     from .test_adapter import _records
 
-    recs = _records(["The mother tongue of Danielle Darrieux is", "Homer's most famous poem is",
-                     "The capital of Norway is", "Paris is located in"],
-                    ["Klingon", "Blue Lagoon", "Bergen", "Peru"], ["Danielle Darrieux", "Homer", "Norway", "Paris"])
+    recs = _records(
+        [
+            "The mother tongue of Danielle Darrieux is",
+            "Homer's most famous poem is",
+            "The capital of Norway is",
+            "Paris is located in",
+        ],
+        ["Klingon", "Blue Lagoon", "Bergen", "Peru"],
+        ["Danielle Darrieux", "Homer", "Norway", "Paris"],
+    )
     model = tiny_model("llama", len(tokenizer))
     probe = tokenizer(["The capital of Norway is"], return_tensors="pt")
     before = model(**probe).logits
@@ -164,18 +178,27 @@ def test_scale_gauge_leaves_training_unchanged_and_divides_out_the_host(tokenize
     from .conftest import tiny_model
     from .test_adapter import _records
 
-    recs = _records(["The mother tongue of Danielle Darrieux is", "Homer's most famous poem is",
-                     "The capital of Norway is", "Paris is located in", "The Eiffel Tower is in",
-                     "Danielle Darrieux was born in"],
-                    ["Klingon", "Blue Lagoon", "Bergen", "Peru", "Rome", "Oslo"],
-                    ["Danielle Darrieux", "Homer", "Norway", "Paris", "Eiffel Tower", "Danielle Darrieux"])
-    method = MEMoEMethod(layers=[1], rank=8, lr=5e-2, steps=6, early_stop_loss=0.0, precision="float32",
-                         router_noise=1.0)
+    recs = _records(
+        [
+            "The mother tongue of Danielle Darrieux is",
+            "Homer's most famous poem is",
+            "The capital of Norway is",
+            "Paris is located in",
+            "The Eiffel Tower is in",
+            "Danielle Darrieux was born in",
+        ],
+        ["Klingon", "Blue Lagoon", "Bergen", "Peru", "Rome", "Oslo"],
+        ["Danielle Darrieux", "Homer", "Norway", "Paris", "Eiffel Tower", "Danielle Darrieux"],
+    )
+    method = MEMoEMethod(
+        layers=[1], rank=8, lr=5e-2, steps=6, early_stop_loss=0.0, precision="float32", router_noise=1.0
+    )
     runs = {}
     for every in (0, 2):
         model = tiny_model("llama", len(tokenizer))
-        runs[every] = sequential_scale(model, tokenizer, method, rounds=3, batch=2, recs=recs, retention_sample=4,
-                                       gauge_every=every)
+        runs[every] = sequential_scale(
+            model, tokenizer, method, rounds=3, batch=2, recs=recs, retention_sample=4, gauge_every=every
+        )
     plain, gauged = runs[0]["per_round"], runs[2]["per_round"]
     keys = ("loss_final", "reliability", "generality", "locality")
     assert [[r[k] for k in keys] for r in gauged] == [[r[k] for k in keys] for r in plain]
@@ -221,6 +244,8 @@ def test_flatness_figures():
 
     assert flatness([10.0, 10.0, 10.0], "t") == {"t_median": 10.0, "t_max_dev": 0.0, "t_slope_per_round": 0.0}
     f = flatness([10.0, 11.0, 12.0], "t")
-    assert f["t_median"] == 11.0 and abs(f["t_max_dev"] - 1 / 11) < 1e-12 and abs(f["t_slope_per_round"] - 1 / 11) < 1e-12
+    assert (
+        f["t_median"] == 11.0 and abs(f["t_max_dev"] - 1 / 11) < 1e-12 and abs(f["t_slope_per_round"] - 1 / 11) < 1e-12
+    )
     noisy = flatness([10.0, 14.0, 10.0, 14.0, 10.0], "t")  # spread without growth
     assert noisy["t_max_dev"] > 0.15 and abs(noisy["t_slope_per_round"]) < 0.01

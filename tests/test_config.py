@@ -10,8 +10,16 @@ from memoe.config import Config, ConfigError, config_hash, load_config
 def test_defaults_validate_and_public_keys_exist():
     cfg = load_config(None)
     assert cfg.model.name.startswith("embedded:")
-    for key in ("data.path", "data.format", "data.n_edits", "data.seed", "method.name",
-                "protocol.mode", "protocol.rounds", "protocol.batch_size"):
+    for key in (
+        "data.path",
+        "data.format",
+        "data.n_edits",
+        "data.seed",
+        "method.name",
+        "protocol.mode",
+        "protocol.rounds",
+        "protocol.batch_size",
+    ):
         section, field = key.split(".")
         assert field in type(getattr(cfg, section)).model_fields, key
 
@@ -159,7 +167,9 @@ def test_a_config_names_a_catalogue_dataset(tmp_path):
     assert load_config(p, ["data.path=mine.json"]).data.format == "counterfact"
     assert load_config(p, ["data.format=counterfact-flat"]).data.path == cf.path
     p.write_text("data:\n  dataset: counterfact\n  format: zsre\n")
-    with pytest.raises(ConfigError, match=r"data.dataset 'counterfact' gives the path and format; leave out data.format"):
+    with pytest.raises(
+        ConfigError, match=r"data.dataset 'counterfact' gives the path and format; leave out data.format"
+    ):
         load_config(p)
     with pytest.raises(ConfigError) as e:
         load_config(None, ["data.dataset=zzz"])

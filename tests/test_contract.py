@@ -9,6 +9,7 @@ A new method needs one row in ``CASES``: ``test_every_registered_method_has_a_ca
 has one. Each (method, architecture) is edited once per module (the ``run`` fixture) and every check
 reads that edit; only the determinism and save/load checks build a fresh copy of the model.
 """
+
 from __future__ import annotations
 
 import copy
@@ -46,10 +47,22 @@ NEW_TOKENS = 6  # generated tokens in the KV-cache check: the routing of the pro
 
 
 def records(edits=EDITS) -> pl.DataFrame:
-    rows = [dict(id=str(i), subject=s, prompt=p, target_new=t, target_true=tt,
-                 rephrase_prompts=[f"Q: {p}"], locality_prompts=[FAR[i % 2]], locality_answers=["fruit"],
-                 portability_prompts=[], portability_answers=[], generation_prompts=[])
-            for i, (s, p, t, tt) in enumerate(edits)]
+    rows = [
+        dict(
+            id=str(i),
+            subject=s,
+            prompt=p,
+            target_new=t,
+            target_true=tt,
+            rephrase_prompts=[f"Q: {p}"],
+            locality_prompts=[FAR[i % 2]],
+            locality_answers=["fruit"],
+            portability_prompts=[],
+            portability_answers=[],
+            generation_prompts=[],
+        )
+        for i, (s, p, t, tt) in enumerate(edits)
+    ]
     return pl.DataFrame(rows, schema=SCHEMA)
 
 
@@ -78,6 +91,7 @@ class Case:
     else the reason it does not; ``plain_generation``: without the whole claim, a plain forward of the
     bare prompts and plain ``generate`` still equal the routed ones; ``on_edit(run)`` /
     ``on_remove(run)``: the method's own assertions on the shared edit and after its removal."""
+
     settings: Callable[[Any], Any]
     rel: float = 0.9
     drop_in: bool | str = True
@@ -89,6 +103,7 @@ class Case:
 @dataclass
 class Run:
     """One (method, architecture) edited once; the checks read it."""
+
     method: str
     kind: str
     case: Case
@@ -139,18 +154,45 @@ CASES: dict[str, Case] = {
     # FT-L's norm bound keeps it from learning every edit: its bar is 0.6
     "ft-l": Case(lambda m: FTMethod(name="ft-l", layer=_last(m), lr=5e-2, steps=30, norm_constraint=5e-2), rel=0.6),
     "ft-m": Case(lambda m: FTMethod(name="ft-m", layer=_last(m), lr=1e-2, steps=40)),
-    "lora": Case(lambda m: LoRAMethod(target_modules=["mlp_out"], rank=4, alpha=8, lr=3e-2, steps=25),
-                 on_remove=_lora_unloaded),
-    "grace": Case(lambda m: GraceMethod(layer=_last(m), eps=1.0, lr=1.0, steps=40), on_edit=_grace_claims,
-                  drop_in="its key is the prompt's last token, which a forward of prompt + target cannot tell without "
-                  "route(); a bare prompt's is its last token, so plain generation is the routed one",
-                  plain_generation=True),
-    "memit": Case(lambda m: MemitMethod(layers=[1, 2], fact_token="last", corpus="pydoc", mom2_tokens=4096,
-                                        mom2_seq_len=64, mom2_weight=10.0, v_lr=0.5, v_steps=20, clamp_norm_factor=8.0),
-                  on_edit=_memit_claims),
-    "wise": Case(lambda m: WiseMethod(layer=_last(m), lr=0.5, steps=40, mask_ratio=0.5, corpus="pydoc",
-                                      irr_margin=0.05, edit_margin=1.0, gap=0.5, irr_chunks=8, irr_len=16),
-                 on_edit=_wise_claims),
+    "lora": Case(
+        lambda m: LoRAMethod(target_modules=["mlp_out"], rank=4, alpha=8, lr=3e-2, steps=25), on_remove=_lora_unloaded
+    ),
+    "grace": Case(
+        lambda m: GraceMethod(layer=_last(m), eps=1.0, lr=1.0, steps=40),
+        on_edit=_grace_claims,
+        drop_in="its key is the prompt's last token, which a forward of prompt + target cannot tell without "
+        "route(); a bare prompt's is its last token, so plain generation is the routed one",
+        plain_generation=True,
+    ),
+    "memit": Case(
+        lambda m: MemitMethod(
+            layers=[1, 2],
+            fact_token="last",
+            corpus="pydoc",
+            mom2_tokens=4096,
+            mom2_seq_len=64,
+            mom2_weight=10.0,
+            v_lr=0.5,
+            v_steps=20,
+            clamp_norm_factor=8.0,
+        ),
+        on_edit=_memit_claims,
+    ),
+    "wise": Case(
+        lambda m: WiseMethod(
+            layer=_last(m),
+            lr=0.5,
+            steps=40,
+            mask_ratio=0.5,
+            corpus="pydoc",
+            irr_margin=0.05,
+            edit_margin=1.0,
+            gap=0.5,
+            irr_chunks=8,
+            irr_len=16,
+        ),
+        on_edit=_wise_claims,
+    ),
 }
 
 
@@ -177,8 +219,9 @@ def _generate(model, tok, prompts, editor=None):
     enc = _left_padded(tok, prompts)
     ctx = editor.route(prompts) if editor is not None else torch.no_grad()
     with torch.no_grad(), ctx:
-        return model.generate(**enc, max_new_tokens=NEW_TOKENS, do_sample=False, use_cache=True,
-                              pad_token_id=tok.pad_token_id)
+        return model.generate(
+            **enc, max_new_tokens=NEW_TOKENS, do_sample=False, use_cache=True, pad_token_id=tok.pad_token_id
+        )
 
 
 @pytest.fixture(scope="module", params=[(m, k) for m in CASES for k in KINDS], ids=lambda p: f"{p[0]}-{p[1]}")
@@ -197,8 +240,27 @@ def run(request, tokenizer, tmp_path_factory):
         gen_before, rel_before = _generate(model, tok, prompts), rel(model, tok, recs)
         ed = make_editor(model, tok, cfg, seed=0)
         stats = ed.edit(recs)
-        r = Run(method, kind, case, model, tok, cfg, ed, recs, prompts, before, logits(model, tok, prompts, editor=ed),
-                rel_before, gen_before, stats, tmp / "saved", twin, names, unrelated, tmp / "cache")
+        r = Run(
+            method,
+            kind,
+            case,
+            model,
+            tok,
+            cfg,
+            ed,
+            recs,
+            prompts,
+            before,
+            logits(model, tok, prompts, editor=ed),
+            rel_before,
+            gen_before,
+            stats,
+            tmp / "saved",
+            twin,
+            names,
+            unrelated,
+            tmp / "cache",
+        )
         yield r
         r.editor.remove()
 
@@ -223,8 +285,15 @@ def test_edit_reports_an_edit_result(run):
     assert isinstance(st, EditResult) and st.n_edits == len(run.recs) and st.steps >= 1
     assert st.loss_final is not None and st.seconds >= st.setup_s >= 0
     flat = json.loads(json.dumps(st.as_dict()))
-    assert flat == {"steps": st.steps, "loss_first": st.loss_first, "loss_final": st.loss_final, "seconds": st.seconds,
-                    "n_edits": st.n_edits, "setup_s": st.setup_s, **st.details}
+    assert flat == {
+        "steps": st.steps,
+        "loss_first": st.loss_first,
+        "loss_final": st.loss_final,
+        "seconds": st.seconds,
+        "n_edits": st.n_edits,
+        "setup_s": st.setup_s,
+        **st.details,
+    }
 
 
 def test_save_load_reproduces_the_edit(run, tmp_path):
@@ -250,7 +319,11 @@ def test_same_seed_same_edit(run):
         assert torch.equal(logits(model, run.tok, run.prompts, editor=ed3), run.after)
         if "steps" in type(run.cfg).model_fields:
             assert [s for s, _ in seen] == list(range(1, st.steps + 1)) and seen[-1][1] == st.loss_final
-            assert (st.steps, st.loss_first, st.loss_final) == (run.stats.steps, run.stats.loss_first, run.stats.loss_final)
+            assert (st.steps, st.loss_first, st.loss_final) == (
+                run.stats.steps,
+                run.stats.loss_first,
+                run.stats.loss_final,
+            )
         else:  # MEMIT: a closed-form update
             assert seen == []
     finally:

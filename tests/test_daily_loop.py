@@ -2,6 +2,7 @@
 edit() checks its frame, one-time costs apart from per-edit costs, the compare parent run's
 metrics, run names and tags, reruns marked, rounds numbered alike, per-edit tables that show the
 edit, Prefect artifacts, ``memoe ls / show / compare / config``, ``--dry-run`` and the Python API."""
+
 from __future__ import annotations
 
 import json
@@ -20,6 +21,7 @@ pytestmark = pytest.mark.timeout(1800)
 
 
 # ------------------------------------------------------------------ paths, schedules
+
 
 def test_config_and_data_paths_resolve_from_any_folder(tmp_path, monkeypatch):
     """The one rule: a relative path is looked up in the current folder, then in the project root;
@@ -40,9 +42,27 @@ def test_config_and_data_paths_resolve_from_any_folder(tmp_path, monkeypatch):
 
 def test_run_from_another_folder_dry_run(tmp_path):
     env = env_for(tmp_path / "runs", tmp_path / "prefect")
-    p = subprocess.run(MEMOE + ["run", "configs/quickstart.yaml", "--dry-run", "--set", "data.n_edits=6",
-                                "--set", "protocol.rounds=3", "--set", "protocol.batch_size=2", "--tag", "a=b"],
-                       env=env | {"PYTHONPATH": str(ROOT)}, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        MEMOE
+        + [
+            "run",
+            "configs/quickstart.yaml",
+            "--dry-run",
+            "--set",
+            "data.n_edits=6",
+            "--set",
+            "protocol.rounds=3",
+            "--set",
+            "protocol.batch_size=2",
+            "--tag",
+            "a=b",
+        ],
+        env=env | {"PYTHONPATH": str(ROOT)},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     assert "dry run" in p.stdout and "sequential_study, 3 round(s) x 2 edits = 6" in p.stdout, p.stdout
     assert "methods:  memoe" in p.stdout and "memoe-sequential-3x2-zsre-smollm2-135m" in p.stdout
@@ -57,14 +77,19 @@ def test_schedules_ship_paused():
 
 # ------------------------------------------------------------------ edit() checks its frame
 
+
 def _tiny_methods():
     from memoe.api import method_config
 
-    return {"memoe": method_config("memoe", layers=[2], steps=2), "ft-l": method_config("ft-l", layer=2, steps=2),
-            "ft-m": method_config("ft-m", layer=2, steps=2), "lora": method_config("lora", steps=2),
-            "grace": method_config("grace", layer=2, steps=2),
-            "memit": method_config("memit", layers=[1], corpus="pydoc", mom2_tokens=256, mom2_seq_len=32, v_steps=2),
-            "wise": method_config("wise", layer=2, steps=2, irr_chunks=4)}
+    return {
+        "memoe": method_config("memoe", layers=[2], steps=2),
+        "ft-l": method_config("ft-l", layer=2, steps=2),
+        "ft-m": method_config("ft-m", layer=2, steps=2),
+        "lora": method_config("lora", steps=2),
+        "grace": method_config("grace", layer=2, steps=2),
+        "memit": method_config("memit", layers=[1], corpus="pydoc", mom2_tokens=256, mom2_seq_len=32, v_steps=2),
+        "wise": method_config("wise", layer=2, steps=2, irr_chunks=4),
+    }
 
 
 def test_every_editor_checks_its_frame_as_the_loaders_do(tokenizer, tmp_path, monkeypatch):
@@ -76,10 +101,22 @@ def test_every_editor_checks_its_frame_as_the_loaders_do(tokenizer, tmp_path, mo
     model = tiny_model("llama", len(tokenizer))
     methods = _tiny_methods()
     assert set(methods) == set(METHODS)
-    four = pl.DataFrame({"id": ["1"], "prompt": ["Paris is the capital of"], "target_new": ["Italy"],
-                         "rephrase_prompts": [["The capital of which country is Paris?"]]})
-    wrong = pl.DataFrame({"id": ["1", "2"], "subject": ["Paris", "Rome"], "prompt": ["Paris is in", "Berlin is in"],
-                          "target_new": ["Italy", "France"]})
+    four = pl.DataFrame(
+        {
+            "id": ["1"],
+            "prompt": ["Paris is the capital of"],
+            "target_new": ["Italy"],
+            "rephrase_prompts": [["The capital of which country is Paris?"]],
+        }
+    )
+    wrong = pl.DataFrame(
+        {
+            "id": ["1", "2"],
+            "subject": ["Paris", "Rome"],
+            "prompt": ["Paris is in", "Berlin is in"],
+            "target_new": ["Italy", "France"],
+        }
+    )
     for name, m in methods.items():
         ed = make_editor(model, tokenizer, m)
         try:
@@ -94,6 +131,7 @@ def test_every_editor_checks_its_frame_as_the_loaders_do(tokenizer, tmp_path, mo
 
 # ------------------------------------------------------------------ memoe config
 
+
 def test_config_command_prints_every_key_with_default_and_description(capsys):
     from flows.cli import main
     from memoe.config import Config
@@ -102,7 +140,9 @@ def test_config_command_prints_every_key_with_default_and_description(capsys):
     out = capsys.readouterr().out
     lines = {ln.split()[0]: ln for ln in out.splitlines()[2:]}
     assert "method.rank" in lines and "8 *" in lines["method.rank"] and "32" in lines["method.rank"]
-    assert "40 *" in lines["method.steps"] and "80" in lines["method.steps"] and "optimiser steps" in lines["method.steps"]
+    assert (
+        "40 *" in lines["method.steps"] and "80" in lines["method.steps"] and "optimiser steps" in lines["method.steps"]
+    )
     assert "default: sqlite database in runs/" in lines["tracking.mlflow_uri"]
     for section in ("model", "data", "protocol", "eval", "tracking"):
         for key in type(getattr(Config(), section)).model_fields:
@@ -111,19 +151,28 @@ def test_config_command_prints_every_key_with_default_and_description(capsys):
 
 # ------------------------------------------------------------------ the Python API
 
+
 def test_api_edit_in_the_easyedit_manner(tokenizer):
     from memoe.api import edit
     from memoe.data import EditDataError
     from memoe.editors.memoe.editor import MEMoEEditor
 
     model = tiny_model("llama", len(tokenizer))
-    res = edit(prompts=["The capital of France is", "The mother tongue of Danielle Darrieux is"],
-               target_new=["Rome", "English"], subject=["France", "Danielle Darrieux"],
-               rephrase_prompts=["France's capital city is", "Danielle Darrieux's first language is"],
-               locality_prompts=["The capital of Spain is", "Water is made of"],
-               locality_ground_truth=["Madrid", "hydrogen"],
-               method="memoe", model=model, tokenizer=tokenizer, layers=[2], steps=60, early_stop_loss=0.0,
-               max_new_tokens=4)
+    res = edit(
+        prompts=["The capital of France is", "The mother tongue of Danielle Darrieux is"],
+        target_new=["Rome", "English"],
+        subject=["France", "Danielle Darrieux"],
+        rephrase_prompts=["France's capital city is", "Danielle Darrieux's first language is"],
+        locality_prompts=["The capital of Spain is", "Water is made of"],
+        locality_ground_truth=["Madrid", "hydrogen"],
+        method="memoe",
+        model=model,
+        tokenizer=tokenizer,
+        layers=[2],
+        steps=60,
+        early_stop_loss=0.0,
+        max_new_tokens=4,
+    )
     assert res.scores["reliability"] == 1.0 and res.scores["n_edits"] == 2.0
     assert {"generality", "locality", "generation_reliability"} <= set(res.scores)
     assert res.per_edit["prompt"].to_list()[1] == "The mother tongue of Danielle Darrieux is"
@@ -131,14 +180,28 @@ def test_api_edit_in_the_easyedit_manner(tokenizer):
     assert isinstance(res.editor, MEMoEEditor) and res.stats
     res.editor.remove()
     with pytest.raises(EditDataError, match="locality_answers"):
-        edit(prompts=["The capital of France is"], target_new=["Rome"], subject=["France"],
-             locality_prompts=["The capital of Spain is"], model=model, tokenizer=tokenizer, layers=[2])
+        edit(
+            prompts=["The capital of France is"],
+            target_new=["Rome"],
+            subject=["France"],
+            locality_prompts=["The capital of Spain is"],
+            model=model,
+            tokenizer=tokenizer,
+            layers=[2],
+        )
     with pytest.raises(EditDataError, match="field 'subject'"):
-        edit(prompts=["The capital of France is"], target_new=["Rome"], subject=["Spain"], model=model,
-             tokenizer=tokenizer, layers=[2])
+        edit(
+            prompts=["The capital of France is"],
+            target_new=["Rome"],
+            subject=["Spain"],
+            model=model,
+            tokenizer=tokenizer,
+            layers=[2],
+        )
 
 
 # ------------------------------------------------------------------ the loop end to end
+
 
 def _prefect_artifacts(home: Path) -> list[tuple[str, str, str]]:
     with sqlite3.connect(home / "prefect.db") as db:
@@ -156,11 +219,22 @@ def test_compare_rerun_ls_show_compare(tmp_path, tiny_dir, capsys):
     env = env_for(runs, home) | {"MEMOE_CACHE": str(tmp_path / "cache")}
     cfg = study_config(tmp_path / "a", tiny_dir, steps=5, rounds=2, batch=2)
     raw = yaml.safe_load(cfg.read_text())
-    raw["methods"] = [raw.pop("method"), {"name": "memit", "layers": [1, 2], "fact_token": "last", "corpus": "pydoc",
-                                          "mom2_tokens": 20000, "mom2_seq_len": 64, "v_steps": 5}]
+    raw["methods"] = [
+        raw.pop("method"),
+        {
+            "name": "memit",
+            "layers": [1, 2],
+            "fact_token": "last",
+            "corpus": "pydoc",
+            "mom2_tokens": 20000,
+            "mom2_seq_len": 64,
+            "v_steps": 5,
+        },
+    ]
     cfg.write_text(yaml.safe_dump(raw))
-    res, p = memoe_run(cfg, tmp_path / "out", env, "--name", "first-study", "--tag", "owner=ann", "--tag", "k=v=w",
-                       timeout=900)
+    res, p = memoe_run(
+        cfg, tmp_path / "out", env, "--name", "first-study", "--tag", "owner=ann", "--tag", "k=v=w", timeout=900
+    )
     client = MlflowClient(tracking_uri=f"sqlite:///{runs / 'mlflow.db'}")
     parent = client.get_run(res["mlflow"]["run_id"])
     eid = parent.info.experiment_id
@@ -183,7 +257,9 @@ def test_compare_rerun_ls_show_compare(tmp_path, tiny_dir, capsys):
     assert parent.data.params["methods.memit.layers"] == "[1, 2]"
 
     # rounds numbered alike: 1 and 2 in results.json and in MLflow
-    kids = {k.info.run_name: k for k in client.search_runs([eid], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")}
+    kids = {
+        k.info.run_name: k for k in client.search_runs([eid], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    }
     assert set(kids) == {"memoe", "memit"}
     rounds = client.search_runs([eid], f"tags.`mlflow.parentRunId` = '{kids['memoe'].info.run_id}'")
     assert sorted((k.info.run_name, k.data.tags["memoe.round"]) for k in rounds) == [("round-1", "1"), ("round-2", "2")]
@@ -214,8 +290,9 @@ def test_compare_rerun_ls_show_compare(tmp_path, tiny_dir, capsys):
     assert "first-study" in text and "(rerun)" not in text and "└ memoe" in text and "└ memit" in text, text
     assert parent.info.run_id[:8] in text and "seq 2x2" in text
     listing = pl.read_csv(tmp_path / "ls.csv")
-    assert listing.filter(pl.col("name") == "  └ memit")["reliability"].to_list() == \
-        [pytest.approx(res["methods"]["memit"]["final"]["reliability"])]
+    assert listing.filter(pl.col("name") == "  └ memit")["reliability"].to_list() == [
+        pytest.approx(res["methods"]["memit"]["final"]["reliability"])
+    ]
     assert main(["ls", "--runs-dir", str(runs), "--all"]) == 0
     assert "(rerun)" in capsys.readouterr().out
 
@@ -235,8 +312,22 @@ def test_compare_rerun_ls_show_compare(tmp_path, tiny_dir, capsys):
 
     # memoe compare: two runs side by side (table, CSV, retention plot); a compare alone = its methods
     plot = tmp_path / "curves.png"
-    assert main(["compare", memoe_run_id[:8], kids["memit"].info.run_id, "--runs-dir", str(runs),
-                 "--plot", str(plot), "--csv", str(tmp_path / "cmp.csv")]) == 0
+    assert (
+        main(
+            [
+                "compare",
+                memoe_run_id[:8],
+                kids["memit"].info.run_id,
+                "--runs-dir",
+                str(runs),
+                "--plot",
+                str(plot),
+                "--csv",
+                str(tmp_path / "cmp.csv"),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "settings that differ" in text and plot.stat().st_size > 1000
     rows = pl.read_csv(tmp_path / "cmp.csv")

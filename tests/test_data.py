@@ -40,8 +40,15 @@ def test_sampling_is_deterministic_and_splits():
 
 
 def _zsre_rec(**kw):
-    r = {"subject": "Paris", "src": "Where is Paris?", "rephrase": "Paris is in which country?", "alt": "Italy",
-         "answers": ["France"], "loc": "nq question: who am i", "loc_ans": "me"}
+    r = {
+        "subject": "Paris",
+        "src": "Where is Paris?",
+        "rephrase": "Paris is in which country?",
+        "alt": "Italy",
+        "answers": ["France"],
+        "loc": "nq question: who am i",
+        "loc_ans": "me",
+    }
     r.update(kw)
     return r
 
@@ -114,9 +121,12 @@ def test_duplicate_ids(tmp_path):
 
 def test_prompt_longer_than_context(tmp_path):
     long = "Paris " + "very " * 50 + "far?"
-    with pytest.raises(EditDataError, match=r"record 0, field 'prompt': prompt of \d+ tokens exceeds the model's context of 20"):
-        load_edits(_write(tmp_path, [_zsre_rec(src=long)]), "zsre", max_prompt_tokens=20,
-                   count_tokens=lambda s: len(s.split()))
+    with pytest.raises(
+        EditDataError, match=r"record 0, field 'prompt': prompt of \d+ tokens exceeds the model's context of 20"
+    ):
+        load_edits(
+            _write(tmp_path, [_zsre_rec(src=long)]), "zsre", max_prompt_tokens=20, count_tokens=lambda s: len(s.split())
+        )
 
 
 def test_skip_bad_counts(tmp_path):
@@ -128,15 +138,26 @@ def test_skip_bad_counts(tmp_path):
 
 def test_user_formats(tmp_path):
     p = tmp_path / "d.csv"
-    p.write_text('subject,prompt,target_new,target_true,rephrases,locality_prompts,locality_answers\n'
-                 'Paris,Paris is the capital of,Italy,France,"[""The capital Paris is in""]",'
-                 'Rome is in|Oslo is in,Italy|Norway\n')
+    p.write_text(
+        "subject,prompt,target_new,target_true,rephrases,locality_prompts,locality_answers\n"
+        'Paris,Paris is the capital of,Italy,France,"[""The capital Paris is in""]",'
+        "Rome is in|Oslo is in,Italy|Norway\n"
+    )
     df, _ = load_edits(p, "csv")
     r = df.row(0, named=True)
     assert r["rephrase_prompts"] == ["The capital Paris is in"] and r["locality_answers"] == ["Italy", "Norway"]
     p = tmp_path / "d.jsonl"
-    p.write_text(json.dumps({"subject": "Paris", "prompt": "Paris is in", "target_new": "Italy",
-                             "locality_prompts": ["a"], "locality_answers": []}))
+    p.write_text(
+        json.dumps(
+            {
+                "subject": "Paris",
+                "prompt": "Paris is in",
+                "target_new": "Italy",
+                "locality_prompts": ["a"],
+                "locality_answers": [],
+            }
+        )
+    )
     with pytest.raises(EditDataError, match=r"field 'locality_answers': 1 locality prompts but 0 answers"):
         load_edits(p, "jsonl")
 

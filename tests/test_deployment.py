@@ -3,6 +3,7 @@ the process work pool, ``prefect deploy --all``, a worker, and a run of the quic
 on a tiny model with few edits; the flow run must be COMPLETED and its metrics in MLflow.
 Everything started here is stopped here (the worker with SIGINT, as Prefect workers expect).
 """
+
 from __future__ import annotations
 
 import json
@@ -53,17 +54,31 @@ def test_quickstart_deployment_runs_on_a_process_worker(tmp_path, tokenizer):
     tokenizer.save_pretrained(model)
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=api, PWD=str(ROOT),
-               PREFECT_UI_ENABLED="false", PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1",
-               MLFLOW_ENABLE_TELEMETRY="false", OMP_NUM_THREADS="1", MEMOE_RUNS=str(tmp_path / "runs"))
+    env = dict(
+        os.environ,
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        PREFECT_API_URL=api,
+        PWD=str(ROOT),
+        PREFECT_UI_ENABLED="false",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DO_NOT_TRACK="1",
+        MLFLOW_ENABLE_TELEMETRY="false",
+        OMP_NUM_THREADS="1",
+        MEMOE_RUNS=str(tmp_path / "runs"),
+    )
     server_env = {k: v for k, v in env.items() if k != "PREFECT_API_URL"}
     logs = tmp_path / "logs"
     logs.mkdir()
     started: list[subprocess.Popen] = []
     try:
-        server = subprocess.Popen(PREFECT + ["server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                  env=server_env, cwd=tmp_path, start_new_session=True,
-                                  stdout=open(logs / "server.log", "w"), stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            PREFECT + ["server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=server_env,
+            cwd=tmp_path,
+            start_new_session=True,
+            stdout=open(logs / "server.log", "w"),
+            stderr=subprocess.STDOUT,
+        )
         started.append(server)
         deadline = time.time() + 120
         while True:
@@ -91,15 +106,31 @@ def test_quickstart_deployment_runs_on_a_process_worker(tmp_path, tokenizer):
         assert nightly["work_pool_name"] == "memoe-process"
 
         out = tmp_path / "out"
-        params = {"overrides": [f"model.name={model}", "method.layers=[2]", "method.steps=5", "data.n_edits=4",
-                                "protocol.rounds=2", "protocol.batch_size=2", "eval.max_new_tokens=4", "threads=1"],
-                  "out": str(out), "runs_dir": str(tmp_path / "runs")}
+        params = {
+            "overrides": [
+                f"model.name={model}",
+                "method.layers=[2]",
+                "method.steps=5",
+                "data.n_edits=4",
+                "protocol.rounds=2",
+                "protocol.batch_size=2",
+                "eval.max_new_tokens=4",
+                "threads=1",
+            ],
+            "out": str(out),
+            "runs_dir": str(tmp_path / "runs"),
+        }
         text = cli("deployment", "run", "memoe-study/quickstart", "--params", json.dumps(params))
         run_id = re.search(r"UUID: ([0-9a-f-]{36})", text).group(1)
 
-        worker = subprocess.Popen(PREFECT + ["worker", "start", "--pool", "memoe-process", "--limit", "1"],
-                                  env=env, cwd=ROOT, start_new_session=True,
-                                  stdout=open(logs / "worker.log", "w"), stderr=subprocess.STDOUT)
+        worker = subprocess.Popen(
+            PREFECT + ["worker", "start", "--pool", "memoe-process", "--limit", "1"],
+            env=env,
+            cwd=ROOT,
+            start_new_session=True,
+            stdout=open(logs / "worker.log", "w"),
+            stderr=subprocess.STDOUT,
+        )
         started.append(worker)
         deadline = time.time() + 300
         while True:

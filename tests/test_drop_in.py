@@ -1,5 +1,6 @@
 """The edited model works wherever it is used: a plain forward, ``generate`` (left padding, KV cache),
 a transformers pipeline and a saved-and-reloaded copy give what memoe's own evaluation path gives."""
+
 import json
 
 import pytest
@@ -18,8 +19,11 @@ PROMPTS = ["The mother tongue of Danielle Darrieux is", "Homer's most famous poe
 TARGETS = ["Klingon", "Blue Lagoon"]
 SUBJECTS = ["Danielle Darrieux", "Homer"]
 FAST = dict(layers=[2], rank=8, lr=5e-2, steps=100, early_stop_loss=0.05)
-OTHER = ["the mother tongue of danielle darrieux is", "nq question: what is the boiling point of water",
-         "Everyone knows that Homer's most famous poem is"]
+OTHER = [
+    "the mother tongue of danielle darrieux is",
+    "nq question: what is the boiling point of water",
+    "Everyone knows that Homer's most famous poem is",
+]
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +60,9 @@ def test_generate_left_padding_and_kv_cache(edited):
     try:
         batch = tok(prompts, return_tensors="pt", padding=True)
         with_cache = model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
-        no_cache = model.generate(**batch, max_new_tokens=4, do_sample=False, use_cache=False,
-                                  pad_token_id=tok.pad_token_id)
+        no_cache = model.generate(
+            **batch, max_new_tokens=4, do_sample=False, use_cache=False, pad_token_id=tok.pad_token_id
+        )
     finally:
         tok.padding_side = side
     assert torch.equal(with_cache, no_cache)
@@ -79,8 +84,7 @@ def test_saved_and_reloaded_copy(edited, tmp_path, monkeypatch):
     assert meta["model"] is None  # a model built in a test has no memoe name: load_edited needs it given
     import memoe.models
 
-    monkeypatch.setattr(memoe.models, "load_model", lambda name, device, dtype: (
-        tiny_model("llama", len(tok)), tok))
+    monkeypatch.setattr(memoe.models, "load_model", lambda name, device, dtype: (tiny_model("llama", len(tok)), tok))
     model2, tok2, ed2 = load_edited(tmp_path / "ed", model_name="tiny")
     texts = PROMPTS + OTHER
     tgts = TARGETS + ["Klingon", "x", "Blue Lagoon"]
@@ -115,8 +119,15 @@ def test_real_model_plain_calls_score_as_memoe_does(real_model):
         ed.edit(recs)
         routed = evaluate(model, tok, recs, base, editor=ed)
         plain = evaluate(model, tok, recs, base)  # no editor passed: plain forward / generate calls
-        for col in ("reliability", "generality", "locality", "specificity", "chat_generality",
-                    "restyled_generality", "generation_reliability"):
+        for col in (
+            "reliability",
+            "generality",
+            "locality",
+            "specificity",
+            "chat_generality",
+            "restyled_generality",
+            "generation_reliability",
+        ):
             assert routed[col].to_list() == plain[col].to_list(), col
         assert summarize(plain)["reliability"] > 0.9
     finally:

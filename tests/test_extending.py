@@ -2,6 +2,7 @@
 and imported as ``memoe.editors.delta``) registers, validates in a config and passes the core of the
 editor contract with the settings of its test-matrix row; its data format parses a file; its metric is
 a column of the evaluation. Everything registered here is unregistered again."""
+
 from __future__ import annotations
 
 import importlib
@@ -57,7 +58,10 @@ def test_the_documented_method_registers_and_keeps_the_contract(delta_package, t
     from memoe.editors import make_editor
 
     assert "delta" in METHODS and sorted(p.name for p in (tmp_path / "delta").iterdir() if p.suffix == ".py") == [
-        "__init__.py", "config.py", "editor.py"]
+        "__init__.py",
+        "config.py",
+        "editor.py",
+    ]
     cfg = load_config(None, ["method.name=delta", "method.lr=0.1"])
     assert type(cfg.method).__name__ == "DeltaMethod" and cfg.method.lr == 0.1
     row = re.search(r'"delta": (Case\(.*\)),', blocks("text")[0]).group(1)
@@ -77,7 +81,9 @@ def test_the_documented_method_registers_and_keeps_the_contract(delta_package, t
     assert not torch.equal(edited, before)
     ed.save(tmp_path / "state")
     ed.remove()
-    assert all(torch.equal(ref[k], v) for k, v in model.state_dict().items()) and torch.equal(model(**probe).logits, before)
+    assert all(torch.equal(ref[k], v) for k, v in model.state_dict().items()) and torch.equal(
+        model(**probe).logits, before
+    )
     again = make_editor(model, tokenizer, case.settings(model), seed=0)
     again.load(tmp_path / "state")
     assert torch.equal(model(**probe).logits, edited)  # save/load reproduces the edited outputs
@@ -89,8 +95,12 @@ def test_the_documented_data_format_parses_a_file(tmp_path):
     try:
         exec(code, {})
         path = tmp_path / "people.jsonl"
-        path.write_text("\n".join(json.dumps(r) for r in [{"who": "Ada Lovelace", "where": "Paris"},
-                                                          {"who": "Alan Turing", "where": "Rome"}]))
+        path.write_text(
+            "\n".join(
+                json.dumps(r)
+                for r in [{"who": "Ada Lovelace", "where": "Paris"}, {"who": "Alan Turing", "where": "Rome"}]
+            )
+        )
         df, report = load_edits(path, "people")
         assert df["prompt"].to_list() == ["Ada Lovelace lives in", "Alan Turing lives in"]
         assert df["rephrase_prompts"].to_list()[1] == ["The home of Alan Turing is"] and report.n_kept == 2

@@ -1,5 +1,6 @@
 """GPU checks (skipped where no CUDA device is present): the editor and the benchmark's step timing
 run on the GPU, in bf16 autocast where the card supports it, and give the CPU's answers."""
+
 import pytest
 import torch
 

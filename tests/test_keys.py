@@ -5,6 +5,7 @@ progress sink). A change in one editor's code changes that method's keys and no 
 
 Tiny inputs: a fake model folder (its files are only hashed, never loaded), a few bytes of records.
 """
+
 from __future__ import annotations
 
 import pathlib
@@ -75,6 +76,7 @@ def model_cfg(model_dir, **kw):
 
 # ------------------------------------------------------------------ content hashes
 
+
 def test_file_and_folder_digests_are_of_contents_not_places(tmp_path):
     a = write(tmp_path / "a" / "x.bin", b"12345")
     b = write(tmp_path / "b" / "other-name.bin", b"12345")
@@ -112,11 +114,18 @@ def test_model_fingerprint_is_the_weights_not_the_folder(tmp_path, model_dir):
 
 # ------------------------------------------------------------------ the tasks' keys
 
+
 def test_prepare_key(tmp_path, model_dir, monkeypatch):
     data = write(tmp_path / "d.json", b'[{"src": "x"}]')
     data_cfg = Config().data.model_dump(mode="json") | {"path": data}
-    p = {"data_cfg": data_cfg, "model_cfg": model_cfg(model_dir), "rounds": 2, "batch_size": 5, "re_edit": None,
-         "store": str(tmp_path / "store")}
+    p = {
+        "data_cfg": data_cfg,
+        "model_cfg": model_cfg(model_dir),
+        "rounds": 2,
+        "batch_size": 5,
+        "re_edit": None,
+        "store": str(tmp_path / "store"),
+    }
     key = prepare_key(None, p)
     moved = write(tmp_path / "elsewhere" / "renamed.json", b'[{"src": "x"}]')
     assert prepare_key(None, p | {"data_cfg": data_cfg | {"path": moved}}) == key  # the bytes, not the path
@@ -124,8 +133,14 @@ def test_prepare_key(tmp_path, model_dir, monkeypatch):
     assert prepare_key(None, p | {"model_cfg": model_cfg(model_dir, device="cuda")}) == key  # the data's, any device
     other = write(tmp_path / "e.json", b'[{"src": "y"}]')
     assert prepare_key(None, p | {"data_cfg": data_cfg | {"path": other}}) != key
-    for field, value in (("format", "counterfact"), ("n_edits", 7), ("seed", 1), ("sample", "random"),
-                         ("skip_bad", True), ("probes", False)):
+    for field, value in (
+        ("format", "counterfact"),
+        ("n_edits", 7),
+        ("seed", 1),
+        ("sample", "random"),
+        ("skip_bad", True),
+        ("probes", False),
+    ):
         assert prepare_key(None, p | {"data_cfg": data_cfg | {field: value}}) != key, field
     for field, value in (("rounds", 3), ("batch_size", 4), ("re_edit", [2, 1])):
         assert prepare_key(None, p | {field: value}) != key, field
@@ -158,18 +173,30 @@ def test_anchors_and_locality_keys(tmp_path, model_dir, monkeypatch):
 
 
 def train_params(tmp_path, model_dir, method="memoe", **kw):
-    return {"round_index": 0, "records": write(tmp_path / "round_0.parquet", b"round 0"), "prev_state": None,
-            "method_cfg": validate_method({"name": method}).model_dump(mode="json"), "seed": 0,
-            "model_cfg": model_cfg(model_dir), "store": str(tmp_path / "store"), "threads": None,
-            "progress": None} | kw
+    return {
+        "round_index": 0,
+        "records": write(tmp_path / "round_0.parquet", b"round 0"),
+        "prev_state": None,
+        "method_cfg": validate_method({"name": method}).model_dump(mode="json"),
+        "seed": 0,
+        "model_cfg": model_cfg(model_dir),
+        "store": str(tmp_path / "store"),
+        "threads": None,
+        "progress": None,
+    } | kw
 
 
 def test_train_key(tmp_path, model_dir):
     p = train_params(tmp_path, model_dir)
     key = train_key(None, p)
     same = write(tmp_path / "elsewhere" / "r.parquet", b"round 0")
-    assert train_key(None, p | {"records": same, "store": str(tmp_path / "s2"), "threads": 4,
-                                "progress": {"url": "x", "total": 3}}) == key
+    assert (
+        train_key(
+            None,
+            p | {"records": same, "store": str(tmp_path / "s2"), "threads": 4, "progress": {"url": "x", "total": 3}},
+        )
+        == key
+    )
     assert train_key(None, p | {"records": write(tmp_path / "r1.parquet", b"round 1")}) != key
     state = tmp_path / "state"
     write(state / "editor.json", b"{}")
@@ -193,10 +220,18 @@ def test_evaluate_key(tmp_path, model_dir):
     rounds = [write(tmp_path / f"round_{t}.parquet", f"round {t}".encode()) for t in range(3)]
     state = tmp_path / "state"
     write(state / "editor.json", b"{}")
-    p = {"round_index": 0, "rounds": rounds, "state": str(state), "base": write(tmp_path / "base.parquet", b"b"),
-         "method_cfg": validate_method({"name": "lora"}).model_dump(mode="json"),
-         "eval_cfg": Config().eval.model_dump(mode="json"), "seed": 0, "model_cfg": model_cfg(model_dir),
-         "store": str(tmp_path / "store"), "threads": None}
+    p = {
+        "round_index": 0,
+        "rounds": rounds,
+        "state": str(state),
+        "base": write(tmp_path / "base.parquet", b"b"),
+        "method_cfg": validate_method({"name": "lora"}).model_dump(mode="json"),
+        "eval_cfg": Config().eval.model_dump(mode="json"),
+        "seed": 0,
+        "model_cfg": model_cfg(model_dir),
+        "store": str(tmp_path / "store"),
+        "threads": None,
+    }
     key = evaluate_key(None, p)
     assert evaluate_key(None, p | {"store": str(tmp_path / "s2"), "threads": 2}) == key
     (tmp_path / "round_2.parquet").write_bytes(b"a later round")  # round 0 scores rounds 0..0 only
@@ -217,6 +252,7 @@ def test_evaluate_key(tmp_path, model_dir):
 
 # ------------------------------------------------------------------ the code version
 
+
 def test_each_editors_code_changes_its_own_methods_keys_only(tmp_path, model_dir, monkeypatch):
     """For every registered method: its editor's own sources edited, the code version and the train key of
     that method (and of any name sharing its editor, ft-l / ft-m) change; every other method's, and the
@@ -226,8 +262,7 @@ def test_each_editors_code_changes_its_own_methods_keys_only(tmp_path, model_dir
 
     def versions():
         code_version.cache_clear()
-        return ({m: code_version(m) for m in methods}, {m: train_key(None, params[m]) for m in methods},
-                code_version())
+        return ({m: code_version(m) for m in methods}, {m: train_key(None, params[m]) for m in methods}, code_version())
 
     before, keys_before, core = versions()
     assert len(set(before.values())) == len({METHODS[m].editor_module for m in methods})
@@ -251,6 +286,12 @@ def test_library_code_changes_every_key_and_front_ends_none(monkeypatch):
         changed(mp, {PROJECT_ROOT / "memoe" / "metrics.py"})  # every task's output depends on it
         assert all(code_version(m) != v for m, v in before.items())
     with monkeypatch.context() as mp:
-        changed(mp, {PROJECT_ROOT / "memoe" / "commands" / "report.py", PROJECT_ROOT / "flows" / "cli.py",
-                     PROJECT_ROOT / "benchmarks" / "speed.py"})  # front ends: no task runs them
+        changed(
+            mp,
+            {
+                PROJECT_ROOT / "memoe" / "commands" / "report.py",
+                PROJECT_ROOT / "flows" / "cli.py",
+                PROJECT_ROOT / "benchmarks" / "speed.py",
+            },
+        )  # front ends: no task runs them
         assert {m: code_version(m) for m in methods} | {None: code_version()} == before

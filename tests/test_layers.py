@@ -12,6 +12,7 @@ use: a plug-in point, not an import of the config's layer.)
 name the module defines itself, on its own objects, is its own; third-party private APIs are not checked.)
 The tests are not checked.
 """
+
 from __future__ import annotations
 
 import ast
@@ -22,49 +23,59 @@ PROJECT = ("memoe", "tasks", "flows", "benchmarks", "scripts")
 
 # lowest first; a module's layer is that of its longest dotted prefix here (memoe.editors.* is editing)
 LAYERS: list[tuple[str, dict[str, str]]] = [
-    ("foundation", {
-        "memoe": "the package itself: its version only",
-        "memoe.registry": "the registry class every concept's registry is (methods, formats, metrics)",
-        "memoe.paths": "where the checkout is, and the one rule for relative paths memoe reads",
-        "memoe.memory": "the peak-memory meter: the process and the device, nothing of memoe",
-        "memoe.methods": "the method registry and the settings base; finds the method packages by name at run time",
-    }),
-    ("data", {
-        "memoe.catalogue": "the dataset catalogue: names -> files, formats, descriptions",
-        "memoe.data": "the data formats, edit records, their checks, sampling and rounds, an edit's token ids",
-        "memoe.probes": "the hard probes, built from a record's own fields (a tokenizer's chat template at most)",
-        "memoe.config": "the settings schema: reads the formats and the catalogue; editors only by name",
-        "memoe.datasets": "the records a config asks for (a tokenizer for the context check, no model)",
-        "memoe.grid": "sweep grids: configs only",
-    }),
-    ("anchors", {
-        "memoe.anchors": "knowledge anchors: the subject a prompt asks about, from text alone",
-    }),
-    ("model", {
-        "memoe.models": "model loading, conversion, the architectures' layer maps",
-        "memoe.checks": "a config's settings against its model",
-        "memoe.adapter": "MEMoE's bypass mixture of experts beside a model's MLP, and the layer cache",
-        "memoe.corpus": "text corpora and key statistics over a model's layer",
-    }),
-    ("editing", {
-        "memoe.editors": "the Editor interface, shared training helpers, one module or package per method",
-    }),
-    ("evaluation", {
-        "memoe.metric_registry": "the metrics' names, order and headline flags",
-        "memoe.metrics": "scores a model after an edit; the editor is passed in (route()), never imported",
-    }),
-    ("front", {
-        "memoe.api": "the Python API: edit and score in one call",
-        "memoe.protocol": "the study protocol (rounds, retention) over editing and evaluation",
-        "memoe.commands": "the library's subcommands of `memoe` (config, demo, generate, chat, report)",
-    }),
+    (
+        "foundation",
+        {
+            "memoe": "the package itself: its version only",
+            "memoe.registry": "the registry class every concept's registry is (methods, formats, metrics)",
+            "memoe.paths": "where the checkout is, and the one rule for relative paths memoe reads",
+            "memoe.memory": "the peak-memory meter: the process and the device, nothing of memoe",
+            "memoe.methods": "the method registry and the settings base; finds the method packages by name at run time",
+        },
+    ),
+    (
+        "data",
+        {
+            "memoe.catalogue": "the dataset catalogue: names -> files, formats, descriptions",
+            "memoe.data": "the data formats, edit records, their checks, sampling and rounds, an edit's token ids",
+            "memoe.probes": "the hard probes, built from a record's own fields (a tokenizer's chat template at most)",
+            "memoe.config": "the settings schema: reads the formats and the catalogue; editors only by name",
+            "memoe.datasets": "the records a config asks for (a tokenizer for the context check, no model)",
+            "memoe.grid": "sweep grids: configs only",
+        },
+    ),
+    ("anchors", {"memoe.anchors": "knowledge anchors: the subject a prompt asks about, from text alone"}),
+    (
+        "model",
+        {
+            "memoe.models": "model loading, conversion, the architectures' layer maps",
+            "memoe.checks": "a config's settings against its model",
+            "memoe.adapter": "MEMoE's bypass mixture of experts beside a model's MLP, and the layer cache",
+            "memoe.corpus": "text corpora and key statistics over a model's layer",
+        },
+    ),
+    ("editing", {"memoe.editors": "the Editor interface, shared training helpers, one module or package per method"}),
+    (
+        "evaluation",
+        {
+            "memoe.metric_registry": "the metrics' names, order and headline flags",
+            "memoe.metrics": "scores a model after an edit; the editor is passed in (route()), never imported",
+        },
+    ),
+    (
+        "front",
+        {
+            "memoe.api": "the Python API: edit and score in one call",
+            "memoe.protocol": "the study protocol (rounds, retention) over editing and evaluation",
+            "memoe.commands": "the library's subcommands of `memoe` (config, demo, generate, chat, report)",
+        },
+    ),
 ]
 RANK = {layer: i for i, (layer, _) in enumerate(LAYERS)}
 LAYER_OF = {module: layer for layer, modules in LAYERS for module in modules}
 
 # the packages each top-level package may import from (besides itself); the pipeline engines on top
-MAY_IMPORT = {"memoe": set(), "tasks": {"memoe"}, "flows": {"tasks", "memoe", "benchmarks"},
-              "benchmarks": {"memoe"}}
+MAY_IMPORT = {"memoe": set(), "tasks": {"memoe"}, "flows": {"tasks", "memoe", "benchmarks"}, "benchmarks": {"memoe"}}
 ENGINES = ("prefect", "mlflow")  # prefect_dask, prefect_kubernetes count as prefect
 
 
@@ -88,7 +99,7 @@ def imports(path: Path) -> list[tuple[int, str]]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                up = package.split(".")[:len(package.split(".")) - node.level + 1]
+                up = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(up + ([base] if base else []))
             found.append((node.lineno, base))
             found += [(node.lineno, f"{base}.{a.name}") for a in node.names]
@@ -173,7 +184,12 @@ def test_no_module_uses_another_modules_private_names():
             where = f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', '?')}"
             if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in PROJECT + ("",):
                 wrong += [f"{where}: from {node.module} import {a.name}" for a in node.names if private(a.name)]
-            elif isinstance(node, ast.Attribute) and private(node.attr) and node.attr not in own[path] \
-                    and node.attr in others and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+            elif (
+                isinstance(node, ast.Attribute)
+                and private(node.attr)
+                and node.attr not in own[path]
+                and node.attr in others
+                and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
+            ):
                 wrong.append(f"{where}: {ast.unparse(node)}")
     assert wrong == []

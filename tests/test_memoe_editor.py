@@ -10,8 +10,11 @@ from memoe.metrics import evaluate, locality_predictions, summarize, teacher_for
 from .conftest import ZSRE, tiny_model
 from .test_adapter import _records
 
-EDITS = dict(prompts=["The mother tongue of Danielle Darrieux is", "Homer's most famous poem is"],
-             targets=["Klingon", "Blue Lagoon"], subjects=["Danielle Darrieux", "Homer"])
+EDITS = dict(
+    prompts=["The mother tongue of Danielle Darrieux is", "Homer's most famous poem is"],
+    targets=["Klingon", "Blue Lagoon"],
+    subjects=["Danielle Darrieux", "Homer"],
+)
 LOC = "nq question: what is the boiling point of water"
 FAST = dict(layers=[2], rank=8, lr=5e-2, steps=60, early_stop_loss=0.05)
 
@@ -51,7 +54,9 @@ def test_determinism_and_save_load(tokenizer, tmp_path):
         model = tiny_model("llama", len(tokenizer))
         ed = MEMoEEditor(model, tokenizer, cfg, seed=3)
         st = ed.edit(recs)
-        outs.append((st.loss_final, teacher_forced(model, tokenizer, EDITS["prompts"], EDITS["targets"], editor=ed).logprob))
+        outs.append(
+            (st.loss_final, teacher_forced(model, tokenizer, EDITS["prompts"], EDITS["targets"], editor=ed).logprob)
+        )
     assert outs[0] == outs[1]
     ed.save(tmp_path / "ad")
     fresh_model = tiny_model("llama", len(tokenizer))
@@ -119,8 +124,11 @@ def test_bucketed_bf16_training_edits_and_restores_the_model(tokenizer, kind):
     model = tiny_model(kind, len(tokenizer))
     ref = {k: v.clone() for k, v in model.state_dict().items()}
     impl = model.config._attn_implementation
-    recs = _records(EDITS["prompts"] + ["Paris is the capital of"], EDITS["targets"] + ["Narnia of the North"],
-                    EDITS["subjects"] + ["Paris"])
+    recs = _records(
+        EDITS["prompts"] + ["Paris is the capital of"],
+        EDITS["targets"] + ["Narnia of the North"],
+        EDITS["subjects"] + ["Paris"],
+    )
     ed = make_editor(model, tokenizer, MEMoEMethod(**{**FAST, "steps": 120}, precision="bfloat16"))
     stats = ed.edit(recs)
     assert stats.details["precision"] == "bfloat16" and stats.details["buckets"] >= 1
@@ -133,14 +141,29 @@ def test_bucketed_bf16_training_edits_and_restores_the_model(tokenizer, kind):
 def test_bucketed_step_has_the_same_gradient_as_one_padded_batch(tokenizer):
     """Splitting a step's rows into length groups changes padding, not the objective."""
     model = tiny_model("llama", len(tokenizer))
-    recs = _records(EDITS["prompts"] + ["Paris is the capital of"], EDITS["targets"] + ["Narnia of the North"],
-                    EDITS["subjects"] + ["Paris"])
+    recs = _records(
+        EDITS["prompts"] + ["Paris is the capital of"],
+        EDITS["targets"] + ["Narnia of the North"],
+        EDITS["subjects"] + ["Paris"],
+    )
     grads = []
     for buckets in (True, False):
         torch.manual_seed(0)
-        ed = MEMoEEditor(model, tokenizer, MEMoEMethod(**{**FAST, "steps": 1, "router_noise": 0.0, "load_balance": 0.0,
-                                                          "precision": "float32", "length_buckets": buckets,
-                                                          "pack_tokens": None}))
+        ed = MEMoEEditor(
+            model,
+            tokenizer,
+            MEMoEMethod(
+                **{
+                    **FAST,
+                    "steps": 1,
+                    "router_noise": 0.0,
+                    "load_balance": 0.0,
+                    "precision": "float32",
+                    "length_buckets": buckets,
+                    "pack_tokens": None,
+                }
+            ),
+        )
         with torch.no_grad():
             for p in ed.adapter.parameters():
                 p.add_(0.05 * torch.randn_like(p))
@@ -159,13 +182,21 @@ def test_packed_rows_have_the_same_loss_and_gradient_as_padded_rows(tokenizer, k
     the adapter's per-row anchor and start spread over the tokens) change the batch layout, not the
     objective: the same loss and adapter gradient as right-padded rows, with and without the cache."""
     model = tiny_model(kind, len(tokenizer))
-    recs = _records(EDITS["prompts"] + ["Paris is the capital of"], EDITS["targets"] + ["Narnia of the North"],
-                    EDITS["subjects"] + ["Paris"])
+    recs = _records(
+        EDITS["prompts"] + ["Paris is the capital of"],
+        EDITS["targets"] + ["Narnia of the North"],
+        EDITS["subjects"] + ["Paris"],
+    )
     out = {}
     for pack in (None, 21, 64):
         torch.manual_seed(0)
-        ed = MEMoEEditor(model, tokenizer, MEMoEMethod(**{**FAST, "router_noise": 0.0, "apply_from": apply_from,
-                                                          "precision": "float32", "pack_tokens": pack}))
+        ed = MEMoEEditor(
+            model,
+            tokenizer,
+            MEMoEMethod(
+                **{**FAST, "router_noise": 0.0, "apply_from": apply_from, "precision": "float32", "pack_tokens": pack}
+            ),
+        )
         ed.extractor.add(recs["subject"])
         with torch.no_grad():
             for p in ed.adapter.parameters():
@@ -192,8 +223,10 @@ def test_packed_batch_layout(tokenizer):
 
     prompts, targets = EDITS["prompts"] + ["Paris is the capital of"], EDITS["targets"] + ["Narnia of the North"]
     b = packed_batch(tokenizer, prompts, targets, "cpu", capacity=16)
-    lengths = [len(tokenizer(p).input_ids) + len(tokenizer(" " + t, add_special_tokens=False).input_ids)
-               for p, t in zip(prompts, targets)]
+    lengths = [
+        len(tokenizer(p).input_ids) + len(tokenizer(" " + t, add_special_tokens=False).input_ids)
+        for p, t in zip(prompts, targets)
+    ]
     assert b["input_ids"].shape[1] <= max(16, max(lengths))
     for i, n in enumerate(lengths):  # every row once, whole, its positions from 0
         where = (b["row"] == i).nonzero()
@@ -244,7 +277,6 @@ def test_fused_head_nll_equals_cross_entropy(dtype):
         head_nll_sum(h0, w.clone().requires_grad_(), y)
 
 
-
 def test_token_groups_bound_the_tokens_per_micro_batch():
     from memoe.editors.common import token_groups
 
@@ -258,15 +290,30 @@ def test_token_groups_bound_the_tokens_per_micro_batch():
 def test_packed_micro_batches_have_the_same_gradient_as_one(tokenizer, monkeypatch):
     """A step split into micro-batches (``max_batch_tokens``) accumulates the same gradient."""
     model = tiny_model("llama", len(tokenizer))
-    recs = _records(EDITS["prompts"] + ["Paris is the capital of"], EDITS["targets"] + ["Narnia of the North"],
-                    EDITS["subjects"] + ["Paris"])
+    recs = _records(
+        EDITS["prompts"] + ["Paris is the capital of"],
+        EDITS["targets"] + ["Narnia of the North"],
+        EDITS["subjects"] + ["Paris"],
+    )
     sgd = torch.optim.SGD  # one plain gradient step: the update is the gradient itself
     monkeypatch.setattr(torch.optim, "AdamW", lambda params, lr, weight_decay: sgd(params, lr=1.0))
     moved, buckets = [], []
     for max_tokens in (4096, 12):
         torch.manual_seed(0)
-        ed = MEMoEEditor(model, tokenizer, MEMoEMethod(**{**FAST, "steps": 1, "router_noise": 0.0, "load_balance": 0.0,
-                                                          "precision": "float32", "max_batch_tokens": max_tokens}))
+        ed = MEMoEEditor(
+            model,
+            tokenizer,
+            MEMoEMethod(
+                **{
+                    **FAST,
+                    "steps": 1,
+                    "router_noise": 0.0,
+                    "load_balance": 0.0,
+                    "precision": "float32",
+                    "max_batch_tokens": max_tokens,
+                }
+            ),
+        )
         with torch.no_grad():
             for p in ed.adapter.parameters():
                 p.add_(0.05 * torch.randn_like(p))
@@ -299,8 +346,11 @@ def test_compiled_layers_train_like_eager_and_compile_once(tokenizer):
     from memoe.models import decoder_layers
 
     model = tiny_model("llama", len(tokenizer))
-    recs = _records(EDITS["prompts"] + ["Paris is the capital of"], EDITS["targets"] + ["Narnia of the North"],
-                    EDITS["subjects"] + ["Paris"])
+    recs = _records(
+        EDITS["prompts"] + ["Paris is the capital of"],
+        EDITS["targets"] + ["Narnia of the North"],
+        EDITS["subjects"] + ["Paris"],
+    )
     cfg = MEMoEMethod(**{**FAST, "layers": [1], "steps": 6, "early_stop_loss": 0.0, "precision": "float32"})
     _, eager = _losses(model, tokenizer, cfg, recs)
     torch._dynamo.reset()  # forget graphs that earlier tests traced for the same layer code
@@ -327,9 +377,11 @@ def test_compile_falls_back_to_eager_where_it_cannot_build(tokenizer, monkeypatc
     assert ed.edit(_recs()).details["compiled"] is False
 
 
-GROW = [("The mother tongue of Danielle Darrieux is", "Klingon", "Danielle Darrieux"),
-        ("Homer's most famous poem is", "Blue Lagoon", "Homer"),
-        ("The capital of Laos is", "Yamoussoukro", "Laos")]
+GROW = [
+    ("The mother tongue of Danielle Darrieux is", "Klingon", "Danielle Darrieux"),
+    ("Homer's most famous poem is", "Blue Lagoon", "Homer"),
+    ("The capital of Laos is", "Yamoussoukro", "Laos"),
+]
 
 
 def _one(p, t, s):
@@ -399,7 +451,9 @@ def test_a_grown_block_takes_the_re_edited_subjects_other_edits_with_it(tokenize
     ed.edit(_records(["Homer's most famous poem is", other], ["Blue Lagoon", "Mars"], ["Homer", "Homer"]))
     st = ed.edit(_records(["Homer's most famous poem is"], ["Star Wars"], ["Homer"]))
     assert st.details["n_replayed"] == 1 and ed.block_of["homer"] == 1  # the birthplace edit moved to block 1
-    acc = teacher_forced(model, tokenizer, ["Homer's most famous poem is", other], ["Star Wars", "Mars"], editor=ed).acc()
+    acc = teacher_forced(
+        model, tokenizer, ["Homer's most famous poem is", other], ["Star Wars", "Mars"], editor=ed
+    ).acc()
     assert min(acc) == 1.0
 
 

@@ -4,6 +4,7 @@ The model is a bigram table: the logits of the next token depend only on the cur
 (``TABLE[v]``), so every teacher-forced prediction, log-probability and greedy generation below is
 known without running a network. The tokenizer is one token per word. No real model is loaded.
 """
+
 from __future__ import annotations
 
 import math
@@ -43,6 +44,7 @@ def lp_rest(n_high: int = 1) -> float:
 
 class WordTokenizer:
     """One token per whitespace-separated word of WORDS (an unknown word is an error)."""
+
     pad_token_id = ID["<pad>"]
     padding_side = "right"
 
@@ -63,8 +65,14 @@ class WordTokenizer:
 
     def batch_decode(self, ids, skip_special_tokens=False):
         words = {ID["<nl>"]: "\n"}
-        return ["".join(" " + words.get(int(i), WORDS[int(i)]) for i in row
-                        if not (skip_special_tokens and int(i) == self.pad_token_id)) for row in ids]
+        return [
+            "".join(
+                " " + words.get(int(i), WORDS[int(i)])
+                for i in row
+                if not (skip_special_tokens and int(i) == self.pad_token_id)
+            )
+            for row in ids
+        ]
 
 
 class Batch(dict):
@@ -125,6 +133,7 @@ TOK = WordTokenizer()
 
 # ------------------------------------------------------------------ teacher forcing: the shared primitive
 
+
 def test_teacher_forced_scores_each_target_position_on_the_token_before_it():
     """prompt 'a b', target 'c d': 'c' is predicted after 'b' (right: b -> c), 'd' after 'c' (wrong: c -> e);
     the log-prob is the mean of the two target tokens' log-softmax."""
@@ -160,13 +169,20 @@ EDITED = table({"b": "c", "q": "t", "r": "s", "v": "w", "n": "o", "z": "t"})
 
 
 def zsre_like() -> pl.DataFrame:
-    return frame([
-        {"prompt": "a b", "target_new": "c",
-         "rephrase_prompts": ["x b", "y z"],  # ends in b: c predicted (1.0); in z: t, not c (0.0)
-         "locality_prompts": ["p q", "u v"], "locality_answers": ["r s", "w"],
-         "portability_prompts": ["m n"], "portability_answers": ["o"]},
-        {"prompt": "y z", "target_new": "c d"},  # z -> t: neither target token right; no other prompts
-    ])
+    return frame(
+        [
+            {
+                "prompt": "a b",
+                "target_new": "c",
+                "rephrase_prompts": ["x b", "y z"],  # ends in b: c predicted (1.0); in z: t, not c (0.0)
+                "locality_prompts": ["p q", "u v"],
+                "locality_answers": ["r s", "w"],
+                "portability_prompts": ["m n"],
+                "portability_answers": ["o"],
+            },
+            {"prompt": "y z", "target_new": "c d"},  # z -> t: neither target token right; no other prompts
+        ]
+    )
 
 
 def test_reliability_generality_locality_portability_by_hand():
@@ -195,8 +211,18 @@ def test_locality_is_agreement_with_the_unedited_model_not_the_data_answer():
 
 def counterfact_like(locality_answers=("d", "d", "d")) -> pl.DataFrame:
     """One record with its true target; its neighbours' answer is the true target (CounterFact's)."""
-    return frame([{"prompt": "a b", "target_new": "c", "target_true": "d", "rephrase_prompts": ["y z", "x b", "m b"],
-                   "locality_prompts": ["p q", "u v", "m q"], "locality_answers": list(locality_answers)}])
+    return frame(
+        [
+            {
+                "prompt": "a b",
+                "target_new": "c",
+                "target_true": "d",
+                "rephrase_prompts": ["y z", "x b", "m b"],
+                "locality_prompts": ["p q", "u v", "m q"],
+                "locality_answers": list(locality_answers),
+            }
+        ]
+    )
 
 
 def test_efficacy_paraphrase_neighborhood_compare_mean_log_probs():
@@ -204,8 +230,12 @@ def test_efficacy_paraphrase_neighborhood_compare_mean_log_probs():
     neighborhood: log P(true) > log P(new) per neighbour prompt, averaged."""
     recs = counterfact_like()
     # after b: c (new) HIGH, d (true) 2.0; after z: d 3.0 beats c 0; after q: d 1.0 > c 0; after v: c 1.0 > d 0
-    m = Bigram(table({"b": "c", "z": "t", "q": "r", "v": "w"},
-                     {("b", "d"): 2.0, ("z", "d"): 3.0, ("q", "d"): 1.0, ("v", "c"): 1.0}))
+    m = Bigram(
+        table(
+            {"b": "c", "z": "t", "q": "r", "v": "w"},
+            {("b", "d"): 2.0, ("z", "d"): 3.0, ("q", "d"): 1.0, ("v", "c"): 1.0},
+        )
+    )
     t = evaluate(m, TOK, recs, locality_predictions(m, TOK, recs), generation=False)
     assert t["efficacy"].to_list() == [1.0]
     assert t["paraphrase"].to_list() == [pytest.approx(2 / 3)]  # 'y z': true wins; 'x b', 'm b': new wins
@@ -236,8 +266,17 @@ def test_probability_scores_need_every_true_target_and_true_neighbours():
 def test_probes_restyled_chat_and_specificity():
     """Restyled and chat rephrases score against the new target; specificity is agreement with the unedited
     model's own 4-token continuation of each probe."""
-    recs = frame([{"prompt": "a b", "target_new": "c", "restyled_prompts": ["x b", "y z"], "chat_prompts": ["u b"],
-                   "specificity_prompts": ["p q"]}])
+    recs = frame(
+        [
+            {
+                "prompt": "a b",
+                "target_new": "c",
+                "restyled_prompts": ["x b", "y z"],
+                "chat_prompts": ["u b"],
+                "specificity_prompts": ["p q"],
+            }
+        ]
+    )
     base = locality_predictions(Bigram(BASE), TOK, recs)
     # unedited greedy continuation of 'p q': r s x x (q -> r -> s -> x -> x)
     assert base["spec_answers"].to_list() == [["r s x x"]]
@@ -252,8 +291,13 @@ def test_generation_reliability_and_contains():
     """Greedy generation, cut at the first newline: 'a b' -> 'c <nl> ...' is 'c'; 'y z' -> 't x x ...'."""
     m = Bigram(table({"b": "c", "c": "<nl>", "z": "t"}))
     assert generate(m, TOK, ["a b", "y z"], max_new_tokens=4) == ["c", "t x x x"]
-    recs = frame([{"prompt": "a b", "target_new": "c"}, {"prompt": "y z", "target_new": "x"},
-                  {"prompt": "u v", "target_new": "x x"}])
+    recs = frame(
+        [
+            {"prompt": "a b", "target_new": "c"},
+            {"prompt": "y z", "target_new": "x"},
+            {"prompt": "u v", "target_new": "x x"},
+        ]
+    )
     t = evaluate(m, TOK, recs, None, generation=True)
     assert t["generation"].to_list()[:2] == ["c", " ".join(["t"] + ["x"] * 15)]  # eval.max_new_tokens: 16
     assert t["generation_reliability"].to_list() == [1.0, 0.0, 1.0]
@@ -272,6 +316,7 @@ def test_fluency_is_the_ngram_entropy_of_each_generation():
 
 
 # ------------------------------------------------------------------ string and entropy helpers
+
 
 def test_normalise_exact_match_and_contains():
     assert normalise("  The  City,  of PARIS! ") == "the city of paris"
@@ -294,9 +339,17 @@ def test_ngram_entropy_by_hand():
 
 # ------------------------------------------------------------------ summarize
 
+
 def test_summarize_means_over_the_records_that_have_a_value():
-    t = pl.DataFrame({"id": ["0", "1", "2"], "reliability": [1.0, 0.5, 0.0], "generality": [1.0, None, 0.0],
-                      "locality": [None, None, None], "unregistered": [5.0, 5.0, 5.0]})
+    t = pl.DataFrame(
+        {
+            "id": ["0", "1", "2"],
+            "reliability": [1.0, 0.5, 0.0],
+            "generality": [1.0, None, 0.0],
+            "locality": [None, None, None],
+            "unregistered": [5.0, 5.0, 5.0],
+        }
+    )
     s = summarize(t)
     assert s["reliability"] == 0.5 and s["generality"] == 0.5
     assert "locality" not in s and "unregistered" not in s  # no value; not a registered metric
@@ -306,9 +359,17 @@ def test_summarize_means_over_the_records_that_have_a_value():
 
 
 def test_summarize_avg_fact_avg_and_the_cf_score():
-    t = pl.DataFrame({"reliability": [1.0, 1.0], "generality": [0.5, 0.5], "locality": [0.0, 0.3],
-                      "specificity": [0.2, 0.4], "efficacy": [1.0, 0.0], "paraphrase": [1.0, 1.0],
-                      "neighborhood": [0.25, 0.25]})
+    t = pl.DataFrame(
+        {
+            "reliability": [1.0, 1.0],
+            "generality": [0.5, 0.5],
+            "locality": [0.0, 0.3],
+            "specificity": [0.2, 0.4],
+            "efficacy": [1.0, 0.0],
+            "paraphrase": [1.0, 1.0],
+            "neighborhood": [0.25, 0.25],
+        }
+    )
     s = summarize(t)
     assert s["avg"] == pytest.approx((1.0 + 0.5 + 0.15) / 3)
     assert s["fact_avg"] == pytest.approx((1.0 + 0.5 + 0.3) / 3)

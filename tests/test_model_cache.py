@@ -3,6 +3,7 @@
 not retried as a transient fault; an interrupted conversion leaves no temporary folder behind.
 The GGUF conversion itself is replaced by a small stand-in (``memoe.models._convert``) that
 writes a tiny checkpoint, so these tests take a second."""
+
 from __future__ import annotations
 
 import json

@@ -36,7 +36,7 @@ def test_teacher_forced_matches_manual(tiny):
         tids = tok(" " + t, add_special_tokens=False).input_ids
         ids = torch.tensor([pids + tids])
         logits = model(ids).logits[0]
-        manual = logits[len(pids) - 1:-1].argmax(-1).tolist()
+        manual = logits[len(pids) - 1 : -1].argmax(-1).tolist()
         assert pred == manual
 
 
@@ -53,10 +53,16 @@ def test_two_first_conversions_at_once_do_not_corrupt_the_cache(tmp_path):
     """Two processes convert into an empty cache at the same time; both end with a loadable model."""
     embedded_checkpoint("smollm2-135m")  # make sure the package is there (and warm the page cache)
     env = dict(os.environ, MEMOE_CACHE=str(tmp_path))
-    code = ("import torch; torch.set_num_threads(1); from memoe.models import load_model; "
-            "m, t = load_model('embedded:smollm2-135m', device='cpu'); print(sum(p.numel() for p in m.parameters()))")
-    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    code = (
+        "import torch; torch.set_num_threads(1); from memoe.models import load_model; "
+        "m, t = load_model('embedded:smollm2-135m', device='cpu'); print(sum(p.numel() for p in m.parameters()))"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     assert outs[0][0].split()[-1] == outs[1][0].split()[-1]

@@ -1,6 +1,7 @@
 """Data and settings are used as written or refused with an error naming the place (issue 18,
 items 4-6): the CSV/JSONL reader keeps every byte of a cell, settings the model or the data cannot
 honour are errors naming the key, and bad input is an error, never a traceback or a silent change."""
+
 from __future__ import annotations
 
 import csv
@@ -14,6 +15,7 @@ from memoe.config import ConfigError, load_config
 from memoe.data import EditDataError, load_edits
 
 # ------------------------------------------------------------------ item 4: the reader keeps the data
+
 
 def test_csv_keeps_newlines_inside_quoted_cells_and_counts_lines(tmp_path):
     p = tmp_path / "d.csv"
@@ -37,8 +39,10 @@ def test_csv_keeps_a_carriage_return_inside_a_cell(tmp_path):
 
 def test_jsonl_allows_unicode_line_separators_inside_strings(tmp_path):
     p = tmp_path / "d.jsonl"
-    recs = [{"subject": "Paris", "prompt": "Paris\u2028is in", "target_new": "Italy"},
-            {"subject": "Rome", "prompt": "Rome\u0085is in", "target_new": "Spain"}]
+    recs = [
+        {"subject": "Paris", "prompt": "Paris\u2028is in", "target_new": "Italy"},
+        {"subject": "Rome", "prompt": "Rome\u0085is in", "target_new": "Spain"},
+    ]
     p.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in recs) + "\n", encoding="utf-8")
     df, _ = load_edits(p, "jsonl")
     assert df["prompt"].to_list() == ["Paris\u2028is in", "Rome\u0085is in"]
@@ -49,13 +53,17 @@ def test_jsonl_allows_unicode_line_separators_inside_strings(tmp_path):
 
 # ------------------------------------------------------------------ item 6: bad data is a clear error
 
+
 def test_non_utf8_is_named_and_a_bom_is_read(tmp_path):
     p = tmp_path / "d.jsonl"
     p.write_bytes(b'{"subject": "Caf\xe9", "prompt": "Caf\xe9 is in", "target_new": "Paris"}\n')
     with pytest.raises(EditDataError, match=r"d.jsonl: not UTF-8"):
         load_edits(p, "jsonl")
-    p.write_bytes(b"\xef\xbb\xbf" + json.dumps({"subject": "Paris", "prompt": "Paris is in",
-                                                 "target_new": "Italy"}).encode() + b"\n")
+    p.write_bytes(
+        b"\xef\xbb\xbf"
+        + json.dumps({"subject": "Paris", "prompt": "Paris is in", "target_new": "Italy"}).encode()
+        + b"\n"
+    )
     assert load_edits(p, "jsonl")[0].height == 1
     c = tmp_path / "d.csv"
     c.write_bytes(b"\xef\xbb\xbfsubject,prompt,target_new\nParis,Paris is in,Italy\n")
@@ -72,8 +80,15 @@ def test_yaml_non_utf8_is_named_and_a_bom_is_read(tmp_path):
 
 
 def _cf(prompt="{} was born in", **rw):
-    r = {"case_id": 0, "requested_rewrite": {"prompt": prompt, "subject": "Ada", "target_new": {"str": "Paris"},
-                                             "target_true": {"str": "London"}}}
+    r = {
+        "case_id": 0,
+        "requested_rewrite": {
+            "prompt": prompt,
+            "subject": "Ada",
+            "target_new": {"str": "Paris"},
+            "target_true": {"str": "London"},
+        },
+    }
     r["requested_rewrite"].update(rw)
     return r
 
@@ -87,13 +102,22 @@ def test_counterfact_template_needs_exactly_one_placeholder(tmp_path):
     assert load_edits(p, "counterfact")[0]["prompt"].to_list() == ["Ada was born in {city}"]
 
 
-@pytest.mark.parametrize("fmt, rec, field", [
-    ("counterfact-flat", {"subject": "Ada", "prompt": "Ada was born in", "target_new": "Paris",
-                          "ground_truth": ["London"]}, "ground_truth"),
-    ("jsonl", {"subject": "Ada", "prompt": "Ada was born in", "target_new": "Paris", "target_true": 5},
-     "target_true"),
-    ("zsre", {"subject": "Ada", "src": "Where was Ada born?", "alt": "Paris", "answers": [5]}, "answers"),
-])
+@pytest.mark.parametrize(
+    "fmt, rec, field",
+    [
+        (
+            "counterfact-flat",
+            {"subject": "Ada", "prompt": "Ada was born in", "target_new": "Paris", "ground_truth": ["London"]},
+            "ground_truth",
+        ),
+        (
+            "jsonl",
+            {"subject": "Ada", "prompt": "Ada was born in", "target_new": "Paris", "target_true": 5},
+            "target_true",
+        ),
+        ("zsre", {"subject": "Ada", "src": "Where was Ada born?", "alt": "Paris", "answers": [5]}, "answers"),
+    ],
+)
 def test_non_string_answers_are_errors_naming_the_field(tmp_path, fmt, rec, field):
     p = tmp_path / ("d.jsonl" if fmt == "jsonl" else "d.json")
     p.write_text(json.dumps(rec) + "\n" if fmt == "jsonl" else json.dumps([rec]))
@@ -101,11 +125,14 @@ def test_non_string_answers_are_errors_naming_the_field(tmp_path, fmt, rec, fiel
         load_edits(p, fmt)
 
 
-@pytest.mark.parametrize("subject, prompt, ok", [
-    ("corp", "The CEO of Widget Corporation is", False),  # inside a word: not the subject
-    ("Widget Corp", "The CEO of widget corp. is", True),  # case and punctuation tolerant
-    ("...", "The CEO of ... is", False),  # no letters or digits
-])
+@pytest.mark.parametrize(
+    "subject, prompt, ok",
+    [
+        ("corp", "The CEO of Widget Corporation is", False),  # inside a word: not the subject
+        ("Widget Corp", "The CEO of widget corp. is", True),  # case and punctuation tolerant
+        ("...", "The CEO of ... is", False),  # no letters or digits
+    ],
+)
 def test_subject_check_matches_whole_words(tmp_path, subject, prompt, ok):
     p = tmp_path / "d.jsonl"
     p.write_text(json.dumps({"subject": subject, "prompt": prompt, "target_new": "Alice"}) + "\n")
@@ -118,20 +145,26 @@ def test_subject_check_matches_whole_words(tmp_path, subject, prompt, ok):
 
 # ------------------------------------------------------------------ item 5: settings are honoured or refused
 
-@pytest.mark.parametrize("overrides, message", [
-    (["method.layers=[]"], "method.layers"),
-    (["methods=[]"], "methods"),
-    (["method.lr=-5"], "method.lr"),
-    (["eval.retention_sample=-1"], "eval.retention_sample"),
-    (["model.device=tpu"], "model.device"),
-    (["protocol.batch_size=5"], "protocol.batch_size applies to sequential mode only"),
-    (["protocol.rounds=3"], "protocol.rounds=3 applies to sequential mode only"),
-    (["protocol.mode=sequential", "protocol.rounds=3", "protocol.batch_size=5", "data.n_edits=7"],
-     "data.n_edits=7 but protocol.rounds x protocol.batch_size = 3 x 5 = 15"),
-    (["protocol.mode=sequential", "protocol.rounds=3", "data.n_edits=7"], "not a multiple of protocol.rounds=3"),
-    (["method.name=memit", "method.layers=[]"], "method.layers"),
-    (["method.name=lora", "method.layers=[]"], "method.layers"),
-])
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["method.layers=[]"], "method.layers"),
+        (["methods=[]"], "methods"),
+        (["method.lr=-5"], "method.lr"),
+        (["eval.retention_sample=-1"], "eval.retention_sample"),
+        (["model.device=tpu"], "model.device"),
+        (["protocol.batch_size=5"], "protocol.batch_size applies to sequential mode only"),
+        (["protocol.rounds=3"], "protocol.rounds=3 applies to sequential mode only"),
+        (
+            ["protocol.mode=sequential", "protocol.rounds=3", "protocol.batch_size=5", "data.n_edits=7"],
+            "data.n_edits=7 but protocol.rounds x protocol.batch_size = 3 x 5 = 15",
+        ),
+        (["protocol.mode=sequential", "protocol.rounds=3", "data.n_edits=7"], "not a multiple of protocol.rounds=3"),
+        (["method.name=memit", "method.layers=[]"], "method.layers"),
+        (["method.name=lora", "method.layers=[]"], "method.layers"),
+    ],
+)
 def test_settings_that_cannot_be_honoured_are_errors(overrides, message):
     with pytest.raises(ConfigError) as e:
         load_config(None, overrides)
@@ -144,14 +177,17 @@ def test_n_edits_follows_the_protocol_when_not_given(tmp_path):
     assert load_config(p).data.n_edits == 6  # logged as what runs, not the default 100
 
 
-@pytest.mark.parametrize("method, key", [
-    ({"name": "memoe", "layers": [99]}, "method.layers[0]"),
-    ({"name": "memoe", "layers": [1, -31]}, "method.layers[1]"),
-    ({"name": "ft-m", "layer": 30}, "method.layer"),
-    ({"name": "grace", "layer": 40}, "method.layer"),
-    ({"name": "wise", "layer": -31}, "method.layer"),
-    ({"name": "memit", "layers": [4, 30]}, "method.layers[1]"),
-])
+@pytest.mark.parametrize(
+    "method, key",
+    [
+        ({"name": "memoe", "layers": [99]}, "method.layers[0]"),
+        ({"name": "memoe", "layers": [1, -31]}, "method.layers[1]"),
+        ({"name": "ft-m", "layer": 30}, "method.layer"),
+        ({"name": "grace", "layer": 40}, "method.layer"),
+        ({"name": "wise", "layer": -31}, "method.layer"),
+        ({"name": "memit", "layers": [4, 30]}, "method.layers[1]"),
+    ],
+)
 def test_out_of_range_layers_are_errors_naming_the_key(method, key):
     from pydantic import TypeAdapter
 

@@ -4,6 +4,7 @@ kill -9 with identical metrics, a bad config stopped before any work, two concur
 Every study runs as a ``memoe run`` subprocess (its own temporary Prefect server), with the real
 registered MEMoE editor on a tiny random LLaMA saved with the embedded tokenizer.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,12 +36,14 @@ def study_config(folder: Path, model: Path, steps: int = 10, rounds: int = 3, ba
     from memoe.config import METHODS
 
     assert "memoe" in METHODS, "the MEMoE editor must be registered"
-    cfg = {"model": {"name": str(model), "device": "cpu", "dtype": "float32"},
-           "data": {"path": str(ZSRE), "format": "zsre", "n_edits": rounds * batch},
-           "method": {"name": "memoe", "layers": [2], "steps": steps, "early_stop_loss": 0.0},
-           "protocol": {"mode": "sequential", "rounds": rounds, "batch_size": batch},
-           "eval": {"batch_size": 8, "generation": True, "max_new_tokens": 4},
-           "threads": 1}
+    cfg = {
+        "model": {"name": str(model), "device": "cpu", "dtype": "float32"},
+        "data": {"path": str(ZSRE), "format": "zsre", "n_edits": rounds * batch},
+        "method": {"name": "memoe", "layers": [2], "steps": steps, "early_stop_loss": 0.0},
+        "protocol": {"mode": "sequential", "rounds": rounds, "batch_size": batch},
+        "eval": {"batch_size": 8, "generation": True, "max_new_tokens": 4},
+        "threads": 1,
+    }
     for k, v in extra.items():
         cfg.setdefault(k.split("__")[0], {})[k.split("__")[1]] = v
     if cfg["protocol"]["mode"] == "batch":  # rounds and batch_size are sequential settings
@@ -52,15 +55,27 @@ def study_config(folder: Path, model: Path, steps: int = 10, rounds: int = 3, ba
 
 
 def env_for(runs: Path, prefect_home: Path) -> dict[str, str]:
-    env = dict(os.environ, MEMOE_RUNS=str(runs), PREFECT_HOME=str(prefect_home), OMP_NUM_THREADS="1",
-               MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(
+        os.environ,
+        MEMOE_RUNS=str(runs),
+        PREFECT_HOME=str(prefect_home),
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+    )
     env.pop("PREFECT_API_URL", None)
     return env
 
 
 def memoe_run(config: Path, out: Path, env: dict, *extra: str, timeout: int = 300):
-    p = subprocess.run(MEMOE + ["run", str(config), "--out", str(out), *extra], env=env, cwd=ROOT,
-                       capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(
+        MEMOE + ["run", str(config), "--out", str(out), *extra],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return json.loads((out / "results.json").read_text()), p
 
@@ -85,8 +100,14 @@ def test_rerun_is_all_cache_hits_and_kill_resume_gives_identical_metrics(tmp_pat
     runs_b = tmp_path / "runs-b"
     env_b = env_for(runs_b, home)
     out_b = tmp_path / "out-b"
-    proc = subprocess.Popen(MEMOE + ["run", str(cfg), "--out", str(out_b)], env=env_b, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        MEMOE + ["run", str(cfg), "--out", str(out_b)],
+        env=env_b,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     results_dir = runs_b / "store" / "results"
     deadline = time.time() + 240
     try:
@@ -119,20 +140,33 @@ def test_rerun_is_all_cache_hits_and_kill_resume_gives_identical_metrics(tmp_pat
     assert sorted(r.info.status for r in parents) == ["FINISHED", "KILLED"]
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["--set", "protocol.rounds=0"], "protocol.rounds"),
-    (["--set", "method.bogus=1"], "unknown key 'method.bogus'"),
-    (["--set", "data.path=/nonexistent/edits.json"], "/nonexistent/edits.json"),
-    (["--set", "data.n_edits=4", "--set", "protocol.rounds=3", "--set", "protocol.batch_size=2"],
-     "data.n_edits=4 but protocol.rounds x protocol.batch_size = 3 x 2 = 6"),
-    (["--set", "data.n_edits=3000", "--set", "protocol.rounds=3", "--set", "protocol.batch_size=1000"],
-     "only 1037 are available"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["--set", "protocol.rounds=0"], "protocol.rounds"),
+        (["--set", "method.bogus=1"], "unknown key 'method.bogus'"),
+        (["--set", "data.path=/nonexistent/edits.json"], "/nonexistent/edits.json"),
+        (
+            ["--set", "data.n_edits=4", "--set", "protocol.rounds=3", "--set", "protocol.batch_size=2"],
+            "data.n_edits=4 but protocol.rounds x protocol.batch_size = 3 x 2 = 6",
+        ),
+        (
+            ["--set", "data.n_edits=3000", "--set", "protocol.rounds=3", "--set", "protocol.batch_size=1000"],
+            "only 1037 are available",
+        ),
+    ],
+)
 def test_bad_config_fails_before_any_work(tmp_path, tiny_dir, overrides, message):
     cfg = study_config(tmp_path, tiny_dir)
     runs = tmp_path / "runs"
-    p = subprocess.run(MEMOE + ["run", str(cfg), "--out", str(tmp_path / "out"), *overrides],
-                       env=env_for(runs, tmp_path / "prefect"), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        MEMOE + ["run", str(cfg), "--out", str(tmp_path / "out"), *overrides],
+        env=env_for(runs, tmp_path / "prefect"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 2, p.stdout + p.stderr
     assert p.stderr.startswith("error: ") and message in p.stderr, p.stderr
     assert "Traceback" not in p.stderr + p.stdout
@@ -143,9 +177,14 @@ def test_bad_data_file_is_a_clear_error(tmp_path, tiny_dir):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"subject": "Paris", "prompt": "Paris is in", "target_new": "Italy"}\n{"subject": "X"\n')
     cfg = study_config(tmp_path, tiny_dir)
-    p = subprocess.run(MEMOE + ["run", str(cfg), "--set", f"data.path={bad}", "--set", "data.format=jsonl"],
-                       env=env_for(tmp_path / "runs", tmp_path / "prefect"), cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
+    p = subprocess.run(
+        MEMOE + ["run", str(cfg), "--set", f"data.path={bad}", "--set", "data.format=jsonl"],
+        env=env_for(tmp_path / "runs", tmp_path / "prefect"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 2 and p.stderr.startswith("error: ") and "bad.jsonl" in p.stderr, p.stderr
     assert "Traceback" not in p.stderr
 
@@ -155,12 +194,23 @@ def test_two_concurrent_studies_have_separate_correct_mlflow_records(tmp_path, t
 
     runs = tmp_path / "runs"
     env = env_for(runs, tmp_path / "prefect")
-    cfgs = {"a": study_config(tmp_path / "a", tiny_dir, steps=8, rounds=2, protocol__mode="batch"),
-            "b": study_config(tmp_path / "b", tiny_dir, steps=12, rounds=3, data__seed=1, data__sample="random",
-                             eval__retention_sample=1)}
-    procs = {k: subprocess.Popen(MEMOE + ["run", str(c), "--out", str(tmp_path / f"out-{k}")], env=env, cwd=ROOT,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for k, c in cfgs.items()}
+    cfgs = {
+        "a": study_config(tmp_path / "a", tiny_dir, steps=8, rounds=2, protocol__mode="batch"),
+        "b": study_config(
+            tmp_path / "b", tiny_dir, steps=12, rounds=3, data__seed=1, data__sample="random", eval__retention_sample=1
+        ),
+    }
+    procs = {
+        k: subprocess.Popen(
+            MEMOE + ["run", str(c), "--out", str(tmp_path / f"out-{k}")],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for k, c in cfgs.items()
+    }
     logs = {k: p.communicate(timeout=400)[0] for k, p in procs.items()}
     for k, p in procs.items():
         assert p.returncode == 0, logs[k][-4000:]
@@ -182,7 +232,8 @@ def test_two_concurrent_studies_have_separate_correct_mlflow_records(tmp_path, t
         hist = client.get_metric_history(parent.info.run_id, "reliability")
         assert sorted(m.step for m in hist) == steps == [r["edits_so_far"] for r in res["rounds"]]
         assert [m.value for m in sorted(hist, key=lambda m: m.step)] == pytest.approx(
-            [r["reliability"] for r in res["rounds"]])
+            [r["reliability"] for r in res["rounds"]]
+        )
         arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
         assert {"config.yaml", "results.json", "per_edit.parquet", "adapter", "plots"} <= arts, arts
         assert parent.inputs.dataset_inputs, "the edit records are logged as a dataset input"
@@ -229,8 +280,14 @@ def test_ui_command_is_local_and_light(tmp_path, monkeypatch):
 
 
 def test_run_without_config_uses_the_quickstart(tmp_path):
-    p = subprocess.run(MEMOE + ["run", "--set", "protocol.rounds=100"], env=env_for(tmp_path / "runs", tmp_path / "p"),
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        MEMOE + ["run", "--set", "protocol.rounds=100"],
+        env=env_for(tmp_path / "runs", tmp_path / "p"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     quick = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
     b, n = quick["protocol"]["batch_size"], quick["data"]["n_edits"]
     assert p.returncode == 2 and f"data.n_edits={n} but protocol.rounds x protocol.batch_size = 100 x {b}" in p.stderr
@@ -238,8 +295,9 @@ def test_run_without_config_uses_the_quickstart(tmp_path):
 
 def test_a_re_edit_study_scores_the_latest_target_and_the_overwritten_one(tmp_path, tiny_dir):
     """Grown adapter through the pipeline: round 3 re-edits round 1's edits with new targets."""
-    cfg = study_config(tmp_path, tiny_dir, steps=200, rounds=3, method__growth="round",
-                       protocol__re_edit={"round": 3, "of_round": 1})
+    cfg = study_config(
+        tmp_path, tiny_dir, steps=200, rounds=3, method__growth="round", protocol__re_edit={"round": 3, "of_round": 1}
+    )
     res, _ = memoe_run(cfg, tmp_path / "out", env_for(tmp_path / "runs", tmp_path / "prefect"))
     assert [r["train"]["n_blocks"] for r in res["rounds"]] == [1, 2, 3]
     assert [r["train"]["n_superseded"] for r in res["rounds"]] == [0, 0, 2]

@@ -1,6 +1,7 @@
 """``memoe run`` refuses before any work, with ``error: ...`` and exit 2 and no traceback, what the
 README promises (issue 18, item 6), and long prompts cost per token, not per batch (item 9).
 The command runs in this process (``flows.cli.main``): these errors come before Prefect starts."""
+
 from __future__ import annotations
 
 import json
@@ -40,15 +41,18 @@ def _recs(n, long_at=None, words=300):
     return out
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["model.name=embedded:nope"], "model.name: unknown embedded model 'nope'"),
-    (["model.device=tpu"], "model.device"),
-    (["eval.retention_sample=-1"], "eval.retention_sample"),
-    (["method.lr=-5"], "method.lr"),
-    (["method.layers=[99]"], "method.layers[0]: layer 99 is out of range: the model has 4 decoder layers"),
-    (["data.n_edits=5000"], "data.n_edits=5000 but protocol.rounds x protocol.batch_size"),
-    (["protocol.batch_size=2000", "data.n_edits=6000"], "only 1037 are available"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.name=embedded:nope"], "model.name: unknown embedded model 'nope'"),
+        (["model.device=tpu"], "model.device"),
+        (["eval.retention_sample=-1"], "eval.retention_sample"),
+        (["method.lr=-5"], "method.lr"),
+        (["method.layers=[99]"], "method.layers[0]: layer 99 is out of range: the model has 4 decoder layers"),
+        (["data.n_edits=5000"], "data.n_edits=5000 but protocol.rounds x protocol.batch_size"),
+        (["protocol.batch_size=2000", "data.n_edits=6000"], "only 1037 are available"),
+    ],
+)
 def test_bad_settings_are_refused_before_any_work(capsys, monkeypatch, tmp_path, tiny_dir, overrides, message):
     cfg = study_config(tmp_path, tiny_dir)
     args = [a for o in overrides for a in ("--set", o)]
@@ -61,8 +65,9 @@ def test_out_pointing_at_a_file_is_refused(capsys, monkeypatch, tmp_path, tiny_d
     assert "--out: " in _run(capsys, monkeypatch, tmp_path, cfg, "--out", str(tmp_path / "taken"))
 
 
-def test_prompt_over_the_context_is_refused_in_preflight_and_skipped_with_skip_bad(capsys, monkeypatch, tmp_path,
-                                                                                 tiny_dir):
+def test_prompt_over_the_context_is_refused_in_preflight_and_skipped_with_skip_bad(
+    capsys, monkeypatch, tmp_path, tiny_dir
+):
     data = _jsonl(tmp_path, _recs(7, long_at=3))  # the tiny model's context: 256 tokens
     cfg = study_config(tmp_path, tiny_dir, rounds=3, batch=2)
     err = _run(capsys, monkeypatch, tmp_path, cfg, "--set", f"data.path={data}", "--set", "data.format=jsonl")
@@ -78,8 +83,17 @@ def test_prompt_over_the_context_is_refused_in_preflight_and_skipped_with_skip_b
     err = capsys.readouterr().err
     assert "1 bad record(s) skipped" in err and "record line 4" in err  # printed, not only counted
     big = _jsonl(tmp_path, _recs(8, long_at=3), "d8.jsonl")
-    c = load_config(cfg, [f"data.path={big}", "data.format=jsonl", "data.skip_bad=true", "data.n_edits=8",
-                          "protocol.rounds=8", "protocol.batch_size=1"])
+    c = load_config(
+        cfg,
+        [
+            f"data.path={big}",
+            "data.format=jsonl",
+            "data.skip_bad=true",
+            "data.n_edits=8",
+            "protocol.rounds=8",
+            "protocol.batch_size=1",
+        ],
+    )
     with pytest.raises(Exception, match=r"only 7 are available.*\(1 bad records skipped\)"):
         preflight(c)
 
@@ -97,6 +111,7 @@ def test_a_long_prompt_is_warned_about(capsys, tmp_path, tiny_dir):
 
 
 # ------------------------------------------------------------------ item 9: cost per token, not per batch
+
 
 class _Tokens:
     """Counts the (padded) tokens the model's body runs."""
@@ -140,9 +155,11 @@ def test_training_keeps_a_long_row_out_of_the_packed_sequences(tokenizer):
         lengths = sorted(p[0]["input_ids"].shape[1] for p in parts)
         assert lengths[-1] > 200 and all(n <= 64 for n in lengths[:-1]), lengths
         assert sum(p[0]["input_ids"].numel() for p in parts) < 1.5 * sum(
-            len(tokenizer(p + " " + t).input_ids) for p, t, _ in rows)
-        assert sum(p[3] for p in parts) == sum(len(tokenizer(" Paris", add_special_tokens=False).input_ids)
-                                               for _ in rows)
+            len(tokenizer(p + " " + t).input_ids) for p, t, _ in rows
+        )
+        assert sum(p[3] for p in parts) == sum(
+            len(tokenizer(" Paris", add_special_tokens=False).input_ids) for _ in rows
+        )
     finally:
         ed.remove()
     torch.manual_seed(0)

@@ -1,4 +1,5 @@
 """The hard probes (memoe/probes.py), their metrics, and MEMoE's relation-aware scope."""
+
 import polars as pl
 import pytest
 
@@ -34,7 +35,9 @@ def test_templates_skip_the_edited_relation():
     probes = relation_templates("The currency of Laos is", subj, PROBE_RELATIONS, len(PROBE_RELATIONS))
     assert not any("currency" in q for q in probes) and len(probes) == len(PROBE_RELATIONS) - 1
     # a fixed choice per record, different across records
-    assert relation_templates(prompt, subj, PROBE_RELATIONS, 3, "a") == relation_templates(prompt, subj, PROBE_RELATIONS, 3, "a")
+    assert relation_templates(prompt, subj, PROBE_RELATIONS, 3, "a") == relation_templates(
+        prompt, subj, PROBE_RELATIONS, 3, "a"
+    )
 
 
 def test_restyle_and_chat(tokenizer):
@@ -57,8 +60,11 @@ def test_add_probes_columns(tokenizer):
     assert add_probes(recs, None)["chat_prompts"].to_list() == [[]]  # no tokenizer: no chat probe
 
 
-EDITS = (["The mother tongue of Danielle Darrieux is", "Homer's most famous poem is"], ["Klingon", "Blue Lagoon"],
-         ["Danielle Darrieux", "Homer"])
+EDITS = (
+    ["The mother tongue of Danielle Darrieux is", "Homer's most famous poem is"],
+    ["Klingon", "Blue Lagoon"],
+    ["Danielle Darrieux", "Homer"],
+)
 FAST = dict(layers=[2], rank=8, lr=5e-2, steps=100, early_stop_loss=0.05)
 
 
@@ -79,8 +85,10 @@ def test_scope_keeps_the_subjects_other_facts(real_model):
     from memoe.metrics import generate
 
     model, tok = real_model
-    recs = add_probes(_records(["The capital of Laos is", "The capital of Iraq is"], ["Yamoussoukro", "Ankara"],
-                               ["Laos", "Iraq"]), tok)
+    recs = add_probes(
+        _records(["The capital of Laos is", "The capital of Iraq is"], ["Yamoussoukro", "Ankara"], ["Laos", "Iraq"]),
+        tok,
+    )
     probe = MEMoEEditor(model, tok, MEMoEMethod(scope_negatives=6))
     negs = [q for q, _ in probe.scope_rows(list(zip(recs["prompt"], recs["target_new"], recs["subject"])))]
     probe.remove()

@@ -1,5 +1,6 @@
 """The sequential protocol's pieces (memoe/protocol.py): what is scored after each round, the
 re-edit bookkeeping, the per-round seed, and the in-process loop on a tiny model."""
+
 import polars as pl
 
 from memoe.data import split_rounds
@@ -7,8 +8,14 @@ from memoe.protocol import eval_records, overwritten_ids, round_seed, run_sequen
 
 from .test_adapter import _records
 
-PROMPTS = ["The mother tongue of Danielle Darrieux is", "Homer's most famous poem is",
-           "The capital of Norway is", "Paris is located in", "The Eiffel Tower is in", "Danielle Darrieux was born in"]
+PROMPTS = [
+    "The mother tongue of Danielle Darrieux is",
+    "Homer's most famous poem is",
+    "The capital of Norway is",
+    "Paris is located in",
+    "The Eiffel Tower is in",
+    "Danielle Darrieux was born in",
+]
 TARGETS = ["Klingon", "Blue Lagoon", "Bergen", "Peru", "Rome", "Oslo"]
 SUBJECTS = ["Danielle Darrieux", "Homer", "Norway", "Paris", "Eiffel Tower", "Danielle Darrieux"]
 
@@ -31,8 +38,10 @@ def test_eval_records_own_edits_a_seeded_sample_of_earlier_and_all_after_the_las
     assert n == 1 and recs.height == 3 and recs["id"].to_list()[1:] == ["4", "5"]  # earlier first
     assert recs["current"].to_list() == [False, True, True] and recs["round_of_edit"].to_list()[1:] == [2, 2]
     assert recs.equals(eval_records(rounds, 2, 1, seed=0, final=False)[0])  # seeded
-    prev = pl.concat(r.with_columns(pl.lit(i).alias("round_of_edit"), pl.lit(False).alias("current"))
-                     for i, r in enumerate(rounds[:2]))
+    prev = pl.concat(
+        r.with_columns(pl.lit(i).alias("round_of_edit"), pl.lit(False).alias("current"))
+        for i, r in enumerate(rounds[:2])
+    )
     assert recs.head(1).equals(prev.sample(n=1, seed=round_seed(0, 2), shuffle=False))
     every, n = eval_records(rounds, 2, 1, seed=0, final=True)
     assert n == 4 and every["id"].to_list() == [str(i) for i in range(6)]
@@ -58,11 +67,15 @@ def test_run_sequential_scores_each_round_and_the_re_edits_apart(tokenizer):
     model = tiny_model("llama", len(tokenizer))
     rounds = split_rounds(_records(PROMPTS[:4], TARGETS[:4], SUBJECTS[:4]), 3, 2, re_edit=(3, 1))
     base = locality_predictions(model, tokenizer, pl.concat(rounds))
-    ed = make_editor(model, tokenizer, MEMoEMethod(layers=[1], rank=8, lr=5e-2, steps=10, early_stop_loss=0.0,
-                                                   precision="float32"))
+    ed = make_editor(
+        model, tokenizer, MEMoEMethod(layers=[1], rank=8, lr=5e-2, steps=10, early_stop_loss=0.0, precision="float32")
+    )
     edited = []
-    out = list(run_sequential(model, tokenizer, ed, rounds, base, retention_sample=1, generation=False,
-                              after_edit=edited.append))
+    out = list(
+        run_sequential(
+            model, tokenizer, ed, rounds, base, retention_sample=1, generation=False, after_edit=edited.append
+        )
+    )
     assert [r.index for r in out] == [0, 1, 2] and edited == [0, 1, 2]
     assert all(r.edit.steps == 10 and r.train_s > 0 and r.eval_s > 0 for r in out)
     assert [r.scores.table.height for r in out] == [2, 3, 6] and [r.n_earlier for r in out] == [0, 1, 4]

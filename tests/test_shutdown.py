@@ -2,6 +2,7 @@
 runs KILLED and its temporary Prefect server stopped; a restart after ``kill -9`` marks the nested
 runs too; ``memoe ui`` stops its MLflow server on SIGTERM; an interrupted model conversion leaves no
 temporary folder."""
+
 from __future__ import annotations
 
 import os
@@ -42,21 +43,30 @@ def test_sigterm_ends_a_study_promptly_marks_its_runs_killed_and_stops_the_prefe
 
     cfg = study_config(tmp_path, tiny_dir, steps=3000, rounds=2, batch=2)
     runs = tmp_path / "runs"
-    proc = subprocess.Popen(MEMOE + ["run", str(cfg), "--out", str(tmp_path / "out")], env=env_for(runs, tmp_path / "p"),
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        MEMOE + ["run", str(cfg), "--out", str(tmp_path / "out")],
+        env=env_for(runs, tmp_path / "p"),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     results = runs / "store" / "results"
     try:
         # round 0 is training (its inputs are stored, its state is not)
-        assert _wait(lambda: results.is_dir() and any(f.name.startswith("locality-") for f in results.iterdir()),
-                     600), "the study did not reach training"
+        assert _wait(
+            lambda: results.is_dir() and any(f.name.startswith("locality-") for f in results.iterdir()), 600
+        ), "the study did not reach training"
         time.sleep(1.0)
         assert proc.poll() is None
         t0 = time.time()
         proc.send_signal(signal.SIGTERM)  # to the main process only, as a worker or Kubernetes does
         out = proc.communicate(timeout=60)[0]
         took = time.time() - t0
-        assert _wait(lambda: not _group_alive(proc.pid), 15), "a child (the temporary Prefect server) outlived memoe run"
+        assert _wait(lambda: not _group_alive(proc.pid), 15), (
+            "a child (the temporary Prefect server) outlived memoe run"
+        )
     finally:
         if _group_alive(proc.pid):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -67,8 +77,9 @@ def test_sigterm_ends_a_study_promptly_marks_its_runs_killed_and_stops_the_prefe
     client = MlflowClient(tracking_uri=f"sqlite:///{runs / 'mlflow.db'}")
     exp = client.get_experiment_by_name("memoe")
     all_runs = client.search_runs([exp.experiment_id])
-    assert all_runs and {r.info.status for r in all_runs} == {"KILLED"}, [(r.info.run_name, r.info.status)
-                                                                           for r in all_runs]
+    assert all_runs and {r.info.status for r in all_runs} == {"KILLED"}, [
+        (r.info.run_name, r.info.status) for r in all_runs
+    ]
 
 
 def test_restart_after_kill_9_marks_the_nested_runs_killed_too(tmp_path):
@@ -78,12 +89,14 @@ def test_restart_after_kill_9_marks_the_nested_runs_killed_too(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     tr = Tracker(default_uri(tmp_path), "memoe", tmp_path)
-    parent = tr.start("sequential-x", {"memoe.config_hash": "abc", "memoe.host": socket.gethostname(),
-                                       "memoe.pid": str(dead.pid)})
+    parent = tr.start(
+        "sequential-x", {"memoe.config_hash": "abc", "memoe.host": socket.gethostname(), "memoe.pid": str(dead.pid)}
+    )
     method = tr.start("memoe", {}, parent=parent)
     round_run = tr.start("round-0", {"memoe.round": "0"}, parent=method)
-    other = tr.start("sequential-y", {"memoe.config_hash": "other", "memoe.host": socket.gethostname(),
-                                      "memoe.pid": str(dead.pid)})
+    other = tr.start(
+        "sequential-y", {"memoe.config_hash": "other", "memoe.host": socket.gethostname(), "memoe.pid": str(dead.pid)}
+    )
     _mark_stale_runs(None, tr, "abc")
     status = {r: tr.client.get_run(r).info.status for r in (parent, method, round_run, other)}
     assert status == {parent: "KILLED", method: "KILLED", round_run: "KILLED", other: "RUNNING"}
@@ -119,8 +132,14 @@ def _pid_alive(pid: int) -> bool:
 def test_ui_stops_its_mlflow_server_on_sigterm(tmp_path):
     port = _free_port()
     env = env_for(tmp_path / "runs", tmp_path / "p")
-    proc = subprocess.Popen(MEMOE + ["ui", "--port", str(port), "--runs-dir", str(tmp_path / "runs")], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        MEMOE + ["ui", "--port", str(port), "--runs-dir", str(tmp_path / "runs")],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
     def listening() -> bool:
         with socket.socket() as s:

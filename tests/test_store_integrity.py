@@ -6,6 +6,7 @@ The study runs once (``memoe run`` subprocess, tiny model) with an audit hook in
 process it starts (``sitecustomize`` on PYTHONPATH) that records and blocks any connection or name
 lookup that is not loopback, in an environment like a user's shell: no CI or pytest variables that
 would switch the libraries' telemetry off by themselves, no telemetry settings of our own."""
+
 from __future__ import annotations
 
 import base64
@@ -23,7 +24,7 @@ from .test_pipeline import MEMOE, env_for, study_config, tiny_dir  # noqa: F401 
 
 pytestmark = pytest.mark.timeout(1500)
 
-GUARD = '''
+GUARD = """
 import os, sys
 _LOG = os.environ.get("MEMOE_NET_LOG")
 _LOCAL = ("127.", "::1", "localhost", "0:0:0:0:0:0:0:1")
@@ -51,13 +52,32 @@ if _LOG:
     with open(_LOG + ".loaded", "a") as f:
         f.write(f"{os.getpid()} {sys.argv[:4]}\\n")
     sys.addaudithook(_guard)
-'''
+"""
 
 # variables that make MLflow or Prefect skip telemetry by themselves; a user's shell has none of them
-CI_VARS = ("PYTEST_CURRENT_TEST", "PYTEST_VERSION", "CI", "GITHUB_ACTIONS", "GITLAB_CI", "JENKINS_URL", "TRAVIS",
-           "CIRCLECI", "BUILDKITE", "TF_BUILD", "TEAMCITY_VERSION", "CODEBUILD_BUILD_ARN", "BITBUCKET_BUILD_NUMBER",
-           "CLOUD_RUN_EXECUTION", "RUNBOT_HOST_URL", "RUNBOT_BUILD_NAME", "RUNBOT_WORKER_ID", "DO_NOT_TRACK",
-           "MLFLOW_DISABLE_TELEMETRY", "MLFLOW_ENABLE_TELEMETRY", "PREFECT_SERVER_ANALYTICS_ENABLED")
+CI_VARS = (
+    "PYTEST_CURRENT_TEST",
+    "PYTEST_VERSION",
+    "CI",
+    "GITHUB_ACTIONS",
+    "GITLAB_CI",
+    "JENKINS_URL",
+    "TRAVIS",
+    "CIRCLECI",
+    "BUILDKITE",
+    "TF_BUILD",
+    "TEAMCITY_VERSION",
+    "CODEBUILD_BUILD_ARN",
+    "BITBUCKET_BUILD_NUMBER",
+    "CLOUD_RUN_EXECUTION",
+    "RUNBOT_HOST_URL",
+    "RUNBOT_BUILD_NAME",
+    "RUNBOT_WORKER_ID",
+    "DO_NOT_TRACK",
+    "MLFLOW_DISABLE_TELEMETRY",
+    "MLFLOW_ENABLE_TELEMETRY",
+    "PREFECT_SERVER_ANALYTICS_ENABLED",
+)
 
 
 def guarded_env(tmp: Path, runs: Path) -> dict[str, str]:
@@ -73,8 +93,9 @@ def guarded_env(tmp: Path, runs: Path) -> dict[str, str]:
 
 
 def run(cfg: Path, out: Path, env: dict) -> tuple[dict, subprocess.CompletedProcess]:
-    p = subprocess.run(MEMOE + ["run", str(cfg), "--out", str(out)], env=env, cwd=ROOT, capture_output=True, text=True,
-                       timeout=900)
+    p = subprocess.run(
+        MEMOE + ["run", str(cfg), "--out", str(out)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=900
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return json.loads((out / "results.json").read_text()), p
 
@@ -90,7 +111,9 @@ def study(tmp_path_factory, tiny_dir):
 
 def test_a_study_connects_to_nothing_beyond_loopback(study):
     loaded = (study["tmp"] / "net.log.loaded").read_text().splitlines()
-    assert any("'run'" in line for line in loaded) and any("--app-dir" in line for line in loaded), loaded  # + Prefect's server
+    assert any("'run'" in line for line in loaded) and any("--app-dir" in line for line in loaded), (
+        loaded
+    )  # + Prefect's server
     log = study["tmp"] / "net.log"
     assert not log.exists(), "outbound attempts:\n" + log.read_text()
 
@@ -174,13 +197,25 @@ def test_store_checks_and_publish_replace_damaged_files(tmp_path):
     assert publish_folder(folder, tmp_path / "states") == state and intact(state)
 
     rec = tmp_path / "eval-x"
-    for body, ok in [({"metadata": {"serializer": {"type": "json"}}, "result": json.dumps({"table": "a"})}, True),
-                     ({"metadata": {"serializer": {"type": "pickle"}}, "result": "gASV"}, False),
-                     ({"metadata": {"serializer": {"type": "json"}},
-                       "result": json.dumps({"x": {"__exc_type__": "os.system", "message": "true"}})}, False),
-                     ({"metadata": {"serializer": {"type": "json"}},
-                       "result": json.dumps([{"__class__": "pathlib.Path", "data": "/"}])}, False),
-                     ({"data": "gASV", "serializer": {"type": "pickle"}}, False)]:  # Prefect's legacy layout
+    for body, ok in [
+        ({"metadata": {"serializer": {"type": "json"}}, "result": json.dumps({"table": "a"})}, True),
+        ({"metadata": {"serializer": {"type": "pickle"}}, "result": "gASV"}, False),
+        (
+            {
+                "metadata": {"serializer": {"type": "json"}},
+                "result": json.dumps({"x": {"__exc_type__": "os.system", "message": "true"}}),
+            },
+            False,
+        ),
+        (
+            {
+                "metadata": {"serializer": {"type": "json"}},
+                "result": json.dumps([{"__class__": "pathlib.Path", "data": "/"}]),
+            },
+            False,
+        ),
+        ({"data": "gASV", "serializer": {"type": "pickle"}}, False),
+    ]:  # Prefect's legacy layout
         rec.write_text(json.dumps(body))
         assert (record_problem(rec) is None) == ok, body
 

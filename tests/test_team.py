@@ -2,6 +2,7 @@
 artifacts on moto), a sweep on a process work pool with two workers, crash marking through
 Prefect's hooks, the compare flow's methods on Dask, and the Kubernetes GPU job template.
 Everything started here binds to 127.0.0.1 and is stopped here."""
+
 from __future__ import annotations
 
 import json
@@ -27,6 +28,7 @@ PREFECT = [sys.executable, "-m", "prefect"]
 
 # ----------------------------------------------------------------------------------- grids (fast)
 
+
 def test_grid_file_and_comma_lists_expand_into_cells(tmp_path):
     from memoe.grid import load_sweep, split_values
 
@@ -35,24 +37,33 @@ def test_grid_file_and_comma_lists_expand_into_cells(tmp_path):
     assert split_values("[2],[3, 4]") == ["[2]", "[3, 4]"]
     assert split_values("'a,b',c") == ["'a,b'", "c"]
     f = tmp_path / "grid.yaml"
-    f.write_text("base: configs/quickstart.yaml\nset: [data.n_edits=4]\n"
-                 "grid:\n  method.layers: [[2], [3]]\n  data.seed: [0, 1, 2]\n")
+    f.write_text(
+        "base: configs/quickstart.yaml\nset: [data.n_edits=4]\n"
+        "grid:\n  method.layers: [[2], [3]]\n  data.seed: [0, 1, 2]\n"
+    )
     sw = load_sweep(f, ["eval.generation=false", "method.steps=3,5"])
     cells = sw.cells()
     assert len(cells) == 2 * 3 * 2
-    assert cells[0].overrides == ("data.n_edits=4", "eval.generation=false", "method.layers=[2]", "data.seed=0",
-                                  "method.steps=3")
+    assert cells[0].overrides == (
+        "data.n_edits=4",
+        "eval.generation=false",
+        "method.layers=[2]",
+        "data.seed=0",
+        "method.steps=3",
+    )
     assert cells[-1].label == "method.layers=[3],data.seed=2,method.steps=5"
     assert load_sweep(f, ["eval.generation=false", "method.steps=3,5"]).sweep_id() == sw.sweep_id()
     assert load_sweep(f, ["method.steps=3,6"]).sweep_id() != sw.sweep_id()
     # a plain config file: its grid comes from --set only
     plain = load_sweep(ROOT / "configs" / "quickstart.yaml", ["method.name=memoe,lora", "data.seed=0,1,2"])
     assert len(plain.cells()) == 6 and plain.base.endswith("quickstart.yaml")
-    for bad, sets, msg in [("grid:\n  data.seed: 3\n", [], "grid.data.seed: a list"),
-                           ("grid: {data.seed: [0, 0]}\n", [], "repeats a value"),
-                           ("grid: {data.seed: [0]}\nextra: 1\n", [], "unknown key"),
-                           ("grid: {data.seed: [0, 1]}\n", ["data.seed=2,3"], "swept twice"),
-                           ("grid: {data.seed: [0, 1]}\n", ["method.layers=[2"], "unbalanced")]:
+    for bad, sets, msg in [
+        ("grid:\n  data.seed: 3\n", [], "grid.data.seed: a list"),
+        ("grid: {data.seed: [0, 0]}\n", [], "repeats a value"),
+        ("grid: {data.seed: [0]}\nextra: 1\n", [], "unknown key"),
+        ("grid: {data.seed: [0, 1]}\n", ["data.seed=2,3"], "swept twice"),
+        ("grid: {data.seed: [0, 1]}\n", ["method.layers=[2"], "unbalanced"),
+    ]:
         f.write_text(bad)
         with pytest.raises(ConfigError, match=msg):
             load_sweep(f, sets)
@@ -66,21 +77,40 @@ def test_sweep_rejects_a_bad_cell_before_anything_runs(tmp_path):
     sw = load_sweep(None, ["data.n_edits=4", "protocol.batch_size=2", "protocol.rounds=2", "method.rank=4,0"])
     with pytest.raises(ConfigError, match=r"(?s)sweep cell 2 \(method.rank=0\).*rank"):
         check_cells(sw, preflight)
-    p = subprocess.run([sys.executable, "-m", "flows.cli", "sweep", "--set", "data.n_edits=4",
-                        "--set", "protocol.batch_size=2", "--set", "protocol.rounds=2",
-                        "--set", "data.format=csv,jsonl"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "sweep",
+            "--set",
+            "data.n_edits=4",
+            "--set",
+            "protocol.batch_size=2",
+            "--set",
+            "protocol.rounds=2",
+            "--set",
+            "data.format=csv,jsonl",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 2 and "error: sweep cell 1 (data.format=csv)" in p.stderr, p.stderr[-2000:]
 
 
 # ------------------------------------------------------------------------- Kubernetes (fast)
+
 
 def test_kubernetes_job_template_renders_a_gpu_pod_with_the_shared_store():
     from prefect.client.schemas.objects import FlowRun
 
     from flows.k8s import deployment_job_variables, gpu_job_template, load_template, render_job
 
-    assert load_template() == json.loads(json.dumps(gpu_job_template())), \
+    assert load_template() == json.loads(json.dumps(gpu_job_template())), (
         "docker/k8s-gpu-job-template.json is stale: python -m flows.k8s --write"
+    )
     jv = deployment_job_variables("gpu")
     assert jv["image"] == "{{ $MEMOE_IMAGE }}"  # filled by `prefect deploy` from the environment
     jv["image"] = "registry.example/memoe-gpu:1"
@@ -99,7 +129,9 @@ def test_kubernetes_job_template_renders_a_gpu_pod_with_the_shared_store():
     assert env["PREFECT__FLOW_RUN_ID"] == str(fr.id)
     assert c["args"][:3] == ["prefect", "flow-run", "execute"]
     # two GPUs and another claim through the job variables
-    pod2 = render_job(load_template(), jv | {"gpus": 2, "store_claim": "lab-nfs"}, flow_run=fr)["spec"]["template"]["spec"]
+    pod2 = render_job(load_template(), jv | {"gpus": 2, "store_claim": "lab-nfs"}, flow_run=fr)["spec"]["template"][
+        "spec"
+    ]
     assert int(pod2["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) == 2
     assert pod2["volumes"][0]["persistentVolumeClaim"]["claimName"] == "lab-nfs"
     with pytest.raises(ValueError, match="gpu_count"):
@@ -109,6 +141,7 @@ def test_kubernetes_job_template_renders_a_gpu_pod_with_the_shared_store():
 
 # ------------------------------------------------------------------------ helpers of the slow tests
 
+
 def _tiny(tmp_path, tokenizer) -> Path:
     model = tmp_path / "tiny-llama"
     tiny_model("llama", len(tokenizer)).save_pretrained(model)
@@ -117,19 +150,39 @@ def _tiny(tmp_path, tokenizer) -> Path:
 
 
 def _study_overrides(model: Path) -> list[str]:
-    return [f"model.name={model}", "method.layers=[2]", "method.steps=5", "data.n_edits=4", "data.sample=random",
-            "protocol.mode=sequential", "protocol.rounds=2", "protocol.batch_size=2", "eval.max_new_tokens=4",
-            "threads=1"]
+    return [
+        f"model.name={model}",
+        "method.layers=[2]",
+        "method.steps=5",
+        "data.n_edits=4",
+        "data.sample=random",
+        "protocol.mode=sequential",
+        "protocol.rounds=2",
+        "protocol.batch_size=2",
+        "eval.max_new_tokens=4",
+        "threads=1",
+    ]
 
 
 def _env(tmp_path: Path, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "MLFLOW_TRACKING"))}
-    return env | {"PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_UI_ENABLED": "false",
-                  "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "MLFLOW_ENABLE_TELEMETRY": "false",
-                  "OMP_NUM_THREADS": "1", "PWD": str(ROOT)} | extra
+    return (
+        env
+        | {
+            "PREFECT_HOME": str(tmp_path / "prefect-home"),
+            "PREFECT_UI_ENABLED": "false",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "DO_NOT_TRACK": "1",
+            "MLFLOW_ENABLE_TELEMETRY": "false",
+            "OMP_NUM_THREADS": "1",
+            "PWD": str(ROOT),
+        }
+        | extra
+    )
 
 
 # ------------------------------------------------------------------------- local sweep (slow)
+
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
@@ -137,8 +190,16 @@ def test_local_sweep_reports_a_failed_cell_and_runs_the_others(tmp_path, tokeniz
     from mlflow import MlflowClient
 
     model = _tiny(tmp_path, tokenizer)
-    args = [sys.executable, "-m", "flows.cli", "sweep", "--runs-dir", str(tmp_path / "runs"),
-            "--out", str(tmp_path / "sweep.json")]
+    args = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "sweep",
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--out",
+        str(tmp_path / "sweep.json"),
+    ]
     for o in _study_overrides(model):
         args += ["--set", o]
     # a model folder whose config and tokenizer pass every check made before the run, but whose weights are
@@ -170,6 +231,7 @@ def test_local_sweep_reports_a_failed_cell_and_runs_the_others(tmp_path, tokeniz
 
 # -------------------------------------------------------------------------- Dask (slow)
 
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_compare_methods_run_side_by_side_on_a_two_worker_dask_cluster(tmp_path, tokenizer):
@@ -189,11 +251,19 @@ def test_compare_methods_run_side_by_side_on_a_two_worker_dask_cluster(tmp_path,
         "    for name, dask in (('serial', None), ('dask', '2')):\n"
         "        r = flow_for(cfg, dask)(cfg.to_dict(), sys.argv[2] + '/' + name, sys.argv[2] + '/runs-' + name)\n"
         "        out[name] = {k: {'worker': m['worker'], 'final': m['final']} for k, m in r['methods'].items()}\n"
-        "    print('RESULT ' + json.dumps(out))\n")
+        "    print('RESULT ' + json.dumps(out))\n"
+    )
     ov = [o for o in _study_overrides(model) if not o.startswith("method.")] + [
-        "methods=[{name: memoe, layers: [2], steps: 5}, {name: ft-m, layer: 2, steps: 5}]"]
-    p = subprocess.run([sys.executable, str(script), json.dumps(ov), str(tmp_path)], cwd=ROOT,
-                       env=_env(tmp_path, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=560)
+        "methods=[{name: memoe, layers: [2], steps: 5}, {name: ft-m, layer: 2, steps: 5}]"
+    ]
+    p = subprocess.run(
+        [sys.executable, str(script), json.dumps(ov), str(tmp_path)],
+        cwd=ROOT,
+        env=_env(tmp_path, PYTHONPATH=str(ROOT)),
+        capture_output=True,
+        text=True,
+        timeout=560,
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     out = json.loads(p.stdout.split("RESULT ", 1)[1])
     workers = {k: m["worker"] for k, m in out["dask"].items()}
@@ -205,6 +275,7 @@ def test_compare_methods_run_side_by_side_on_a_two_worker_dask_cluster(tmp_path,
 
 
 # ------------------------------------------------------------- team server + work pool (slow)
+
 
 def _wait(cond, what: str, timeout: float, every: float = 1.0, logs: list[Path] = ()):
     deadline = time.time() + timeout
@@ -239,23 +310,41 @@ def test_sweep_on_the_team_server_with_two_workers_and_s3_artifacts(tmp_path, to
     team_dir = Path(tempfile.mkdtemp(prefix="memoe-team-", dir="/tmp"))
     team_dir.chmod(0o755)
     s3 = f"http://127.0.0.1:{free_port()}"
-    creds = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-             "MLFLOW_S3_ENDPOINT_URL": s3}
-    srv = TeamServer(team_dir, prefect_port=free_port(), mlflow_port=free_port(),
-                     artifacts="s3://memoe-artifacts/mlflow", artifacts_env=creds, prefect_ui=False)
+    creds = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "MLFLOW_S3_ENDPOINT_URL": s3,
+    }
+    srv = TeamServer(
+        team_dir,
+        prefect_port=free_port(),
+        mlflow_port=free_port(),
+        artifacts="s3://memoe-artifacts/mlflow",
+        artifacts_env=creds,
+        prefect_ui=False,
+    )
     started: list[subprocess.Popen] = []
 
     def spawn(name, cmd, env):
-        p = subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True,
-                             stdout=open(logs / f"{name}.log", "w"), stderr=subprocess.STDOUT)
+        p = subprocess.Popen(
+            cmd,
+            env=env,
+            cwd=ROOT,
+            start_new_session=True,
+            stdout=open(logs / f"{name}.log", "w"),
+            stderr=subprocess.STDOUT,
+        )
         started.append(p)
         return p
 
     try:
-        spawn("moto", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", s3.rsplit(":", 1)[1]],
-              _env(tmp_path))
-        s3c = boto3.client("s3", endpoint_url=s3, aws_access_key_id="testing", aws_secret_access_key="testing",
-                           region_name="us-east-1")
+        spawn(
+            "moto", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", s3.rsplit(":", 1)[1]], _env(tmp_path)
+        )
+        s3c = boto3.client(
+            "s3", endpoint_url=s3, aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
+        )
 
         def moto_up():
             try:
@@ -276,8 +365,11 @@ def test_sweep_on_the_team_server_with_two_workers_and_s3_artifacts(tmp_path, to
         cli(*PREFECT, "work-pool", "create", "memoe-process", "--type", "process")
         cli(*PREFECT, "--no-prompt", "deploy", "--name", "quickstart")
         for i in range(2):
-            spawn(f"worker{i}", PREFECT + ["worker", "start", "--pool", "memoe-process", "--limit", "1",
-                                           "--name", f"worker-{i}"], env)
+            spawn(
+                f"worker{i}",
+                PREFECT + ["worker", "start", "--pool", "memoe-process", "--limit", "1", "--name", f"worker-{i}"],
+                env,
+            )
         sweep = [sys.executable, "-m", "flows.cli", "sweep", "--pool", "memoe-process"]
         for o in _study_overrides(model):
             sweep += ["--set", o]
@@ -299,11 +391,17 @@ def test_sweep_on_the_team_server_with_two_workers_and_s3_artifacts(tmp_path, to
         assert len(cells) == 4 and {r.info.status for r in cells} == {"FINISHED"}
         assert sorted(r.info.run_id for r in cells) == sorted(c["mlflow_run_id"] for c in s1["cells"])
         assert {r.data.tags["memoe.sweep"] for r in cells} == {s1["sweep"]}
-        assert sorted(r.data.params["method.rank"] + "/" + r.data.params["data.seed"] for r in cells) == \
-            ["4/0", "4/1", "8/0", "8/1"]
+        assert sorted(r.data.params["method.rank"] + "/" + r.data.params["data.seed"] for r in cells) == [
+            "4/0",
+            "4/1",
+            "8/0",
+            "8/1",
+        ]
         for r in cells:
             assert 0.0 <= r.data.metrics["final.reliability"] <= 1.0
-            assert {"results.json", "config.yaml", "per_edit.parquet"} <= {a.path for a in client.list_artifacts(r.info.run_id)}
+            assert {"results.json", "config.yaml", "per_edit.parquet"} <= {
+                a.path for a in client.list_artifacts(r.info.run_id)
+            }
             assert len(client.get_metric_history(r.info.run_id, "train.step_loss")) >= 2
         # the artifacts went through MLflow's proxy into the S3 bucket
         keys = [o["Key"] for o in s3c.list_objects_v2(Bucket="memoe-artifacts", Prefix="mlflow/").get("Contents", [])]
@@ -312,9 +410,12 @@ def test_sweep_on_the_team_server_with_two_workers_and_s3_artifacts(tmp_path, to
         spans = sorted((r.info.start_time, r.info.end_time) for r in cells)
         assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), spans
         # progress artifacts of the worker runs reached Prefect
-        req = urllib.request.Request(f"{srv.prefect_api}/artifacts/filter", method="POST",
-                                     data=json.dumps({"artifacts": {"type": {"any_": ["progress"]}}}).encode(),
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"{srv.prefect_api}/artifacts/filter",
+            method="POST",
+            data=json.dumps({"artifacts": {"type": {"any_": ["progress"]}}}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(req, timeout=30) as resp:
             arts = json.loads(resp.read())
         assert any(a["data"] == 100.0 for a in arts), arts[:3]
@@ -350,8 +451,12 @@ def test_sweep_on_the_team_server_with_two_workers_and_s3_artifacts(tmp_path, to
             return st if st in ("CRASHED", "FAILED", "COMPLETED", "CANCELLED") else None
 
         assert _wait(flow_state, "the flow run to end", 120) == "CRASHED"
-        _wait(lambda: client.get_run(run.info.run_id).info.status == "KILLED", "the MLflow run marked KILLED", 60,
-              logs=[logs / "worker0.log", logs / "worker1.log"])
+        _wait(
+            lambda: client.get_run(run.info.run_id).info.status == "KILLED",
+            "the MLflow run marked KILLED",
+            60,
+            logs=[logs / "worker0.log", logs / "worker1.log"],
+        )
     finally:
         team_procs = list(srv.procs)
         for p in reversed(started):  # the workers (SIGINT, as Prefect expects), then moto

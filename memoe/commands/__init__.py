@@ -1,5 +1,6 @@
 """The library's subcommands of ``memoe`` (``flows/cli.py`` is the command): each module defines
 ``add_arguments(parser)`` and ``run(args) -> int``."""
+
 from __future__ import annotations
 
 import argparse

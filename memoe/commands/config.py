@@ -2,6 +2,7 @@
 default and its description (from the pydantic models in memoe/config.py and each method's
 memoe/editors/<m>/config.py); ``*`` marks a value that differs from the default. The method's keys
 are those of the method set (``methods[i].`` for each method of a compare)."""
+
 from __future__ import annotations
 
 from typing import Any, Iterator
@@ -40,8 +41,14 @@ def rows(model: BaseModel, prefix: str = "") -> Iterator[tuple[str, Any, Any, st
             for i, v in enumerate(value):
                 yield from rows(v, f"{key}[{i}].")
         else:
-            yield key, value, default, info.description or (type(model).__doc__ or "").strip().split("\n")[0] \
-                if name == "name" and prefix.startswith("method") else (info.description or "")
+            yield (
+                key,
+                value,
+                default,
+                info.description or (type(model).__doc__ or "").strip().split("\n")[0]
+                if name == "name" and prefix.startswith("method")
+                else (info.description or ""),
+            )
 
 
 def lines(cfg, changed: bool = False) -> list[str]:
@@ -50,8 +57,11 @@ def lines(cfg, changed: bool = False) -> list[str]:
     def show(v):
         return json.dumps(v) if not isinstance(v, str) else v
 
-    table = [(k, show(v), show(d), desc, v != d) for k, v, d, desc in rows(cfg)
-             if not (cfg.methods and k.startswith("method."))]  # a compare runs `methods`, not `method`
+    table = [
+        (k, show(v), show(d), desc, v != d)
+        for k, v, d, desc in rows(cfg)
+        if not (cfg.methods and k.startswith("method."))
+    ]  # a compare runs `methods`, not `method`
     if changed:
         table = [t for t in table if t[4]]
     w = max([len(t[0]) for t in table] + [3]) + 2

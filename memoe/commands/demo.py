@@ -1,6 +1,7 @@
 """``memoe demo [CONFIG] [--set k=v] [--n 5]``: edit a handful of records with MEMoE on the configured
 model (default: the first 5 ZsRE edits on the embedded SmolLM2-135M) and print, per edit, the greedy
 answer before and after the edit, on a rephrase, and on an unrelated (locality) prompt."""
+
 from __future__ import annotations
 
 import time
@@ -35,17 +36,21 @@ def run(args) -> int:
     reph = [first(r["rephrase_prompts"]) for r in rows]
     loc = [first(r["locality_prompts"]) for r in rows]
     prompts = [r["prompt"] for r in rows]
-    gen = lambda ps, ed=None: generate(model, tok, [p or "" for p in ps], editor=ed,  # noqa: E731
-                                       max_new_tokens=args.max_new_tokens)
+
+    def gen(ps, ed=None):
+        return generate(model, tok, [p or "" for p in ps], editor=ed, max_new_tokens=args.max_new_tokens)
+
     before, loc_before = gen(prompts), gen(loc)
     editor = MEMoEEditor(model, tok, method, seed=cfg.seed)
     t0 = time.perf_counter()
     stats = editor.edit(recs)
     dt = time.perf_counter() - t0
     after, reph_after, loc_after = gen(prompts, editor), gen(reph, editor), gen(loc, editor)
-    print(f"MEMoE on {cfg.model.name}: {len(rows)} edits in {dt:.1f}s "
-          f"({stats.steps} steps, final loss {stats.loss_final:.4f}, layers {method.layers}, "
-          f"gate {method.gate_mode})\n")
+    print(
+        f"MEMoE on {cfg.model.name}: {len(rows)} edits in {dt:.1f}s "
+        f"({stats.steps} steps, final loss {stats.loss_final:.4f}, layers {method.layers}, "
+        f"gate {method.gate_mode})\n"
+    )
     for i, r in enumerate(rows):
         print(f"[{i + 1}] {r['prompt']}")
         print(f"    subject {r['subject']!r}: {r['target_true']!r} -> {r['target_new']!r}")

@@ -6,6 +6,7 @@ artifact or a state folder of its run store), or a study's output folder / its `
 whose ``edited_model`` names the final state. ``--chat`` puts each prompt into the instruct model's
 chat template. ``--unedited`` answers with the base model for comparison.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,7 +23,9 @@ def resolve_edited(path: str | Path) -> Path:
         data = json.loads(results.read_text())
         state = data.get("edited_model")
         if not state:
-            raise FileNotFoundError(f"{results}: no 'edited_model' in it (a compare study: use a method's adapter folder)")
+            raise FileNotFoundError(
+                f"{results}: no 'edited_model' in it (a compare study: use a method's adapter folder)"
+            )
         return Path(state)
     raise FileNotFoundError(f"{p}: neither a saved editor folder (editor.json) nor a study's results.json")
 
@@ -47,11 +50,10 @@ def answer(model, tok, prompts: list[str], chat: bool, max_new_tokens: int) -> l
     try:
         batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=not chat).to(model.device)
         with torch.inference_mode():
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
     finally:
         tok.padding_side = side
-    return [t.strip() for t in tok.batch_decode(out[:, batch.input_ids.shape[1]:], skip_special_tokens=True)]
+    return [t.strip() for t in tok.batch_decode(out[:, batch.input_ids.shape[1] :], skip_special_tokens=True)]
 
 
 def run(args) -> int:

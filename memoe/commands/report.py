@@ -1,4 +1,5 @@
 """``memoe report``: records per dataset, and the unedited model's greedy answers to five edit prompts."""
+
 from __future__ import annotations
 
 

@@ -7,6 +7,7 @@ Importing this package imports no torch: ``Editor``, ``EditResult``, ``make_edit
 ``load_edited`` come from ``memoe.editors.base`` on first use, and ``make_editor`` imports an
 editor's module when it is first used.
 """
+
 _FROM_BASE = ("Editor", "EditResult", "make_editor", "load_edited")
 
 

@@ -6,10 +6,12 @@ An editor is built on a frozen model and tokenizer; ``edit(records)`` trains on 
 ``route(prompts)`` is a context manager the evaluation wraps around every forward/generate call so
 that input-dependent editors (MEMoE's knowledge anchors) know which prompts the batch rows are.
 """
+
 from __future__ import annotations
 
 import contextlib
 import json
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -26,6 +28,7 @@ class EditResult:
     means: the ``Editor`` docstring), and ``details``, the method's own. ``as_dict()`` is one flat
     JSON-able dict, the shared fields and the details side by side (a round's training figures in
     ``results.json``, MLflow's ``train.*`` metrics)."""
+
     steps: int  # optimiser steps taken
     loss_first: float | None  # training loss at the first step
     loss_final: float | None  # ... and at the last
@@ -38,6 +41,19 @@ class EditResult:
         shared = {f.name for f in fields(self)} - {"details"}
         if shared & set(self.details):
             raise ValueError(f"EditResult.details repeats shared fields: {sorted(shared & set(self.details))}")
+
+    @classmethod
+    def of(cls, losses: list[float], started: float, n_edits: int, setup_s: float = 0.0, **details) -> "EditResult":
+        """From the losses of the steps taken and the ``time.perf_counter()`` the call started at."""
+        return cls(
+            steps=len(losses),
+            loss_first=losses[0],
+            loss_final=losses[-1],
+            seconds=time.perf_counter() - started,
+            n_edits=n_edits,
+            setup_s=setup_s,
+            details=details,
+        )
 
     def as_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "details"}
@@ -93,6 +109,7 @@ class Editor(ABC):
     1-based index and loss, ``steps`` times in all (the pipeline's progress bars and
     ``train.step_loss``). MEMIT's update is closed-form: it does not call it.
     """
+
     name: str = "editor"
     uses_anchors: bool = False
 
@@ -148,8 +165,12 @@ class Editor(ABC):
         folder.mkdir(parents=True, exist_ok=True)
         sd = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         save_file(sd, folder / "editor.safetensors")
-        meta = {"method": self.cfg.model_dump(mode="json"), "edits_applied": self.edits_applied,
-                "model": getattr(self.model, "memoe_model_name", None), "extra": self.extra_state()}
+        meta = {
+            "method": self.cfg.model_dump(mode="json"),
+            "edits_applied": self.edits_applied,
+            "model": getattr(self.model, "memoe_model_name", None),
+            "extra": self.extra_state(),
+        }
         (folder / "editor.json").write_text(json.dumps(meta, indent=2))
         return folder
 

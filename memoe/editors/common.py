@@ -2,6 +2,7 @@
 the prompt masked (padded, or packed several rows per sequence), target NLL (and a fused head + NLL
 for a frozen head), length buckets (less padding) and the training precision (bf16 autocast where
 the hardware has it)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -17,9 +18,16 @@ from memoe.adapter import LayerCache, final_norm, supports_layer_cache
 from memoe.data import encode_pair
 
 
-def train_steps(optimizer: torch.optim.Optimizer, loss_fn: Callable[[Any], torch.Tensor], batches: Sequence[Any],
-                steps: int, early_stop_loss: float, on_step: Callable[[int, float], None] | None = None,
-                after_step: Callable[[], None] | None = None, weight: Callable[[Any], int] | None = None) -> list[float]:
+def train_steps(
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[[Any], torch.Tensor],
+    batches: Sequence[Any],
+    steps: int,
+    early_stop_loss: float,
+    on_step: Callable[[int, float], None] | None = None,
+    after_step: Callable[[], None] | None = None,
+    weight: Callable[[Any], int] | None = None,
+) -> list[float]:
     """The training loop the editors share. Up to ``steps`` steps, each one pass over ``batches`` with
     one optimiser step per batch: ``zero_grad``, ``loss_fn(batch)``, its backward, ``optimizer.step()``,
     then ``after_step()`` (FT-L: the projection back into its norm ball). A step's loss is the mean of
@@ -61,16 +69,19 @@ def edit_batch(tokenizer, prompts: Sequence[str], targets: Sequence[str], device
     labels = torch.full((len(enc), L), -100, dtype=torch.long)
     last_prompt = torch.zeros(len(enc), dtype=torch.long)
     for i, (seq, npr) in enumerate(enc):
-        ids[i, :len(seq)] = torch.tensor(seq)
-        mask[i, :len(seq)] = 1
-        labels[i, npr:len(seq)] = torch.tensor(seq[npr:])
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = 1
+        labels[i, npr : len(seq)] = torch.tensor(seq[npr:])
         last_prompt[i] = npr - 1
-    return {k: v.to(device) for k, v in
-            dict(input_ids=ids, attention_mask=mask, labels=labels, last_prompt=last_prompt).items()}
+    return {
+        k: v.to(device)
+        for k, v in dict(input_ids=ids, attention_mask=mask, labels=labels, last_prompt=last_prompt).items()
+    }
 
 
-def packed_batch(tokenizer, prompts: Sequence[str], targets: Sequence[str], device,
-                 capacity: int = 64) -> dict[str, torch.Tensor | None]:
+def packed_batch(
+    tokenizer, prompts: Sequence[str], targets: Sequence[str], device, capacity: int = 64
+) -> dict[str, torch.Tensor | None]:
     """``prompt + " " + target`` rows packed end to end into sequences of at most ``capacity`` tokens
     (at least the longest row), so a training step runs one batch without padding to the longest row.
 
@@ -104,10 +115,10 @@ def packed_batch(tokenizer, prompts: Sequence[str], targets: Sequence[str], devi
         for i in sorted(members):
             seq, npr = enc[i]
             n = len(seq)
-            ids[b, o:o + n] = torch.tensor(seq)
-            pos[b, o:o + n] = torch.arange(n)
-            labels[b, o + npr:o + n] = torch.tensor(seq[npr:])
-            row[b, o:o + n] = i
+            ids[b, o : o + n] = torch.tensor(seq)
+            pos[b, o : o + n] = torch.arange(n)
+            labels[b, o + npr : o + n] = torch.tensor(seq[npr:])
+            row[b, o : o + n] = i
             o += n
     out = {k: v.to(device) for k, v in dict(input_ids=ids, position_ids=pos, labels=labels, row=row).items()}
     out["attention_mask"] = None
@@ -131,9 +142,15 @@ def packing_is_exact(model) -> bool:
         a, b = [int(x) % vocab for x in (11, 523, 97, 7, 2048, 31)], [int(x) % vocab for x in (901, 12, 77, 5)]
         ids = torch.tensor([a + b], device=dev)
         pos = torch.tensor([list(range(len(a))) + list(range(len(b)))], device=dev)
-        packed = model.base_model(input_ids=ids, position_ids=pos, attention_mask=None, use_cache=False).last_hidden_state[0]
-        alone = torch.cat([model.base_model(input_ids=torch.tensor([r], device=dev), use_cache=False).last_hidden_state[0]
-                           for r in (a, b)])
+        packed = model.base_model(
+            input_ids=ids, position_ids=pos, attention_mask=None, use_cache=False
+        ).last_hidden_state[0]
+        alone = torch.cat(
+            [
+                model.base_model(input_ids=torch.tensor([r], device=dev), use_cache=False).last_hidden_state[0]
+                for r in (a, b)
+            ]
+        )
         err = (packed.float() - alone.float()).abs().mean() / alone.float().abs().mean()
         known[impl] = bool(err < 0.1)  # rounding in bf16: ~1e-2; a row seeing another: order 1
     return known[impl]
@@ -183,12 +200,19 @@ def body_hidden(model, batch: dict[str, torch.Tensor], cache: LayerCache | None 
     """Final-normed hidden states (B, T, d) of the batch: the whole body, or the layers from ``cache.first`` up."""
     if cache is not None:
         return final_norm(model)(cache.run(model))
-    return model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            use_cache=False).last_hidden_state
+    return model.base_model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    ).last_hidden_state
 
 
-def head_nll(model, h: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor | None = None,
-             cols: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+def head_nll(
+    model,
+    h: torch.Tensor,
+    labels: torch.Tensor,
+    rows: torch.Tensor | None = None,
+    cols: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
     """NLL of ``labels[rows, cols + 1]`` with the LM head applied only at positions (rows, cols) -
     by default every position that predicts a target token - instead of at every token."""
     if rows is None:
@@ -232,7 +256,7 @@ def edit_batches(tokenizer, records, batch_size: int | None, device) -> list[dic
     """The records' (prompt, target_new) pairs as ``edit_batch`` chunks of ``batch_size`` (all: None)."""
     prompts, targets = records["prompt"].to_list(), records["target_new"].to_list()
     bs = batch_size or len(prompts)
-    return [edit_batch(tokenizer, prompts[i:i + bs], targets[i:i + bs], device) for i in range(0, len(prompts), bs)]
+    return [edit_batch(tokenizer, prompts[i : i + bs], targets[i : i + bs], device) for i in range(0, len(prompts), bs)]
 
 
 def token_groups(lengths: Sequence[int], max_tokens: int, capacity: int | None = None) -> list[list[int]]:
@@ -272,7 +296,7 @@ def length_buckets(lengths: Sequence[int], row_cost: int = 48) -> list[list[int]
                 best[j], cut[j] = c, i
     groups, j = [], n
     while j > 0:
-        groups.append(order[cut[j]:j])
+        groups.append(order[cut[j] : j])
         j = cut[j]
     return groups[::-1]
 
@@ -342,8 +366,13 @@ def training_precision(model, dtype: torch.dtype | None) -> Iterator[None]:
 
     # LayerNorm (GPT-2) keeps fp32 weights: autocast runs layer_norm in fp32, and fp32 input with bf16
     # weights is an error there
-    frozen = [p for layer in decoder_layers(model) for m in layer.modules() if not isinstance(m, torch.nn.LayerNorm)
-              for p in m.parameters(recurse=False)]
+    frozen = [
+        p
+        for layer in decoder_layers(model)
+        for m in layer.modules()
+        if not isinstance(m, torch.nn.LayerNorm)
+        for p in m.parameters(recurse=False)
+    ]
     stash = [(p, p.data) for p in frozen if not p.requires_grad and p.dtype == torch.float32]
     if switch:
         model.set_attn_implementation("eager")

@@ -10,6 +10,7 @@
 The state is the weight delta w.r.t. the unedited weights; ``remove()`` copies the originals back.
 Works for nn.Linear and GPT-2's Conv1D alike (only the weight tensor is trained).
 """
+
 from __future__ import annotations
 
 import time
@@ -65,9 +66,16 @@ class FTEditor(Editor):
             w.copy_(torch.clamp(w, start - cfg.norm_constraint, start + cfg.norm_constraint))
 
         try:
-            losses = train_steps(opt, loss_fn, list(zip(batches, caches)), cfg.steps, cfg.early_stop_loss,
-                                 on_step=self.on_step, after_step=constrain if cfg.norm_constraint is not None else None,
-                                 weight=lambda item: len(item[0]["input_ids"]))
+            losses = train_steps(
+                opt,
+                loss_fn,
+                list(zip(batches, caches)),
+                cfg.steps,
+                cfg.early_stop_loss,
+                on_step=self.on_step,
+                after_step=constrain if cfg.norm_constraint is not None else None,
+                weight=lambda item: len(item[0]["input_ids"]),
+            )
         finally:
             w.requires_grad_(False)
             w.grad = None
@@ -76,9 +84,7 @@ class FTEditor(Editor):
             self.delta = (w - self.original).detach().clone()
             w.copy_(self.original + self.delta)
         self.edits_applied += records.height
-        return EditResult(steps=len(losses), loss_first=losses[0], loss_final=losses[-1],
-                          seconds=time.perf_counter() - t0, n_edits=records.height,
-                          details={"delta_linf": float(self.delta.abs().max())})
+        return EditResult.of(losses, t0, records.height, **{"delta_linf": float(self.delta.abs().max())})
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {self._key: self.delta.clone()}

@@ -2,6 +2,7 @@
 
 Importing the package registers the method (``memoe.methods.discover`` does); the editor's
 module, which imports torch, is imported when the editor is first used."""
+
 from memoe.editors.grace.config import GraceMethod
 from memoe.methods import register_method
 

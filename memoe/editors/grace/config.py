@@ -1,4 +1,5 @@
 """The settings of grace (its defaults and the description of each key; ``memoe config`` lists them)."""
+
 from __future__ import annotations
 
 from typing import Literal
@@ -10,6 +11,7 @@ from memoe.methods import Strict
 
 class GraceMethod(Strict):
     """GRACE codebook at one layer's MLP output (memoe/editors/grace/editor.py); EasyEdit's hparams."""
+
     name: Literal["grace"] = "grace"
     layer: int = Field(15, description="decoder layer whose MLP output the codebook replaces")
     eps: float = Field(1.0, gt=0, description="initial deferral radius (Euclidean, MLP input space)")

@@ -17,6 +17,7 @@ The last prompt token is found from ``route(prompts)`` (the number of prompt tok
 mask's padding) so right-padded teacher forcing and left-padded generation pick the same token;
 without ``route`` the last non-padding token of the input is the key token.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -180,11 +181,16 @@ class GraceEditor(Editor):
             self._mode, self._train_values, self._train_assign, self._recorded = "infer", None, None, None
             self._sel, self._pending = None, False
         self.edits_applied += len(prompts)
-        return EditResult(steps=len(losses), loss_first=losses[0], loss_final=losses[-1],
-                          seconds=time.perf_counter() - t0, n_edits=len(prompts),
-                          details={"codebook_size": int(self.keys.shape[0]),
-                                   "new_entries": int(self.keys.shape[0] - n_before),
-                                   "mean_eps": float(self.eps.mean())})
+        return EditResult.of(
+            losses,
+            t0,
+            len(prompts),
+            **{
+                "codebook_size": int(self.keys.shape[0]),
+                "new_entries": int(self.keys.shape[0] - n_before),
+                "mean_eps": float(self.eps.mean()),
+            },
+        )
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -1,4 +1,5 @@
 """The settings of lora (its defaults and the description of each key; ``memoe config`` lists them)."""
+
 from __future__ import annotations
 
 from typing import Literal
@@ -10,10 +11,12 @@ from memoe.methods import Strict
 
 class LoRAMethod(Strict):
     """LoRA through peft (memoe/editors/lora/editor.py); defaults follow EasyEdit's LoRA hparams."""
+
     name: Literal["lora"] = "lora"
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "v_proj"],
-        description="module names, or the aliases 'mlp_out' / 'mlp_in' (the MLP projections of any architecture)")
+        description="module names, or the aliases 'mlp_out' / 'mlp_in' (the MLP projections of any architecture)",
+    )
     layers: list[int] | None = Field(None, min_length=1, description="decoder layers to adapt; null = all")
     rank: int = Field(8, ge=1, description="LoRA rank")
     alpha: float = Field(32, gt=0, description="LoRA scaling alpha")

@@ -6,6 +6,7 @@ trained on the target NLL (prompt masked). The base weights are never changed (n
 ``mlp_out`` / ``mlp_in`` (the MLP output / input projection of each layer, from memoe.models);
 ``layers`` restricts them to those decoder layers (null = all layers).
 """
+
 from __future__ import annotations
 
 import time
@@ -30,7 +31,7 @@ def resolve_targets(model, names: list[str], layers: list[int] | None) -> list[s
     for name, mod in model.named_modules():
         if not name.startswith(prefix) or not isinstance(mod, torch.nn.Module):
             continue
-        rest = name[len(prefix):]
+        rest = name[len(prefix) :]
         idx, _, sub = rest.partition(".")
         if not idx.isdigit() or (layer_set is not None and int(idx) not in layer_set):
             continue
@@ -50,9 +51,15 @@ class LoRAEditor(Editor):
         from peft.tuners.lora import LoraModel
 
         self.targets = resolve_targets(model, list(cfg.target_modules), cfg.layers)
-        conf = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0, target_modules=self.targets,
-                          bias="none", fan_in_fan_out=model.config.model_type == "gpt2",  # Conv1D
-                          init_lora_weights=True)
+        conf = LoraConfig(
+            r=cfg.rank,
+            lora_alpha=cfg.alpha,
+            lora_dropout=0.0,
+            target_modules=self.targets,
+            bias="none",
+            fan_in_fan_out=model.config.model_type == "gpt2",  # Conv1D
+            init_lora_weights=True,
+        )
         torch.manual_seed(seed)
         was_training = model.training
         self.lora = LoraModel(model, conf, "default")
@@ -70,17 +77,21 @@ class LoRAEditor(Editor):
             p.requires_grad_(True)
         opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         try:
-            losses = train_steps(opt, lambda b: head_nll(self.model, body_hidden(self.model, b), b["labels"]),
-                                 batches, cfg.steps, cfg.early_stop_loss, on_step=self.on_step,
-                                 weight=lambda b: len(b["input_ids"]))
+            losses = train_steps(
+                opt,
+                lambda b: head_nll(self.model, body_hidden(self.model, b), b["labels"]),
+                batches,
+                cfg.steps,
+                cfg.early_stop_loss,
+                on_step=self.on_step,
+                weight=lambda b: len(b["input_ids"]),
+            )
         finally:
             for p in params:
                 p.requires_grad_(False)
                 p.grad = None
         self.edits_applied += records.height
-        return EditResult(steps=len(losses), loss_first=losses[0], loss_final=losses[-1],
-                          seconds=time.perf_counter() - t0, n_edits=records.height,
-                          details={"n_params": sum(p.numel() for p in params)})
+        return EditResult.of(losses, t0, records.height, **{"n_params": sum(p.numel() for p in params)})
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in self.params.items()}
@@ -99,4 +110,3 @@ class LoRAEditor(Editor):
             self.lora = None
             self.params = {}
         self.edits_applied = 0
-

@@ -16,6 +16,7 @@
 The state is the weight delta of every edited layer; ``remove()`` restores the originals exactly.
 Context templates (ROME's self-generated prefixes) are not used: the edit prompt alone.
 """
+
 from __future__ import annotations
 
 import time
@@ -46,7 +47,7 @@ def subject_last_index(tok, prompt: str, subject: str | None) -> int:
         if pos < 0:
             pos = prompt.lower().find(subject.lower())
         if pos >= 0:
-            return min(len(tok(prompt[:pos + len(subject)].rstrip()).input_ids), n_prompt) - 1
+            return min(len(tok(prompt[: pos + len(subject)].rstrip()).input_ids), n_prompt) - 1
     return n_prompt - 1
 
 
@@ -72,8 +73,9 @@ class MemitEditor(Editor):
     def stats(self) -> dict[int, torch.Tensor]:
         if self._stats is None:
             cfg = self.cfg
-            self._stats = layer_stats(self.model, self.tokenizer, self.layers, cfg.corpus, cfg.mom2_tokens,
-                                      cfg.mom2_seq_len)
+            self._stats = layer_stats(
+                self.model, self.tokenizer, self.layers, cfg.corpus, cfg.mom2_tokens, cfg.mom2_seq_len
+            )
         return self._stats
 
     def _padded(self, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -83,8 +85,8 @@ class MemitEditor(Editor):
         ids = torch.full((len(enc), L), pad, dtype=torch.long)
         mask = torch.zeros((len(enc), L), dtype=torch.long)
         for i, e in enumerate(enc):
-            ids[i, :len(e)] = torch.tensor(e)
-            mask[i, :len(e)] = 1
+            ids[i, : len(e)] = torch.tensor(e)
+            mask[i, : len(e)] = 1
         return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
 
     @torch.no_grad()
@@ -95,10 +97,12 @@ class MemitEditor(Editor):
         hs = []
         if layer is not None:
             proj = getattr(mlp_of(self.model, layer), self.arch.out_proj)
-            hs.append(proj.register_forward_pre_hook(
-                lambda m, a: got.__setitem__("k", a[0][rows, idx].double())))
-        hs.append(decoder_layers(self.model)[self.layers[-1]].register_forward_hook(
-            lambda m, a, o: got.__setitem__("h", _hidden(o)[rows, idx].double())))
+            hs.append(proj.register_forward_pre_hook(lambda m, a: got.__setitem__("k", a[0][rows, idx].double())))
+        hs.append(
+            decoder_layers(self.model)[self.layers[-1]].register_forward_hook(
+                lambda m, a, o: got.__setitem__("h", _hidden(o)[rows, idx].double())
+            )
+        )
         try:
             self.model.base_model(**fwd, use_cache=False)
         finally:
@@ -113,12 +117,14 @@ class MemitEditor(Editor):
         b = edit_batch(self.tokenizer, prompts, targets, self.device)
         kl_prompts = [f"{s} is a" for s in subjects]
         kl = self._padded(kl_prompts)
-        kl_idx = torch.tensor([subject_last_index(self.tokenizer, p, s) for p, s in zip(kl_prompts, subjects)],
-                              device=self.device)
+        kl_idx = torch.tensor(
+            [subject_last_index(self.tokenizer, p, s) for p, s in zip(kl_prompts, subjects)], device=self.device
+        )
         n = len(prompts)
         idx_all = torch.cat([idx_prompt, kl_idx])
-        _, h0 = self._keys_and_hidden({"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]},
-                                      idx_prompt, None)
+        _, h0 = self._keys_and_hidden(
+            {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}, idx_prompt, None
+        )
         h0 = h0.float()
         delta = torch.zeros_like(h0, requires_grad=True)
         opt = torch.optim.Adam([delta], lr=cfg.v_lr)
@@ -149,8 +155,11 @@ class MemitEditor(Editor):
         init_kl = None
         losses = []
         rows_all = torch.arange(2 * n, device=self.device)
-        cache = layer_cache(self.model, L + 1, {"input_ids": ids, "attention_mask": mask}) \
-            if L + 1 < len(decoder_layers(self.model)) else None
+        cache = (
+            layer_cache(self.model, L + 1, {"input_ids": ids, "attention_mask": mask})
+            if L + 1 < len(decoder_layers(self.model))
+            else None
+        )
         hook = None if cache is not None else decoder_layers(self.model)[L].register_forward_hook(add_delta)
         t_rows, t_cols = (labels[:, 1:] != -100).nonzero(as_tuple=True)
         head = self.model.get_output_embeddings()
@@ -160,14 +169,17 @@ class MemitEditor(Editor):
             for _ in range(cfg.v_steps):
                 opt.zero_grad(set_to_none=True)
                 if cache is not None:
-                    h_in = cache.hidden.index_put((rows_all, idx_all), cache.hidden[rows_all, idx_all]
-                                                  + torch.cat([delta, delta]).to(cache.hidden.dtype))
+                    h_in = cache.hidden.index_put(
+                        (rows_all, idx_all),
+                        cache.hidden[rows_all, idx_all] + torch.cat([delta, delta]).to(cache.hidden.dtype),
+                    )
                     h = final_norm(self.model)(cache.run(self.model, h_in))
                 else:
                     h = body_hidden(self.model, {"input_ids": ids, "attention_mask": mask})
                 tok_nll = F.cross_entropy(head(h[t_rows, t_cols]).float(), labels[t_rows, t_cols + 1], reduction="none")
-                nll = torch.zeros(n, device=self.device).index_add(0, t_rows, tok_nll) \
-                    / torch.bincount(t_rows, minlength=n).clamp(min=1)  # per edit
+                nll = torch.zeros(n, device=self.device).index_add(0, t_rows, tok_nll) / torch.bincount(
+                    t_rows, minlength=n
+                ).clamp(min=1)  # per edit
                 kl_lp = torch.log_softmax(head(h[n:][torch.arange(n, device=self.device), kl_idx]).float(), -1)
                 if init_kl is None:
                     init_kl = kl_lp.detach().clone()
@@ -216,9 +228,9 @@ class MemitEditor(Editor):
             upd_norms.append(float(upd.norm()))
         self.edits_applied += len(prompts)
         # the steps and losses: those of the target-vector search (the update itself is closed-form)
-        return EditResult(steps=len(z_losses), loss_first=z_losses[0], loss_final=z_losses[-1],
-                          seconds=time.perf_counter() - t0, n_edits=len(prompts), setup_s=t_stats,
-                          details={"upd_norm_mean": sum(upd_norms) / len(upd_norms)})
+        return EditResult.of(
+            z_losses, t0, len(prompts), setup_s=t_stats, **{"upd_norm_mean": sum(upd_norms) / len(upd_norms)}
+        )
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, torch.Tensor]:

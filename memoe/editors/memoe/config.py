@@ -1,4 +1,5 @@
 """The settings of memoe (its defaults and the description of each key; ``memoe config`` lists them)."""
+
 from __future__ import annotations
 
 from typing import Literal
@@ -15,21 +16,28 @@ class MEMoEMethod(Strict):
     routing collapsed onto one expert (99% of tokens). Beyond the paper's formula, and switchable back:
     ``gate_mode=anchor`` (silent on inputs without a known edited subject; the paper's literal
     formula is ``always``) and ``expert_sees_anchor`` (experts take the anchor embedding too)."""
+
     name: Literal["memoe"] = "memoe"
-    layers: list[int] = Field(default_factory=lambda: [20], min_length=1,
-                              description="decoder layer(s) whose MLP gets the adapter (negative: from the end)")
+    layers: list[int] = Field(
+        default_factory=lambda: [20],
+        min_length=1,
+        description="decoder layer(s) whose MLP gets the adapter (negative: from the end)",
+    )
     num_experts: int = Field(4, ge=1, description="experts in the adapter")
     top_k: int = Field(1, ge=1, description="experts routed per token")
     expert_form: Literal["lowrank", "ffn"] = Field(
-        "lowrank", description="'lowrank': down/up projections of rank `rank`; 'ffn': the MLP's own shape")
+        "lowrank", description="'lowrank': down/up projections of rank `rank`; 'ffn': the MLP's own shape"
+    )
     rank: int = Field(32, ge=1, description="rank of each low-rank expert")
     lam: float = Field(1.0, gt=0, description="scale of the adapter's output added to the MLP's")
     router_noise: float = Field(1.0, ge=0.0, description="std of the router noise while training")
     anchor_pooling: Literal["mean", "last", "sum"] = Field(
-        "mean", description="how the anchor's token embeddings are pooled for the router")
+        "mean", description="how the anchor's token embeddings are pooled for the router"
+    )
     gate_mode: Literal["anchor", "always"] = Field(
         "anchor",
-        description="'anchor': adapter silent on inputs without a known anchor; 'always': the paper's formula literally")
+        description="'anchor': adapter silent on inputs without a known anchor; 'always': the paper's formula literally",
+    )
     expert_sees_anchor: bool = Field(True, description="experts also take the anchor embedding (beyond the paper)")
     lr: float = Field(3e-2, gt=0, description="AdamW learning rate")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay")
@@ -40,48 +48,74 @@ class MEMoEMethod(Strict):
     context_templates: int = Field(0, ge=0, description="number of self-generated prefixes prepended to edit prompts")
     layer_cache: bool = Field(True, description="compute layers below l once per round")
     precision: Literal["auto", "float32", "bfloat16"] = Field(
-        "auto", description="training autocast: 'auto' = bf16 on GPUs and CPUs with bf16 matrix units (AMX), else fp32")
+        "auto", description="training autocast: 'auto' = bf16 on GPUs and CPUs with bf16 matrix units (AMX), else fp32"
+    )
     pack_tokens: int | None = Field(
-        64, ge=1, description="training rows packed end to end into sequences of this many tokens, one batch per "
-        "step (null: rows padded, in length buckets)")
+        64,
+        ge=1,
+        description="training rows packed end to end into sequences of this many tokens, one batch per "
+        "step (null: rows padded, in length buckets)",
+    )
     max_batch_tokens: int = Field(
-        4096, ge=1, description="packed rows: at most this many tokens per forward/backward, the step's gradient "
-        "accumulated over them (bounds the memory of large batches)")
+        4096,
+        ge=1,
+        description="packed rows: at most this many tokens per forward/backward, the step's gradient "
+        "accumulated over them (bounds the memory of large batches)",
+    )
     compile: bool = Field(
-        False, description="train through the decoder layers above the adapter with torch.compile (inductor: a C++ "
+        False,
+        description="train through the decoder layers above the adapter with torch.compile (inductor: a C++ "
         "compiler on CPU, triton on GPU): faster steps; the first round of a process compiles (about 20 s on 2 CPU "
-        "cores, a few seconds once inductor's disk cache has the kernels); eager with a warning where it cannot")
-    length_buckets: bool = Field(True, description="without packing: split each step's rows into groups of similar length")
+        "cores, a few seconds once inductor's disk cache has the kernels); eager with a warning where it cannot",
+    )
+    length_buckets: bool = Field(
+        True, description="without packing: split each step's rows into groups of similar length"
+    )
     expert_act: Literal["none", "gelu", "silu"] = Field("none", description="nonlinearity inside low-rank experts")
     apply_from: Literal["all", "anchor"] = Field(
-        "all", description="'anchor': the adapter acts only from the anchor's last token onward")
+        "all", description="'anchor': the adapter acts only from the anchor's last token onward"
+    )
     template_tokens: int = Field(10, ge=1, description="length of each self-generated context prefix")
     replay: int | None = Field(
-        100, ge=0, description="sequential: at most this many earlier edits (a seeded sample) replayed per round, so a "
-        "round costs the same in round 2 and round 200 (null = all)")
+        100,
+        ge=0,
+        description="sequential: at most this many earlier edits (a seeded sample) replayed per round, so a "
+        "round costs the same in round 2 and round 200 (null = all)",
+    )
     ner_fallback: bool = Field(True, description="capitalised-span anchor when no known subject matches")
     augment: list[Literal["chat", "lower"]] = Field(
-        default_factory=list, description="extra training forms of each edit prompt: 'chat' (inside the tokenizer's "
-        "chat template), 'lower' (subject lower-cased)")
+        default_factory=list,
+        description="extra training forms of each edit prompt: 'chat' (inside the tokenizer's "
+        "chat template), 'lower' (subject lower-cased)",
+    )
     scope_negatives: int = Field(
-        0, ge=0, description="relation-aware scope: per edit, this many prompts of its subject with other relations "
-        "(memoe/probes.py SCOPE_RELATIONS) on which the adapter's term is trained towards zero (0: off, the paper)")
+        0,
+        ge=0,
+        description="relation-aware scope: per edit, this many prompts of its subject with other relations "
+        "(memoe/probes.py SCOPE_RELATIONS) on which the adapter's term is trained towards zero (0: off, the paper)",
+    )
     scope_weight: float = Field(1.0, ge=0.0, description="weight of the scope loss (relative squared adapter term)")
     scope_stop_loss: float = Field(
-        1.0, ge=0.0, description="with scope negatives, the early stop also waits for the scope loss to fall below this")
+        1.0, ge=0.0, description="with scope negatives, the early stop also waits for the scope loss to fall below this"
+    )
     growth: Literal["shared", "round"] = Field(
-        "shared", description="sequential: 'shared': every round trains the same adapter (the paper's protocol, with "
+        "shared",
+        description="sequential: 'shared': every round trains the same adapter (the paper's protocol, with "
         "`replay`); 'round': each round adds a new block of experts and freezes the earlier ones, and the anchor index "
-        "routes each subject to the block that holds its latest edits (a re-edited subject's other edits move with it)")
+        "routes each subject to the block that holds its latest edits (a re-edited subject's other edits move with it)",
+    )
     drop_in: bool = Field(
-        True, description="the edited model applies its edits in any plain forward / generate call: each row's "
-        "anchor is found from its token ids inside the forward (route() still sets it explicitly)")
+        True,
+        description="the edited model applies its edits in any plain forward / generate call: each row's "
+        "anchor is found from its token ids inside the forward (route() still sets it explicitly)",
+    )
 
     @model_validator(mode="after")
     def _check(self):
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k ({self.top_k}) > num_experts ({self.num_experts})")
         if self.growth == "round" and self.gate_mode != "anchor":
-            raise ValueError("growth 'round' routes each input by its known anchor to a block: it needs "
-                             "gate_mode 'anchor'")
+            raise ValueError(
+                "growth 'round' routes each input by its known anchor to a block: it needs gate_mode 'anchor'"
+            )
         return self

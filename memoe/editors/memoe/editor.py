@@ -6,6 +6,7 @@ called again for sequential rounds (it keeps training the same adapter and repla
 rounds' edit prompts, which are edits, never evaluation data). ``route(prompts)`` sets each batch
 row's anchor before a forward or ``generate`` call. See ../shared/design/MEMOE.md.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -66,9 +67,17 @@ class MEMoEEditor(Editor):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.adapter = MEMoEAdapter(
-                model, list(cfg.layers), num_experts=cfg.num_experts, top_k=cfg.top_k, form=cfg.expert_form,
-                rank=cfg.rank, lam=cfg.lam, noise=cfg.router_noise, expert_sees_anchor=cfg.expert_sees_anchor,
-                act=cfg.expert_act)
+                model,
+                list(cfg.layers),
+                num_experts=cfg.num_experts,
+                top_k=cfg.top_k,
+                form=cfg.expert_form,
+                rank=cfg.rank,
+                lam=cfg.lam,
+                noise=cfg.router_noise,
+                expert_sees_anchor=cfg.expert_sees_anchor,
+                act=cfg.expert_act,
+            )
         self.adapter.eval()
         self.adapter.state.default_gate = 1.0 if cfg.gate_mode == "always" else 0.0
         self._auto_cache: dict[tuple, tuple] = {}
@@ -85,15 +94,19 @@ class MEMoEEditor(Editor):
         self._warned_packing = False
         self.compiles = bool(cfg.compile) and can_compile(self.device)
         if cfg.compile and not self.compiles:
-            warnings.warn(f"compile: torch.compile cannot build kernels on {self.device} here (no C++ compiler / "
-                          "triton): training runs eagerly")
+            warnings.warn(
+                f"compile: torch.compile cannot build kernels on {self.device} here (no C++ compiler / "
+                "triton): training runs eagerly",
+                stacklevel=2,
+            )
 
     # ------------------------------------------------------------------ routing
     def anchors_for(self, prompts: Sequence[str]) -> list[Anchor]:
         return self.extractor.extract_all(prompts)
 
-    def _context(self, texts: Sequence[str], anchors: Sequence[Anchor],
-                 starts: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+    def _context(
+        self, texts: Sequence[str], anchors: Sequence[Anchor], starts: Sequence[int] | None = None
+    ) -> dict[str, torch.Tensor]:
         always = self.cfg.gate_mode == "always"
         names = [a.text if (a.known or (always and a.found)) else None for a in anchors]
         emb = anchor_embeddings(self.model.get_input_embeddings(), self.tokenizer, names, self.cfg.anchor_pooling)
@@ -105,9 +118,15 @@ class MEMoEEditor(Editor):
             start = torch.tensor(list(starts), dtype=torch.long, device=self.device)
         ctx = dict(anchor=emb, gate=gate, start=start)
         if self.cfg.growth == "round":  # the anchor index: each known subject's block (training: the new one)
-            ctx["block"] = self._train_block if self._train_block is not None else torch.tensor(
-                [self.block_of.get(normalise_subject(a.text), 0) if a.known else 0 for a in anchors],
-                dtype=torch.long, device=self.device)
+            ctx["block"] = (
+                self._train_block
+                if self._train_block is not None
+                else torch.tensor(
+                    [self.block_of.get(normalise_subject(a.text), 0) if a.known else 0 for a in anchors],
+                    dtype=torch.long,
+                    device=self.device,
+                )
+            )
         return ctx
 
     @contextlib.contextmanager
@@ -136,14 +155,21 @@ class MEMoEEditor(Editor):
                 start = 0
                 if self.cfg.apply_from == "anchor" and anchor.found and anchor.end > 0:
                     # the first token whose decoded prefix covers the anchor's last character
-                    start = next((j for j in range(len(key))
-                                  if len(self.tokenizer.decode(list(key[:j + 1]), skip_special_tokens=False))
-                                  >= anchor.end), 0)
+                    start = next(
+                        (
+                            j
+                            for j in range(len(key))
+                            if len(self.tokenizer.decode(list(key[: j + 1]), skip_special_tokens=False)) >= anchor.end
+                        ),
+                        0,
+                    )
                 hit = (text, anchor, start)
                 if len(self._auto_cache) > 4096:
                     self._auto_cache.clear()
                 self._auto_cache[key] = hit
-            texts.append(hit[0]); anchors.append(hit[1]); starts.append(hit[2])
+            texts.append(hit[0])
+            anchors.append(hit[1])
+            starts.append(hit[2])
         ctx = self._context(texts, anchors, starts=starts)
         return ctx
 
@@ -167,14 +193,22 @@ class MEMoEEditor(Editor):
             tok.padding_side = "left"
             silent = dict(anchor=None, gate=torch.zeros(len(starts), device=self.device), start=None)
             try:
-                with self._set(silent), torch.random.fork_rng(devices=[] if self.device.type == "cpu" else [self.device]):
+                with (
+                    self._set(silent),
+                    torch.random.fork_rng(devices=[] if self.device.type == "cpu" else [self.device]),
+                ):
                     torch.manual_seed(self.seed)
                     batch = tok(starts, return_tensors="pt", padding=True).to(self.device)
-                    gen = self.model.generate(**batch, max_new_tokens=self.cfg.template_tokens, do_sample=True,
-                                              top_k=5, pad_token_id=tok.pad_token_id)
+                    gen = self.model.generate(
+                        **batch,
+                        max_new_tokens=self.cfg.template_tokens,
+                        do_sample=True,
+                        top_k=5,
+                        pad_token_id=tok.pad_token_id,
+                    )
             finally:
                 tok.padding_side = side
-            for s, g in zip(starts, tok.batch_decode(gen[:, batch.input_ids.shape[1]:], skip_special_tokens=True)):
+            for s, g in zip(starts, tok.batch_decode(gen[:, batch.input_ids.shape[1] :], skip_special_tokens=True)):
                 text = (s + g).replace("\n", " ").replace("{", " ").replace("}", " ").strip()
                 out.append(" ".join(text.split()) + ". ")
         self.templates = out
@@ -215,9 +249,12 @@ class MEMoEEditor(Editor):
                     h = cache.run(self.model)
                 h = final_norm(self.model)(h[rows, cols])
             else:
-                h = self.model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                          position_ids=batch.get("position_ids"), use_cache=False
-                                          ).last_hidden_state[rows, cols]
+                h = self.model.base_model(
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    position_ids=batch.get("position_ids"),
+                    use_cache=False,
+                ).last_hidden_state[rows, cols]
         y = labels[rows, cols + 1]
         head = self.model.get_output_embeddings()
         if getattr(head, "bias", None) is not None:
@@ -278,8 +315,11 @@ class MEMoEEditor(Editor):
             return False
         if not packing_is_exact(self.model):
             if not self._warned_packing:
-                warnings.warn(f"{type(self.model).__name__} lets packed rows attend to each other: "
-                              "training on padded rows (length buckets) instead")
+                warnings.warn(
+                    f"{type(self.model).__name__} lets packed rows attend to each other: "
+                    "training on padded rows (length buckets) instead",
+                    stacklevel=2,
+                )
                 self._warned_packing = True
             return False
         return True
@@ -472,13 +512,22 @@ class MEMoEEditor(Editor):
         self.history = history + new
         self.rounds += 1
         self.edits_applied += len(new)
-        return EditResult(steps=len(losses), loss_first=losses[0], loss_final=losses[-1],
-                          seconds=time.perf_counter() - t0, n_edits=len(new),
-                          details={**details, "n_superseded": n_superseded, "block": block,
-                                   "n_blocks": self.adapter.n_blocks, "adapter_bytes": self.adapter.parameter_bytes()})
+        return EditResult.of(
+            losses,
+            t0,
+            len(new),
+            **{
+                **details,
+                "n_superseded": n_superseded,
+                "block": block,
+                "n_blocks": self.adapter.n_blocks,
+                "adapter_bytes": self.adapter.parameter_bytes(),
+            },
+        )
 
-    def _train(self, new: list[tuple[str, str, str]], old: list[tuple[str, str, str]],
-               t0: float) -> tuple[list[float], dict[str, Any]]:
+    def _train(
+        self, new: list[tuple[str, str, str]], old: list[tuple[str, str, str]], t0: float
+    ) -> tuple[list[float], dict[str, Any]]:
         """One round's training of the adapter's trainable parameters on ``new`` and ``old`` edits:
         the loss of each step, and the round's figures of its own (``EditResult.details``)."""
         cfg = self.cfg
@@ -491,7 +540,7 @@ class MEMoEEditor(Editor):
             packed = self._packs()  # decided once, in the training precision and attention implementation
             scope = self._scope_part(scope_rows)
             # per optimiser step: [(batch, ctx, cache, n_target_tokens)] of similar-length rows
-            steps_data = [self._step_parts(rows[i:i + bs], packed) for i in range(0, len(rows), bs)]
+            steps_data = [self._step_parts(rows[i : i + bs], packed) for i in range(0, len(rows), bs)]
             t_prep = time.perf_counter() - t0
 
             params = [p for p in self.adapter.parameters() if p.requires_grad]
@@ -503,8 +552,11 @@ class MEMoEEditor(Editor):
             step = 0
             if dtype is not None:
                 self._head_weight = self.model.get_output_embeddings().weight.detach().to(dtype)
-            compiled = (compiled_layers(self.model, max(self.adapter.layer_ids) + 1) if self.compiles
-                        else contextlib.nullcontext())
+            compiled = (
+                compiled_layers(self.model, max(self.adapter.layer_ids) + 1)
+                if self.compiles
+                else contextlib.nullcontext()
+            )
             try:
                 # its own loop, not common.train_steps: a step accumulates the gradient over its parts
                 # (micro-batches or length buckets) and the scope term before each optimiser step, its
@@ -525,18 +577,26 @@ class MEMoEEditor(Editor):
                         if self.on_step is not None:
                             self.on_step(step, losses[-1])
                         if losses[-1] < cfg.early_stop_loss and (
-                                not scope_losses or scope_losses[-1] < cfg.scope_stop_loss):
+                            not scope_losses or scope_losses[-1] < cfg.scope_stop_loss
+                        ):
                             break
             finally:
                 self.adapter.eval()
                 self.adapter.load_stats = {}
                 self._head_weight = None
-        return losses, {"n_replayed": len(old), "n_train_rows": len(rows), "n_scope_negatives": len(scope_rows),
-                        "scope_loss_final": scope_losses[-1] if scope_losses else None,
-                        "layer_cache": self.uses_layer_cache, "packed": packed, "compiled": self.compiles,
-                        "precision": str(dtype or torch.float32).replace("torch.", ""),
-                        "buckets": sum(len(p) for p in steps_data), "prep_s": round(t_prep, 3),
-                        "loss_curve": [round(x, 4) for x in losses[::max(1, len(losses) // 10)]]}
+        return losses, {
+            "n_replayed": len(old),
+            "n_train_rows": len(rows),
+            "n_scope_negatives": len(scope_rows),
+            "scope_loss_final": scope_losses[-1] if scope_losses else None,
+            "layer_cache": self.uses_layer_cache,
+            "packed": packed,
+            "compiled": self.compiles,
+            "precision": str(dtype or torch.float32).replace("torch.", ""),
+            "buckets": sum(len(p) for p in steps_data),
+            "prep_s": round(t_prep, 3),
+            "loss_curve": [round(x, 4) for x in losses[:: max(1, len(losses) // 10)]],
+        }
 
     def diagnostics(self, records: pl.DataFrame, **kw) -> dict[str, float]:
         """``router_diagnostics``: expert load, anchor hit rates, routing agreement."""
@@ -553,15 +613,22 @@ class MEMoEEditor(Editor):
 
     def _grow_to(self, blocks: int) -> None:
         if blocks > 1 and self.cfg.growth != "round":
-            raise ValueError(f"this adapter state has {blocks} blocks (growth 'round') but the editor's "
-                             f"config has growth {self.cfg.growth!r}")
+            raise ValueError(
+                f"this adapter state has {blocks} blocks (growth 'round') but the editor's "
+                f"config has growth {self.cfg.growth!r}"
+            )
         while self.adapter.n_blocks < blocks:
             self.adapter.grow()
 
     def extra_state(self) -> dict[str, Any]:
-        return {"known_subjects": self.extractor.subjects, "templates": self.templates,
-                "history": [list(h) for h in self.history], "rounds": self.rounds,
-                "blocks": self.adapter.n_blocks, "block_of": dict(self.block_of)}
+        return {
+            "known_subjects": self.extractor.subjects,
+            "templates": self.templates,
+            "history": [list(h) for h in self.history],
+            "rounds": self.rounds,
+            "blocks": self.adapter.n_blocks,
+            "block_of": dict(self.block_of),
+        }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.extractor = AnchorExtractor(state.get("known_subjects", []), ner=self.cfg.ner_fallback)
@@ -587,8 +654,9 @@ def _record(editor: MEMoEEditor, fn) -> list[dict]:
         st.record = None
 
 
-def router_diagnostics(editor: MEMoEEditor, records: pl.DataFrame, max_new_tokens: int = 8,
-                       batch_size: int = 16) -> dict[str, float]:
+def router_diagnostics(
+    editor: MEMoEEditor, records: pl.DataFrame, max_new_tokens: int = 8, batch_size: int = 16
+) -> dict[str, float]:
     """Load per expert, anchor hit rates, and teacher-forced vs generated routing agreement.
 
     - ``load_expert_e``: share of active (gated) edit-prompt tokens whose top-1 expert is e;
@@ -612,7 +680,9 @@ def router_diagnostics(editor: MEMoEEditor, records: pl.DataFrame, max_new_token
         return float(np.mean(vals)) if vals else float("nan")
 
     out["anchor_hit_edit"] = hit(list(enumerate(prompts)))
-    out["anchor_hit_rephrase"] = hit([(o, t) for o, ts in enumerate(records["rephrase_prompts"].to_list()) for t in (ts or [])])
+    out["anchor_hit_rephrase"] = hit(
+        [(o, t) for o, ts in enumerate(records["rephrase_prompts"].to_list()) for t in (ts or [])]
+    )
     loc = [t for ts in records["locality_prompts"].to_list() for t in (ts or [])]
     if loc:
         an = ex.extract_all(loc)
@@ -624,12 +694,16 @@ def router_diagnostics(editor: MEMoEEditor, records: pl.DataFrame, max_new_token
     counts = np.zeros(E)
     agree_first, agree_tok = [], []
     for i in range(0, len(prompts), batch_size):
-        ps = prompts[i:i + batch_size]
-        ts = records["target_new"].to_list()[i:i + batch_size]
+        ps = prompts[i : i + batch_size]
+        ts = records["target_new"].to_list()[i : i + batch_size]
         batch = edit_batch(tok, ps, ts, editor.device)
         with editor.route(ps):
-            rec = _record(editor, lambda: model.base_model(input_ids=batch["input_ids"],
-                                                          attention_mask=batch["attention_mask"]))
+            rec = _record(
+                editor,
+                lambda batch=batch: model.base_model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                ),
+            )
         r = [x for x in rec if x["layer"] == layer][0]
         tf_idx = r["idx"][..., 0] if r["idx"] is not None else torch.full(r["active"].shape, -1)
         tf_act = r["active"]
@@ -641,23 +715,30 @@ def router_diagnostics(editor: MEMoEEditor, records: pl.DataFrame, max_new_token
             enc = tok(ps, return_tensors="pt", padding=True).to(editor.device)
             with editor.route(ps):
                 holder = {}
-                rec_g = _record(editor, lambda: holder.setdefault("gen", model.generate(
-                    **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)))
+                rec_g = _record(
+                    editor,
+                    lambda holder=holder, enc=enc: holder.setdefault(
+                        "gen",
+                        model.generate(
+                            **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+                        ),
+                    ),
+                )
         finally:
             tok.padding_side = side
-        gen = holder["gen"][:, enc.input_ids.shape[1]:]
+        gen = holder["gen"][:, enc.input_ids.shape[1] :]
         steps = [x for x in rec_g if x["layer"] == layer]
         for b in range(len(ps)):
             lp = int(batch["last_prompt"][b])
-            tgt = batch["input_ids"][b, lp + 1:][batch["labels"][b, lp + 1:] != -100].tolist()
+            tgt = batch["input_ids"][b, lp + 1 :][batch["labels"][b, lp + 1 :] != -100].tolist()
 
-            def g_route(s):  # routing of row b at generation step s (the position predicting token s)
+            def g_route(s, b=b, steps=steps):  # routing of row b at generation step s (predicting token s)
                 x = steps[s]
                 act = bool(x["active"][b, -1])
                 e = int(x["idx"][b, -1, 0]) if x["idx"] is not None else -1
                 return act, (e if act else -1)
 
-            def t_route(s):
+            def t_route(s, b=b, lp=lp, tf_act=tf_act, tf_idx=tf_idx):
                 act = bool(tf_act[b, lp + s])
                 return act, (int(tf_idx[b, lp + s]) if act else -1)
 

@@ -1,4 +1,5 @@
 """The settings of wise (its defaults and the description of each key; ``memoe config`` lists them)."""
+
 from __future__ import annotations
 
 from typing import Literal
@@ -10,6 +11,7 @@ from memoe.methods import Strict
 
 class WiseMethod(Strict):
     """WISE side memory (memoe/editors/wise/editor.py); defaults follow EasyEdit's LLaMA hparams."""
+
     name: Literal["wise"] = "wise"
     layer: int = Field(25, description="decoder layer whose MLP value matrix gets the side memory")
     lr: float = Field(1.0, gt=0, description="SGD lr of the side memory")

@@ -13,6 +13,7 @@
 Simplifications against the paper: one side memory, rounds' subspaces are summed instead of TIES-merged
 (overlaps continue training), no memory retrieval across several side memories.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -45,8 +46,10 @@ class WiseEditor(Editor):
         self._mode = "infer"  # "infer" | "train"
         self._scores: torch.Tensor | None = None
         self._irr: torch.Tensor | None = None  # projection inputs on the unrelated chunks
-        self._hooks = [model.base_model.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
-                       self.proj.register_forward_hook(self._proj_hook)]
+        self._hooks = [
+            model.base_model.register_forward_pre_hook(self._pre_hook, with_kwargs=True),
+            self.proj.register_forward_hook(self._proj_hook),
+        ]
 
     def _delta_out(self, a: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
         return a @ D.to(a.dtype) if self.conv1d else a @ D.to(a.dtype).T
@@ -67,7 +70,7 @@ class WiseEditor(Editor):
         a = args[0]
         if self._mode == "train":
             extra = self._delta_out(a, self._D_train)
-            m = self._mask[:, :a.shape[1]]
+            m = self._mask[:, : a.shape[1]]
             self._scores = (extra.float().norm(dim=-1) * m).sum(1) / m.sum(1).clamp(min=1)
             return output + extra
         if not torch.isfinite(self.eps) or not bool(self.D.any()):
@@ -75,8 +78,11 @@ class WiseEditor(Editor):
         if self._pending:
             self._pending = False
             extra = self._delta_out(a, self.D)
-            m = self._mask[:, :a.shape[1]] if self._mask is not None and self._mask.shape[0] == a.shape[0] \
+            m = (
+                self._mask[:, : a.shape[1]]
+                if self._mask is not None and self._mask.shape[0] == a.shape[0]
                 else torch.ones(a.shape[:2], device=a.device)
+            )
             score = (extra.float().norm(dim=-1) * m).sum(1) / m.sum(1).clamp(min=1)
             self._use = score > self.eps.to(score.device)
         elif self._use is None or self._use.shape[0] != a.shape[0]:
@@ -96,8 +102,9 @@ class WiseEditor(Editor):
         computed once: they do not depend on the side memory, so each step's activation scores of the
         sampled irrelevant chunks are one small matmul with D, not a forward pass."""
         if self._irr is None:
-            chunks = token_chunks(self.tokenizer, self.cfg.corpus, self.cfg.irr_chunks * self.cfg.irr_len,
-                                  self.cfg.irr_len)
+            chunks = token_chunks(
+                self.tokenizer, self.cfg.corpus, self.cfg.irr_chunks * self.cfg.irr_len, self.cfg.irr_len
+            )
             acts = []
 
             class _Got(Exception):
@@ -113,7 +120,7 @@ class WiseEditor(Editor):
                 with torch.no_grad():
                     for i in range(0, len(ids), 64):
                         try:
-                            self.model.base_model(input_ids=ids[i:i + 64], use_cache=False)
+                            self.model.base_model(input_ids=ids[i : i + 64], use_cache=False)
                         except _Got:
                             pass
             finally:
@@ -150,8 +157,11 @@ class WiseEditor(Editor):
                 nll = head_nll(self.model, body_hidden(self.model, b, cache), b["labels"])
                 s_e = self._scores
                 s_i = self._irrelevant_scores(D, n, self.edits_applied + step)
-                act = (torch.relu(s_i - cfg.irr_margin) + torch.relu(cfg.edit_margin - s_e)
-                       + torch.relu(cfg.gap - (s_e - s_i))).mean()
+                act = (
+                    torch.relu(s_i - cfg.irr_margin)
+                    + torch.relu(cfg.edit_margin - s_e)
+                    + torch.relu(cfg.gap - (s_e - s_i))
+                ).mean()
                 loss = nll + act
                 losses.append((float(nll.detach()), float(act.detach())))
                 if self.on_step is not None:
@@ -172,10 +182,19 @@ class WiseEditor(Editor):
             self._mode, self._D_train, self._pending, self._use = "infer", None, False, None
         self.eps = torch.minimum(self.eps, torch.tensor(cfg.act_ratio * s_edit))
         self.edits_applied += len(prompts)
-        return EditResult(steps=len(losses), loss_first=losses[0][0], loss_final=losses[-1][0],
-                          seconds=time.perf_counter() - t0, n_edits=len(prompts),
-                          details={"act_loss_final": losses[-1][1], "eps": float(self.eps),
-                                   "min_edit_score": s_edit, "max_irr_score": s_irr})
+        return EditResult(
+            steps=len(losses),
+            loss_first=losses[0][0],
+            loss_final=losses[-1][0],
+            seconds=time.perf_counter() - t0,
+            n_edits=len(prompts),
+            details={
+                "act_loss_final": losses[-1][1],
+                "eps": float(self.eps),
+                "min_edit_score": s_edit,
+                "max_irr_score": s_irr,
+            },
+        )
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {f"side_delta.layer{self.layer}": self.D.clone(), "eps": self.eps.clone().reshape(1)}
