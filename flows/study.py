@@ -168,13 +168,8 @@ def _mark_stale_runs(ctx: Ctx, tr, chash: str) -> None:
     """Runs of this config left RUNNING by a killed process on this host become KILLED."""
     if not tr.enabled:
         return
-    try:
-        runs = tr.client.search_runs(
-            [tr.experiment_id],
-            f"tags.`memoe.config_hash` = '{chash}' and attributes.status = 'RUNNING'",
-            max_results=50,
-        )
-    except Exception:  # noqa: BLE001 - best effort
+    runs = _running(tr, f"tags.`memoe.config_hash` = '{chash}'", 50)
+    if runs is None:
         return
     host = socket.gethostname()
     for r in runs:
@@ -183,19 +178,22 @@ def _mark_stale_runs(ctx: Ctx, tr, chash: str) -> None:
             _end_tree(tr, r.info.run_id, "KILLED")
 
 
+def _running(tr, where: str, limit: int) -> list | None:
+    """The RUNNING runs of the study's experiment that match ``where`` (None: the store could not be read;
+    best effort)."""
+    try:
+        return tr.client.search_runs(
+            [tr.experiment_id], f"{where} and attributes.status = 'RUNNING'", max_results=limit
+        )
+    except Exception:  # noqa: BLE001 - best effort
+        return None
+
+
 def _end_tree(tr, run_id: str | None, status: str) -> None:
     """End a run and every nested run below it (method runs, round runs) still RUNNING."""
     if not run_id:
         return
-    try:
-        children = tr.client.search_runs(
-            [tr.experiment_id],
-            f"tags.`mlflow.parentRunId` = '{run_id}' and attributes.status = 'RUNNING'",
-            max_results=1000,
-        )
-    except Exception:  # noqa: BLE001 - best effort: the run itself is still ended
-        children = []
-    for c in children:
+    for c in _running(tr, f"tags.`mlflow.parentRunId` = '{run_id}'", 1000) or []:  # the run itself is ended anyway
         _end_tree(tr, c.info.run_id, status)
     tr.end(run_id, status)
 

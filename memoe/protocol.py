@@ -119,17 +119,8 @@ def score_round(
     (``Editor.diagnostics``; MEMoE: expert load, anchor hit rates) on the round's own edits in force;
     a failure there is logged, never fails the scoring. ``editor`` None: the unedited model."""
     records, old = split_overwritten(records, overwritten)
-    table = evaluate(
-        model,
-        tok,
-        records.drop("round_of_edit", "current"),
-        base,
-        editor=editor,
-        batch_size=batch_size,
-        generation=generation,
-        max_new_tokens=max_new_tokens,
-        fluency=fluency,
-    )
+    options = dict(batch_size=batch_size, generation=generation, max_new_tokens=max_new_tokens, fluency=fluency)
+    table = evaluate(model, tok, records.drop("round_of_edit", "current"), base, editor=editor, **options)
     old_cols = _overwritten_scores(model, tok, editor, old, records, batch_size, generation, max_new_tokens)
     diag = {}
     if diagnostics and editor is not None:
