@@ -277,6 +277,7 @@ def _run_rounds(ctx: Ctx, method, data: dict, base: dict, parent_run: str | None
     n_rounds, batch = len(data["rounds"]), data["n_edits"] // len(data["rounds"])
     train_compute = eval_compute = peak_mb = setup_s = 0.0
     pfx = f"{label}." if label else ""
+    common = dict(method_cfg=mc, seed=cfg.seed, model_cfg=md, store=str(ctx.store), threads=cfg.threads)
     bar = Reporter(f"{label or method.name}: rounds", 2 * n_rounds, key=_artifact_key(f"{label or method.name}-rounds"))
     for t in range(n_rounds):
         bar.update(2 * t, f"{label or method.name}: round {t + 1}/{n_rounds} training")
@@ -293,12 +294,8 @@ def _run_rounds(ctx: Ctx, method, data: dict, base: dict, parent_run: str | None
             round_index=t,
             records=data["rounds"][t],
             prev_state=prev,
-            method_cfg=mc,
-            seed=cfg.seed,
-            model_cfg=md,
-            store=str(ctx.store),
-            threads=cfg.threads,
             progress=progress,
+            **common,
         )
         bar.update(2 * t + 1, f"{label or method.name}: round {t + 1}/{n_rounds} evaluation", force=True)
         ev = ctx.call(
@@ -309,12 +306,8 @@ def _run_rounds(ctx: Ctx, method, data: dict, base: dict, parent_run: str | None
             rounds=data["rounds"],
             state=tr_res["state"],
             base=base["table"],
-            method_cfg=mc,
             eval_cfg=ec,
-            seed=cfg.seed,
-            model_cfg=md,
-            store=str(ctx.store),
-            threads=cfg.threads,
+            **common,
         )
         prev, table_path = tr_res["state"], ev["table"]
         train_compute += tr_res["seconds"]

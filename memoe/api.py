@@ -20,6 +20,7 @@ field, a subject absent from its prompt or unequal numbers of locality prompts a
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -95,6 +96,9 @@ def records(
     return validate_frame(df, "memoe.api.edit")
 
 
+RECORD_FIELDS = tuple(inspect.signature(records).parameters)[3:]  # the optional fields, after the three lists
+
+
 def method_config(method: Any = "memoe", **hparams):
     """A method config from a name (``"memoe"``, ``"ft-m"``, ...), a dict or a config object, with
     ``hparams`` overriding its fields (an unknown one is a ConfigError naming it)."""
@@ -127,12 +131,6 @@ def edit(
     prompts,
     target_new,
     subject,
-    rephrase_prompts=None,
-    locality_prompts=None,
-    locality_ground_truth=None,
-    portability_prompts=None,
-    portability_ground_truth=None,
-    target_true=None,
     *,
     method: Any = "memoe",
     model: Any = "embedded:smollm2-135m",
@@ -143,28 +141,22 @@ def edit(
     generation: bool = True,
     max_new_tokens: int = 16,
     batch_size: int = 16,
-    **hparams,
+    **fields_and_hparams,
 ) -> EditResult:
     """Edit ``model`` (a memoe model name, or a loaded model with its ``tokenizer``) on the given
-    facts with ``method`` (its hyperparameters as keyword arguments, e.g. ``steps=40``) and score
-    the edits as the pipeline does (reliability, generality, locality against the unedited model,
-    portability, exact generation)."""
+    facts with ``method`` and score the edits as the pipeline does (reliability, generality, locality
+    against the unedited model, portability, exact generation). The other keyword arguments are the
+    records' fields in ``records``' names (``rephrase_prompts``, ``locality_prompts``,
+    ``locality_ground_truth``, ``portability_prompts``, ``portability_ground_truth``, ``target_true``)
+    and the method's hyperparameters (e.g. ``steps=40``; an unknown name is an error naming it)."""
     import torch
 
     from memoe.editors import make_editor
     from memoe.metrics import evaluate, locality_predictions, summarize
 
-    recs = records(
-        prompts,
-        target_new,
-        subject,
-        rephrase_prompts,
-        locality_prompts,
-        locality_ground_truth,
-        portability_prompts,
-        portability_ground_truth,
-        target_true,
-    )
+    hparams = dict(fields_and_hparams)
+    fields = {k: hparams.pop(k) for k in RECORD_FIELDS if k in hparams and k != "ids"}
+    recs = records(prompts, target_new, subject, **fields)
     mcfg = method_config(method, **hparams)
     if isinstance(model, str):
         from memoe.models import load_model

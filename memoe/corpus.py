@@ -112,16 +112,9 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def compute_layer_stats(
-    model,
-    tok,
-    layers: Sequence[int],
-    corpus: str = "shakespeare",
-    n_tokens: int = 100_000,
-    seq_len: int = 256,
-    batch_size: int = 4,
-) -> dict[int, torch.Tensor]:
-    """C_l = E[k k^T] (float64) of the keys entering MLP l's output projection, for every l in layers."""
+def compute_layer_stats(model, tok, layers, corpus, n_tokens, seq_len, batch_size=4) -> dict[int, torch.Tensor]:
+    """C_l = E[k k^T] (float64) of the keys entering MLP l's output projection, for every l in layers
+    (uncached; ``layer_stats`` holds the defaults and the cache)."""
     n = len(decoder_layers(model))
     layers = sorted({l % n for l in layers})
     arch = arch_of(model)

@@ -27,26 +27,15 @@ sys.path.insert(0, str(ROOT))
 
 
 def tiny_model(folder: Path) -> str:
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    """The tests' tiny LLaMA with the embedded model's tokenizer, saved once in ``folder``."""
+    from transformers import AutoTokenizer
 
+    from benchmarks.tiny import tiny_model as build
     from memoe.models import embedded_checkpoint
 
     if not (folder / "config.json").exists():
         tok = AutoTokenizer.from_pretrained(embedded_checkpoint("smollm2-135m"))
-        torch.manual_seed(0)
-        LlamaForCausalLM(
-            LlamaConfig(
-                vocab_size=len(tok),
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=4,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                max_position_embeddings=256,
-                tie_word_embeddings=True,
-            )
-        ).save_pretrained(folder)
+        build("llama", len(tok)).save_pretrained(folder)
         tok.save_pretrained(folder)
     return str(folder)
 
