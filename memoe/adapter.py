@@ -53,21 +53,25 @@ class RouteState:
     block: int | torch.Tensor | None = None  # grown adapter: the block of every row (int) or of each row (B,)
     # drop-in routing: (input_ids (B, T), attention_mask (B, T) | None) -> {anchor, gate, start}
     auto: Callable[[torch.Tensor, torch.Tensor | None], dict] | None = None
+    scope: list | None = None  # per-row data for ``mask_fn`` (the fact gate: each row's edited subject)
+    # (B, T, device) -> (B, T) bool, ANDed into where the adapter acts when ``scope`` is set (per-row rows)
+    mask_fn: Callable[[int, int, torch.device], torch.Tensor] | None = None
 
     def clear(self) -> None:
-        self.anchor = self.gate = self.start = self.active = self.block = None
+        self.anchor = self.gate = self.start = self.active = self.block = self.scope = None
 
     def set(self, ctx: dict | None, explicit: bool = True) -> tuple:
         """Install a routing context ({anchor, gate, start[, active]}; None clears it); returns the
         previous one for ``restore``."""
-        old = (self.anchor, self.gate, self.start, self.active, self.block, self.explicit)
+        old = (self.anchor, self.gate, self.start, self.active, self.block, self.scope, self.explicit)
         ctx = ctx or {}
         self.anchor, self.gate, self.start = ctx.get("anchor"), ctx.get("gate"), ctx.get("start")
-        self.active, self.block, self.explicit = ctx.get("active"), ctx.get("block"), explicit
+        self.active, self.block, self.scope = ctx.get("active"), ctx.get("block"), ctx.get("scope")
+        self.explicit = explicit
         return old
 
     def restore(self, old: tuple) -> None:
-        self.anchor, self.gate, self.start, self.active, self.block, self.explicit = old
+        self.anchor, self.gate, self.start, self.active, self.block, self.scope, self.explicit = old
 
 
 class MoELayer(nn.Module):
@@ -264,6 +268,8 @@ class MEMoEAdapter(nn.Module):
                 pad = (am == 0).long().cumprod(1).sum(1).to(device)
             pos = st.past + torch.arange(T, device=device)[None, :]
             act = act & (pos >= (pad + st.start.to(device))[:, None])
+        if st.scope is not None and st.mask_fn is not None:
+            act = act & st.mask_fn(B, T, device)
         return act
 
     def add_term(self, mlp_input: torch.Tensor, mlp_output: torch.Tensor, layer: int | None = None) -> torch.Tensor:

@@ -278,16 +278,22 @@ def anchor_embeddings(
     return out
 
 
-def anchor_end_token(tokenizer, text: str, anchor: Anchor) -> int:
-    """Index (in ``tokenizer(text)`` with special tokens) of the token holding the anchor's last
-    character; 0 when the anchor has no span in the text (then every position counts)."""
+def anchor_tokens(tokenizer, text: str, anchor: Anchor) -> tuple[int, int]:
+    """(first, last) indices (in ``tokenizer(text)`` with special tokens) of the tokens holding the
+    anchor's first and last characters; (0, 0) when the anchor has no span in the text."""
     if anchor.end <= 0:
-        return 0
+        return 0, 0
     try:
         enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
     except (NotImplementedError, TypeError, ValueError):  # slow tokenizer: no offsets
-        return 0
-    for j, (s, e) in enumerate(enc["offset_mapping"]):
-        if e >= anchor.end and e > s:
-            return j
-    return 0
+        return 0, 0
+    spans = [(j, s, e) for j, (s, e) in enumerate(enc["offset_mapping"]) if e > s]
+    first = next((j for j, s, e in spans if e > anchor.start), 0)
+    last = next((j for j, s, e in spans if e >= anchor.end), 0)
+    return first, last
+
+
+def anchor_end_token(tokenizer, text: str, anchor: Anchor) -> int:
+    """Index (in ``tokenizer(text)`` with special tokens) of the token holding the anchor's last
+    character; 0 when the anchor has no span in the text (then every position counts)."""
+    return anchor_tokens(tokenizer, text, anchor)[1]

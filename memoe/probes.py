@@ -74,6 +74,20 @@ SCOPE_RELATIONS: list[tuple[tuple[str, ...], str]] = [
     (("award", "prize", "won", "win"), "Which award did {} receive?"),
 ]
 
+# the same relations as SCOPE_RELATIONS (the same relation words) in the two shapes edit prompts take most
+# often, "The R of S is" and "What is the R of S?": the fact gate compares a prompt with its subject's other
+# relations in these shapes too, so a prompt is not taken for an edit's because it has the edit prompt's shape
+_SCOPE_NOUNS = [
+    "capital city", "birthplace", "place of death", "employer", "field", "manufacturer", "developer",
+    "owner", "location", "instrument", "original network", "record label", "organisation", "position", "genre",
+    "sport", "father", "award",
+]  # fmt: skip
+SCOPE_SHAPED: list[tuple[tuple[str, ...], str]] = [
+    (keys, shape.format(noun, "{}"))
+    for (keys, _), noun in zip(SCOPE_RELATIONS, _SCOPE_NOUNS, strict=True)
+    for shape in ("The {} of {} is", "What is the {} of {}?")
+]
+
 # unrelated sentences put before a question (CounterFact's paraphrases do the same)
 PREAMBLES = [
     "The weather was mild that spring.",
@@ -151,3 +165,8 @@ def scope_negatives(prompt: str, subject: str, n: int, salt: str = "") -> list[s
     """Training negatives for one edit: its subject with ``n`` relations of ``SCOPE_RELATIONS`` (never
     the edited relation, never a probe relation)."""
     return relation_templates(prompt, subject, SCOPE_RELATIONS, n, salt=salt)
+
+
+def scope_shaped(prompt: str, subject: str, n: int, salt: str = "") -> list[str]:
+    """``n`` of the subject's other relations in the edit prompts' common shapes (``SCOPE_SHAPED``)."""
+    return relation_templates(prompt, subject, SCOPE_SHAPED, n, salt=salt)

@@ -151,6 +151,13 @@ CASES: dict[str, Case] = {
     # test_memoe_editor.py's FAST at 40 steps, which learn these three edits on both tiny models at every
     # seed tried (0-3; 25 steps did too); drop_in is on by default
     "memoe": Case(lambda m: MEMoEMethod(layers=[2], rank=8, lr=5e-2, steps=40, early_stop_loss=0.05)),
+    # a variant row ("method+variant"): the fact gate's running mean and latch over the KV cache's decode
+    # steps, its hooks under remove(), its keys through save/load
+    "memoe+fact_gate": Case(
+        lambda m: MEMoEMethod(
+            layers=[2], rank=8, lr=5e-2, steps=40, early_stop_loss=0.05, fact_gate=True, fact_gate_layers=[1, 2]
+        )
+    ),
     # FT-L's norm bound keeps it from learning every edit: its bar is 0.6
     "ft-l": Case(lambda m: FTMethod(name="ft-l", layer=_last(m), lr=5e-2, steps=30, norm_constraint=5e-2), rel=0.6),
     "ft-m": Case(lambda m: FTMethod(name="ft-m", layer=_last(m), lr=1e-2, steps=40)),
@@ -198,11 +205,12 @@ CASES: dict[str, Case] = {
 
 def test_every_registered_method_has_a_case():
     """Adding a method is one package plus one row here."""
-    assert set(CASES) == set(METHODS), f"registered methods without a row in CASES: {sorted(set(METHODS) - set(CASES))}"
+    base = {name.split("+")[0] for name in CASES}  # "method+variant" rows check an option of a method
+    assert base == set(METHODS), f"registered methods without a row in CASES: {sorted(set(METHODS) - base)}"
     model = tiny_model("llama", 64)
     for name, case in CASES.items():
         cfg = case.settings(model)
-        assert cfg.name == name and isinstance(cfg, METHODS[name].config), name
+        assert cfg.name == name.split("+")[0] and isinstance(cfg, METHODS[cfg.name].config), name
 
 
 # ---------------------------------------------------------------------- the shared edit

@@ -104,6 +104,23 @@ class MEMoEMethod(Strict):
         "`replay`); 'round': each round adds a new block of experts and freezes the earlier ones, and the anchor index "
         "routes each subject to the block that holds its latest edits (a re-edited subject's other edits move with it)",
     )
+    fact_gate: bool = Field(
+        False,
+        description="relation-aware scope without training: the adapter acts on a row only from where its prompt "
+        "reads closer to one of its subject's edit prompts than to the subject's other relations (the frozen "
+        "model's states at `fact_gate_layers`; memoe/editors/memoe/fact_gate.py)",
+    )
+    fact_gate_layers: list[int] = Field(
+        default_factory=lambda: [6, 10, 14],
+        min_length=1,
+        description="fact gate: the hidden states (inputs of these decoder layers, at or below the adapter's) it compares",
+    )
+    fact_gate_margin: float = Field(
+        -0.05, ge=-2.0, le=2.0, description="fact gate: opens where max cos(key) - max cos(negative) exceeds this"
+    )
+    fact_gate_negatives: int = Field(
+        18, ge=1, description="fact gate: other relations of each edited subject it compares against (SCOPE_RELATIONS)"
+    )
     drop_in: bool = Field(
         True,
         description="the edited model applies its edits in any plain forward / generate call: each row's "
@@ -114,6 +131,8 @@ class MEMoEMethod(Strict):
     def _check(self):
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k ({self.top_k}) > num_experts ({self.num_experts})")
+        if self.fact_gate and self.gate_mode != "anchor":
+            raise ValueError("fact_gate keys on each row's known subject: it needs gate_mode 'anchor'")
         if self.growth == "round" and self.gate_mode != "anchor":
             raise ValueError(
                 "growth 'round' routes each input by its known anchor to a block: it needs gate_mode 'anchor'"

@@ -20,7 +20,7 @@ import polars as pl
 import torch
 
 from memoe.adapter import LayerCache, MEMoEAdapter, final_norm, supports_layer_cache
-from memoe.anchors import Anchor, AnchorExtractor, anchor_embeddings, anchor_end_token, gold_anchor, normalise_subject
+from memoe.anchors import Anchor, AnchorExtractor, anchor_embeddings, anchor_tokens, gold_anchor, normalise_subject
 from memoe.data import encode_pair
 from memoe.editors.base import Editor, EditResult
 from memoe.editors.common import (
@@ -36,6 +36,7 @@ from memoe.editors.common import (
     training_precision,
 )
 from memoe.editors.memoe.config import MEMoEMethod
+from memoe.editors.memoe.fact_gate import FactGate
 from memoe.models import decoder_layers, mlp_of
 from memoe.probes import chat_prompt, restyle, scope_negatives
 
@@ -84,6 +85,27 @@ class MEMoEEditor(Editor):
         if cfg.drop_in:
             self.adapter.state.auto = self._auto_context
         self.extractor = AnchorExtractor(ner=cfg.ner_fallback)
+        self.gate: FactGate | None = None
+        self._gate_subjects: list[str] = []  # from the saved extra state, for the gate's keys
+        if cfg.fact_gate:
+            n = len(decoder_layers(model))
+            top = min(l % n for l in self.adapter.layer_ids)
+            bad = [l for l in cfg.fact_gate_layers if not -n <= l < n or l % n > top]
+            if bad:
+                raise ValueError(
+                    f"fact_gate_layers {bad}: the gate reads the inputs of decoder layers at or below the adapter's "
+                    f"layer {top} (the model has {n} layers)"
+                )
+            st = self.adapter.state
+            self.gate = FactGate(
+                model,
+                tokenizer,
+                cfg.fact_gate_layers,
+                cfg.fact_gate_margin,
+                cfg.fact_gate_negatives,
+                wanted=lambda: st.scope is not None and st.active is None,
+            )
+            st.mask_fn = lambda B, T, device: self.gate.open_mask(st.scope, st.attention_mask, st.past, B, T, device)
         self.history: list[tuple[str, str, str]] = []  # (prompt, target, subject) of every edit in force
         self.block_of: dict[str, int] = {}  # growth 'round': normalised subject -> the block holding its edits
         self._train_block: int | None = None  # growth 'round', inside edit(): the block being trained
@@ -105,18 +127,24 @@ class MEMoEEditor(Editor):
         return self.extractor.extract_all(prompts)
 
     def _context(
-        self, texts: Sequence[str], anchors: Sequence[Anchor], starts: Sequence[int] | None = None
+        self, texts: Sequence[str], anchors: Sequence[Anchor], spans: Sequence[tuple[int, int]] | None = None
     ) -> dict[str, torch.Tensor]:
+        """A batch's routing context; ``spans``: each row's anchor tokens (first, last), found here
+        from the texts when not given."""
         always = self.cfg.gate_mode == "always"
         names = [a.text if (a.known or (always and a.found)) else None for a in anchors]
         emb = anchor_embeddings(self.model.get_input_embeddings(), self.tokenizer, names, self.cfg.anchor_pooling)
         gate = torch.tensor([1.0 if (always or a.known) else 0.0 for a in anchors], device=self.device)
         start = None
-        if self.cfg.apply_from == "anchor":
-            if starts is None:
-                starts = [anchor_end_token(self.tokenizer, t, a) if a.found else 0 for t, a in zip(texts, anchors)]
-            start = torch.tensor(list(starts), dtype=torch.long, device=self.device)
+        if self.cfg.apply_from == "anchor" or self.gate is not None:
+            if spans is None:
+                spans = [anchor_tokens(self.tokenizer, t, a) if a.found else (0, 0) for t, a in zip(texts, anchors)]
+            start = torch.tensor([last for _, last in spans], dtype=torch.long, device=self.device)
         ctx = dict(anchor=emb, gate=gate, start=start)
+        if self.gate is not None:  # each row's edited subject and its tokens, for the fact gate
+            ctx["scope"] = [
+                (self.extractor.canonical(a.text), *sp) if a.known else None for a, sp in zip(anchors, spans)
+            ]
         if self.cfg.growth == "round":  # the anchor index: each known subject's block (training: the new one)
             ctx["block"] = (
                 self._train_block
@@ -142,7 +170,7 @@ class MEMoEEditor(Editor):
         """Drop-in routing: the routing context of a batch found from its token ids alone (each row's
         real tokens decoded, then the same anchor search as ``route``), so a plain ``model(...)`` or
         ``model.generate(...)`` applies the edits. Rows are cached by their ids."""
-        texts, anchors, starts = [], [], []
+        texts, anchors, spans = [], [], []
         ids_cpu = input_ids.detach().cpu()
         mask = attention_mask.detach().cpu().bool() if attention_mask is not None else None
         for b in range(ids_cpu.shape[0]):
@@ -152,25 +180,25 @@ class MEMoEEditor(Editor):
             if hit is None:
                 text = self.tokenizer.decode(list(key), skip_special_tokens=False)
                 anchor = self.extractor(text)
-                start = 0
-                if self.cfg.apply_from == "anchor" and anchor.found and anchor.end > 0:
-                    # the first token whose decoded prefix covers the anchor's last character
-                    start = next(
-                        (
-                            j
-                            for j in range(len(key))
-                            if len(self.tokenizer.decode(list(key[: j + 1]), skip_special_tokens=False)) >= anchor.end
-                        ),
-                        0,
+                span = (0, 0)
+                if (self.cfg.apply_from == "anchor" or self.gate is not None) and anchor.found and anchor.end > 0:
+                    # the first tokens whose decoded prefix passes the anchor's first and covers its last character
+                    cut = [
+                        len(self.tokenizer.decode(list(key[: j + 1]), skip_special_tokens=False))
+                        for j in range(len(key))
+                    ]
+                    span = (
+                        next((j for j, c in enumerate(cut) if c > anchor.start), 0),
+                        next((j for j, c in enumerate(cut) if c >= anchor.end), 0),
                     )
-                hit = (text, anchor, start)
+                hit = (text, anchor, span)
                 if len(self._auto_cache) > 4096:
                     self._auto_cache.clear()
                 self._auto_cache[key] = hit
             texts.append(hit[0])
             anchors.append(hit[1])
-            starts.append(hit[2])
-        ctx = self._context(texts, anchors, starts=starts)
+            spans.append(hit[2])
+        ctx = self._context(texts, anchors, spans=spans)
         return ctx
 
     @contextlib.contextmanager
@@ -305,6 +333,8 @@ class MEMoEEditor(Editor):
         ctx = self._context(list(prompts), anchors)
         if self.cfg.gate_mode == "anchor":
             ctx["gate"] = torch.ones_like(ctx["gate"])
+        if self.gate is not None:  # the adapter trains where the gate will let it act at inference
+            ctx["start"] = self._gated_starts(list(prompts), list(subjects), ctx.pop("scope"), ctx["start"])
         if packed:
             ctx = self._per_token(ctx, batch)
         return batch, ctx, self._capture(batch) if self.uses_layer_cache else None
@@ -323,6 +353,19 @@ class MEMoEEditor(Editor):
                 self._warned_packing = True
             return False
         return True
+
+    def _gated_starts(self, prompts: list[str], subjects: list[str], scope: list, starts: torch.Tensor) -> torch.Tensor:
+        """Training rows' first active token under the fact gate: where the gate opens on the prompt
+        (never before the anchor's end), or the prompt's last token where it does not open there."""
+        opens = self.gate.open_from(
+            prompts, [r[0] if r else self.extractor.canonical(g) for r, g in zip(scope, subjects)]
+        )
+        last = [len(self.tokenizer(p).input_ids) - 1 for p in prompts]
+        return torch.tensor(
+            [max(int(s), o if o is not None else n) for s, o, n in zip(starts.tolist(), opens, last)],
+            dtype=torch.long,
+            device=self.device,
+        )
 
     @staticmethod
     def _per_token(ctx: dict, batch: dict) -> dict:
@@ -390,6 +433,7 @@ class MEMoEEditor(Editor):
             handle.remove()
         anchors = [gold_anchor(p, s) for p, s in zip(prompts, subjects)]
         ctx = self._context(prompts, anchors)
+        ctx.pop("scope", None)  # trained silent everywhere from the anchor on
         if self.cfg.gate_mode == "anchor":
             ctx["gate"] = torch.ones_like(ctx["gate"])
         valid = enc.attention_mask.bool()
@@ -502,6 +546,12 @@ class MEMoEEditor(Editor):
             old = list(history)
             if cfg.replay is not None and len(old) > cfg.replay:
                 old = rng.sample(old, cfg.replay)
+        if self.gate is not None:  # the fact gate's keys of this round's subjects, from all their edits in force
+            by_subject: dict[str, list[str]] = {}
+            for p, _, subj in history + new:
+                by_subject.setdefault(self.extractor.canonical(subj), []).append(p)
+            mine = {self.extractor.canonical(s) for _, _, s in new}
+            self.gate.update({k: v for k, v in by_subject.items() if k in mine}, salt=str(self.rounds))
         try:
             losses, details = self._train(new, old, t0)
         finally:
@@ -604,9 +654,17 @@ class MEMoEEditor(Editor):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.adapter.state_dict().items()}
+        out = {k: v.detach().clone() for k, v in self.adapter.state_dict().items()}
+        if self.gate is not None:
+            out.update(self.gate.state_dict()[0])
+        return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        gate = {k: state.pop(k) for k in [k for k in state if k.startswith("fact_gate.")]}
+        if self.gate is not None:
+            self.gate.load_state_dict({k: v.cpu() for k, v in gate.items()}, self._gate_subjects)
+        elif gate:
+            raise ValueError("this editor state has fact-gate keys but the editor's config has fact_gate off")
         blocks = 1 + max((int(k.split(".")[1]) + 1 for k in state if k.startswith("grown.")), default=0)
         self._grow_to(blocks)
         self.adapter.load_state_dict(state)
@@ -628,6 +686,7 @@ class MEMoEEditor(Editor):
             "rounds": self.rounds,
             "blocks": self.adapter.n_blocks,
             "block_of": dict(self.block_of),
+            "fact_gate_subjects": self.gate.state_dict()[1] if self.gate is not None else [],
         }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
@@ -636,10 +695,13 @@ class MEMoEEditor(Editor):
         self.history = [tuple(h) for h in state.get("history", [])]
         self.rounds = state.get("rounds", 0)
         self.block_of = {k: int(v) for k, v in state.get("block_of", {}).items()}
+        self._gate_subjects = list(state.get("fact_gate_subjects", []))
         self._grow_to(int(state.get("blocks", 1)))
 
     def remove(self) -> None:
         self.adapter.remove()
+        if self.gate is not None:
+            self.gate.remove()
 
 
 # ---------------------------------------------------------------------- diagnostics
