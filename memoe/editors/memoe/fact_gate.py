@@ -108,7 +108,6 @@ class FactGate:
             v = torch.nn.functional.normalize(v - self.mu.to(v.device), dim=-1)
         return v, (torch.stack(sums, 1), cnt[:, -1])
 
-    @torch.no_grad()
     def spans(self, texts: Sequence[str], subjects: Sequence[str]) -> list[tuple[int, int]]:
         """Each text's subject tokens (first, last) in ``tokenizer(text)``; (0, 0) where it is absent."""
         return [anchor_tokens(self.tokenizer, t, gold_anchor(t, s)) for t, s in zip(texts, subjects)]
@@ -125,39 +124,43 @@ class FactGate:
         subj = (pos >= lo) & (pos <= hi) & (hi > 0)
         return (first | subj)[:, past : past + T]
 
-    def describe(self, texts: Sequence[str], subjects: Sequence[str], batch_size: int = 32) -> torch.Tensor:
-        """(N, F) descriptions of whole texts (at their last token), the model's adapter silent."""
+    @torch.no_grad()
+    def _forward(self, texts: Sequence[str]):
+        """``texts`` right-padded through the layers up to the top gate layer (its input kept, nothing
+        above it run); the states are left in ``_states``. Returns the encoding."""
         tok, dev = self.tokenizer, next(self.model.parameters()).device
-        out = []
         side = tok.padding_side
         tok.padding_side = "right"
-        top = decoder_layers(self.model)[self.layers[-1]]
+        try:
+            enc = tok(list(texts), return_tensors="pt", padding=True).to(dev)
+        finally:
+            tok.padding_side = side
 
         def stop(module, args, kwargs):
             raise _Stop
 
-        try:
-            for i in range(0, len(texts), batch_size):
-                enc = tok(list(texts[i : i + batch_size]), return_tensors="pt", padding=True).to(dev)
-                self._states, self.capturing = {}, True
-                h = top.register_forward_pre_hook(stop, with_kwargs=True)  # after the gate's own hook
-                try:
-                    self.model.base_model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, use_cache=False)
-                except _Stop:
-                    pass
-                finally:
-                    h.remove()
-                    self.capturing = False
-                real = enc.attention_mask.bool()
-                skip = self.skip_mask(
-                    real, self.spans(texts[i : i + batch_size], subjects[i : i + batch_size]), 0, real.shape[1]
-                )
-                v, _ = self.vectors(self._states, real, skip)
-                last = real.long().sum(1) - 1
-                out.append(v[torch.arange(v.shape[0]), last])
+        self._states, self._mask, self.capturing = {}, None, True
+        h = decoder_layers(self.model)[self.layers[-1]].register_forward_pre_hook(stop, with_kwargs=True)
+        try:  # registered after the gate's own hook on that layer, so its input is kept first
+            self.model.base_model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, use_cache=False)
+        except _Stop:
+            pass
         finally:
-            tok.padding_side = side
-            self._states = {}
+            h.remove()
+            self.capturing = False
+        return enc
+
+    @torch.no_grad()
+    def describe(self, texts: Sequence[str], subjects: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+        """(N, F) descriptions of whole texts (at their last token), the model's adapter silent."""
+        out = []
+        for i in range(0, len(texts), batch_size):
+            chunk, subj = list(texts[i : i + batch_size]), list(subjects[i : i + batch_size])
+            enc = self._forward(chunk)
+            real = enc.attention_mask.bool()
+            v, _ = self.vectors(self._states, real, self.skip_mask(real, self.spans(chunk, subj), 0, real.shape[1]))
+            out.append(v[torch.arange(v.shape[0]), real.long().sum(1) - 1])
+        self._states = {}
         return torch.cat(out) if out else torch.zeros(0)
 
     # ------------------------------------------------------------------ keys
@@ -246,31 +249,17 @@ class FactGate:
         self._mask = opened
         return opened
 
-    def open_from(self, texts: Sequence[str], subjects: Sequence[str]) -> list[int | None]:
+    @torch.no_grad()
+    def open_from(self, texts: Sequence[str], subjects: Sequence[str], batch_size: int = 32) -> list[int | None]:
         """The first position (in ``tokenizer(text)``) where the gate opens on each whole text, or None."""
-        tok, dev = self.tokenizer, next(self.model.parameters()).device
         out: list[int | None] = []
-        top = decoder_layers(self.model)[self.layers[-1]]
-
-        def stop(module, args, kwargs):
-            raise _Stop
-
-        for text, subj, span in zip(texts, subjects, self.spans(texts, subjects)):
-            ids = tok(text, return_tensors="pt").input_ids.to(dev)
-            self._states, self.capturing = {}, True
-            h = top.register_forward_pre_hook(stop, with_kwargs=True)
-            try:
-                with torch.no_grad():
-                    self.model.base_model(input_ids=ids, use_cache=False)
-            except _Stop:
-                pass
-            finally:
-                h.remove()
-                self.capturing = False
-            self._mask = None
-            mask = self.open_mask([(subj, *span)], None, 0, 1, ids.shape[1], dev)[0]
-            idx = mask.nonzero()
-            out.append(int(idx[0]) if len(idx) else None)
+        for i in range(0, len(texts), batch_size):
+            chunk, subj = list(texts[i : i + batch_size]), list(subjects[i : i + batch_size])
+            enc = self._forward(chunk)
+            B, T = enc.input_ids.shape
+            rows = [(s, *span) for s, span in zip(subj, self.spans(chunk, subj))]
+            mask = self.open_mask(rows, enc.attention_mask, 0, B, T, enc.input_ids.device)
+            out += [int(m.nonzero()[0]) if bool(m.any()) else None for m in mask]
         self._run, self._mask, self._states = None, None, {}
         return out
 
