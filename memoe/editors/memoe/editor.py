@@ -183,14 +183,14 @@ class MEMoEEditor(Editor):
                 span = (0, 0)
                 if (self.cfg.apply_from == "anchor" or self.gate is not None) and anchor.found and anchor.end > 0:
                     # the first tokens whose decoded prefix passes the anchor's first and covers its last character
-                    cut = [
-                        len(self.tokenizer.decode(list(key[: j + 1]), skip_special_tokens=False))
-                        for j in range(len(key))
-                    ]
-                    span = (
-                        next((j for j, c in enumerate(cut) if c > anchor.start), 0),
-                        next((j for j, c in enumerate(cut) if c >= anchor.end), 0),
-                    )
+                    # (decoding stops there: the prefixes beyond the anchor are not decoded)
+                    first = None
+                    for j in range(len(key)):
+                        c = len(self.tokenizer.decode(list(key[: j + 1]), skip_special_tokens=False))
+                        first = j if first is None and c > anchor.start else first
+                        if c >= anchor.end:
+                            span = (first or 0, j)
+                            break
                 hit = (text, anchor, span)
                 if len(self._auto_cache) > 4096:
                     self._auto_cache.clear()
@@ -686,7 +686,7 @@ class MEMoEEditor(Editor):
             "rounds": self.rounds,
             "blocks": self.adapter.n_blocks,
             "block_of": dict(self.block_of),
-            "fact_gate_subjects": self.gate.state_dict()[1] if self.gate is not None else [],
+            "fact_gate_subjects": sorted(self.gate.keys) if self.gate is not None else [],  # state_dict's order
         }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
