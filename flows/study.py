@@ -274,6 +274,7 @@ def _run_rounds(ctx: Ctx, method, data: dict, base: dict, parent_run: str | None
     tr = tracker(**tracking)
     md, mc, ec = cfg.model.model_dump(mode="json"), method.model_dump(mode="json"), cfg.eval.model_dump(mode="json")
     prev, rounds, table_path = None, [], None
+    frozen: list[str] = []  # the unedited model's states below the edit, per round (memoe.frozen)
     n_rounds, batch = len(data["rounds"]), data["n_edits"] // len(data["rounds"])
     train_compute = eval_compute = peak_mb = setup_s = 0.0
     pfx = f"{label}." if label else ""
@@ -307,9 +308,12 @@ def _run_rounds(ctx: Ctx, method, data: dict, base: dict, parent_run: str | None
             state=tr_res["state"],
             base=base["table"],
             eval_cfg=ec,
+            frozen=list(frozen),
             **common,
         )
         prev, table_path = tr_res["state"], ev["table"]
+        if ev.get("frozen"):
+            frozen.append(ev["frozen"])
         train_compute += tr_res["seconds"]
         setup_s += float((tr_res["stats"] or {}).get("setup_s") or 0.0)  # one-time cost (MEMIT's key statistics)
         peak_mb = max(peak_mb, tr_res.get("peak_memory_mb") or 0.0)
@@ -325,6 +329,11 @@ def _run_rounds(ctx: Ctx, method, data: dict, base: dict, parent_run: str | None
             "n_earlier_scored": ev["n_earlier_scored"],
             "train": tr_res["stats"],
             "diagnostics": ev.get("diagnostics") or {},
+            "evaluation": {  # seconds, and the sequences whose states below the edit were reused / computed
+                "seconds": ev["seconds"],
+                "states_reused": ev.get("frozen_reused", 0),
+                "states_computed": ev.get("frozen_computed", 0),
+            },
             "cached": {
                 "train": ctx.task_states[f"{pfx}train_round_{t}"] == "Cached",
                 "evaluate": ctx.task_states[f"{pfx}evaluate_round_{t}"] == "Cached",

@@ -153,6 +153,12 @@ class EvalConfig(Strict):
     retention_sample: int | None = Field(
         None, ge=0, description="score at most this many earlier edits per round (null = all)"
     )
+    reuse_states: bool = Field(
+        True,
+        description="sequential studies: the unedited model's states below the edit are computed once per "
+        "prompt and reused by the later rounds' evaluations (memoe/frozen.py; about 0.5 GB of disk per "
+        "1,000 ZsRE edits with their probes)",
+    )
 
 
 class TrackingConfig(Strict):

@@ -26,6 +26,7 @@ import polars as pl
 import torch
 
 from memoe.data import encode_pair
+from memoe.frozen import FrozenStates, capture_input, forward_from
 from memoe.metric_registry import METRICS, REGISTRY
 
 TOKENS_PER_ROW = 64  # a batch of ``size`` rows holds at most size x 64 padded tokens (a longer row: alone)
@@ -68,8 +69,24 @@ class TFResult:
 
 @torch.inference_mode()
 def teacher_forced(
-    model, tokenizer, prompts: Sequence[str], targets: Sequence[str], *, editor=None, batch_size: int = 16
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    *,
+    editor=None,
+    batch_size: int = 16,
+    frozen: FrozenStates | None = None,
 ) -> TFResult:
+    """Argmax and mean log-prob at each target token of ``prompt + " " + target``. ``frozen``: the
+    unedited model's states entering decoder layer ``frozen.layer`` (``memoe.frozen``), which the
+    editor must leave unchanged: a sequence found there runs the layers from ``frozen.layer`` up
+    only, and one not found there is computed in full and added."""
+    if frozen is not None and editor is not None and editor.unchanged_layers() < frozen.layer:
+        raise ValueError(
+            f"frozen states of layer {frozen.layer}, but {type(editor).__name__} changes layer "
+            f"{editor.unchanged_layers()} and above"
+        )
     n = len(prompts)
     enc = [encode_pair(tokenizer, p, t) for p, t in zip(prompts, targets)]
     order = sorted(range(n), key=lambda i: len(enc[i][0]))  # length buckets
@@ -79,7 +96,8 @@ def teacher_forced(
     body, head = _body_and_head(model)
     dev = next(model.parameters()).device
     pad = tokenizer.pad_token_id or 0
-    for idx in _batches(order, batch_size, [len(e[0]) for e in enc]):
+
+    def run(idx: list[int], keys: list[str] | None, cached: bool) -> None:
         L = max(len(enc[i][0]) for i in idx)
         ids = torch.full((len(idx), L), pad, dtype=torch.long)
         mask = torch.zeros((len(idx), L), dtype=torch.long)
@@ -92,8 +110,24 @@ def teacher_forced(
                 rows.append(r)
                 cols.append(j - 1)
                 labels.append(seq[j])
+        ids, mask = ids.to(dev), mask.to(dev)
         with _route(editor, [prompts[i] for i in idx]):
-            h = body(input_ids=ids.to(dev), attention_mask=mask.to(dev)).last_hidden_state
+            if cached:
+                states = [frozen.get(k) for k in keys]
+                hidden = torch.zeros((len(idx), L, states[0].shape[-1]), dtype=states[0].dtype)
+                for r, st in enumerate(states):
+                    hidden[r, : st.shape[0]] = st
+                h = forward_from(model, frozen.layer, hidden.to(dev), ids, mask)
+            else:
+                seen: list[torch.Tensor] = []
+                hook = capture_input(model, frozen.layer, seen) if frozen is not None else None
+                try:
+                    h = body(input_ids=ids, attention_mask=mask).last_hidden_state
+                finally:
+                    if hook is not None:
+                        hook.remove()
+                for r, k in enumerate(keys or []):
+                    frozen.put(k, seen[0][r, : len(enc[idx[r]][0])])
         logits = head(h[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)]).float()
         logp = torch.log_softmax(logits, -1)
         lab = torch.tensor(labels, device=dev)
@@ -107,6 +141,18 @@ def teacher_forced(
             tgt[i] = seq[npr:]
             lp[i] = float(np.mean(tok_lp[k : k + m]))
             k += m
+
+    for idx in _batches(order, batch_size, [len(e[0]) for e in enc]):
+        if frozen is None:
+            run(idx, None, False)
+            continue
+        key = {i: FrozenStates.key(enc[i][0]) for i in idx}
+        hit = [i for i in idx if key[i] in frozen]
+        miss = [i for i in idx if key[i] not in frozen]
+        frozen.hits, frozen.misses = frozen.hits + len(hit), frozen.misses + len(miss)
+        for part, cached in ((hit, True), (miss, False)):
+            if part:
+                run(part, [key[i] for i in part], cached)
     return TFResult(pred, tgt, lp)
 
 
@@ -115,6 +161,20 @@ _STOP = re.compile(r"\n|<\|im_end\|>|<\|endoftext\|>|</s>")
 
 def normalise(s: str) -> str:
     return re.sub(r"\s+", " ", re.sub(r"[^\w\s]", "", s.lower())).strip()
+
+
+class _StopWhenCut:
+    """Ends a row's greedy decoding once its text already holds the point where ``generate`` cuts it (the
+    first newline or end-of-text after its first non-blank character): the tokens after that point are
+    cut anyway, so the kept text is the same as with every step decoded. Decoding the rows' new tokens
+    each step costs far less than the step's forward."""
+
+    def __init__(self, tokenizer, prompt_len: int):
+        self.tokenizer, self.prompt_len = tokenizer, prompt_len
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kw) -> torch.BoolTensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_len :], skip_special_tokens=False)
+        return torch.tensor([bool(_STOP.search(t.lstrip())) for t in texts], device=input_ids.device)
 
 
 @torch.inference_mode()
@@ -127,8 +187,12 @@ def generate(
     batch_size: int = 16,
     max_new_tokens: int = 16,
     cut: bool = True,
+    stop_early: bool = True,
 ) -> list[str]:
-    """Greedy continuation of each prompt, cut at the first newline or end-of-text (``cut``)."""
+    """Greedy continuation of each prompt, cut at the first newline or end-of-text (``cut``); with
+    ``cut``, a batch stops decoding once every row has reached its cut (``stop_early``; the same texts)."""
+    from transformers import StoppingCriteriaList
+
     out: list[str] = [""] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     dev = next(model.parameters()).device
@@ -138,11 +202,17 @@ def generate(
         lengths = [len(tokenizer(p).input_ids) + max_new_tokens for p in prompts]
         for idx in _batches(order, batch_size, lengths):
             batch = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(dev)
+            n_in = batch.input_ids.shape[1]
+            stop = StoppingCriteriaList([_StopWhenCut(tokenizer, n_in)] if cut and stop_early else [])
             with _route(editor, [prompts[i] for i in idx]):
                 gen = model.generate(
-                    **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+                    **batch,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                    stopping_criteria=stop,
                 )
-            texts = tokenizer.batch_decode(gen[:, batch.input_ids.shape[1] :], skip_special_tokens=not cut)
+            texts = tokenizer.batch_decode(gen[:, n_in:], skip_special_tokens=not cut)
             for i, t in zip(idx, texts):
                 out[i] = _STOP.split(t.lstrip(), maxsplit=1)[0].strip() if cut else t
     finally:
@@ -246,8 +316,10 @@ class Scoring:
         generation: bool = True,
         max_new_tokens: int = 16,
         fluency: bool = False,
+        frozen: FrozenStates | None = None,
     ):
         self.model, self.tokenizer, self.records, self.base, self.editor = model, tokenizer, records, base, editor
+        self.frozen = frozen
         self.batch_size, self.generation, self.max_new_tokens, self.fluency = (
             batch_size,
             generation,
@@ -265,7 +337,13 @@ class Scoring:
         if key not in self._tf:
             self._tf[key] = (
                 teacher_forced(
-                    self.model, self.tokenizer, prompts, targets, editor=self.editor, batch_size=self.batch_size
+                    self.model,
+                    self.tokenizer,
+                    prompts,
+                    targets,
+                    editor=self.editor,
+                    batch_size=self.batch_size,
+                    frozen=self.frozen,
                 )
                 if prompts
                 else TFResult([], [], [])
@@ -437,10 +515,12 @@ def evaluate(
     generation: bool = True,
     max_new_tokens: int = 16,
     fluency: bool = False,
+    frozen: FrozenStates | None = None,
 ) -> pl.DataFrame:
     """Score every record with every registered metric that has a ``compute`` function
     (``memoe.metric_registry``); returns one row per edit with the metric columns (null where n/a),
-    the generated text beside them."""
+    the generated text beside them. ``frozen``: the unedited model's states below the edit, reused and
+    added to (``teacher_forced``)."""
     s = Scoring(
         model,
         tokenizer,
@@ -451,6 +531,7 @@ def evaluate(
         generation=generation,
         max_new_tokens=max_new_tokens,
         fluency=fluency,
+        frozen=frozen,
     )
     cols: dict[str, list] = {"id": records["id"].to_list()}
     for name, m in REGISTRY.items():

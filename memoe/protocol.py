@@ -111,16 +111,20 @@ def score_round(
     max_new_tokens: int = 16,
     fluency: bool = False,
     diagnostics: bool = True,
+    frozen=None,
 ) -> Scores:
     """Score the edited model after a round on ``records`` (``eval_records``; ``base``: the unedited
     model's locality predictions). The edits in ``overwritten`` (``overwritten_ids``) are scored
     apart: only their old target's reliability (``overwritten_reliability``); when there are any,
     ``reedit_reliability`` is the reliability of the re-edits. ``diagnostics``: the editor's own
     (``Editor.diagnostics``; MEMoE: expert load, anchor hit rates) on the round's own edits in force;
-    a failure there is logged, never fails the scoring. ``editor`` None: the unedited model."""
+    a failure there is logged, never fails the scoring. ``editor`` None: the unedited model. ``frozen``: a
+    ``memoe.frozen.FrozenStates`` the teacher-forced scores reuse and add to."""
     records, old = split_overwritten(records, overwritten)
     options = dict(batch_size=batch_size, generation=generation, max_new_tokens=max_new_tokens, fluency=fluency)
-    table = evaluate(model, tok, records.drop("round_of_edit", "current"), base, editor=editor, **options)
+    table = evaluate(
+        model, tok, records.drop("round_of_edit", "current"), base, editor=editor, frozen=frozen, **options
+    )
     old_cols = _overwritten_scores(model, tok, editor, old, records, batch_size, generation, max_new_tokens)
     diag = {}
     if diagnostics and editor is not None:

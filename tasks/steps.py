@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefect import task
+from prefect import get_run_logger, task
 
 from tasks.integrity import intact
 from tasks.keys import code_version, digest, file_digest, folder_digest, model_fingerprint
@@ -405,6 +405,29 @@ def evaluate_key(ctx, p: dict[str, Any]) -> str:
     )
 
 
+def _frozen_dir(model_cfg: dict, store: str, layer: int) -> Path:
+    return Path(store) / "frozen" / digest(_model_key(model_cfg, store), layer)
+
+
+def _frozen_states(editor, files: list[str] | None, eval_cfg: dict, model_cfg: dict, store: str):
+    """The unedited model's states below ``editor``'s edit, from the earlier rounds' files (a damaged
+    or missing one is left out: its states are computed again), or None (``eval.reuse_states`` off,
+    or the editor does not say which layers it leaves unchanged)."""
+    from memoe.frozen import FrozenStates
+
+    layer = editor.unchanged_layers()
+    if not eval_cfg.get("reuse_states", True) or layer < 1:
+        return None
+    log = get_run_logger()
+    good = []
+    for f in files or []:
+        if intact(f) and Path(f).parent == _frozen_dir(model_cfg, store, layer):
+            good.append(f)
+        else:
+            log.warning(f"frozen states {f}: damaged, missing or of another layer; their states are computed again")
+    return FrozenStates(layer, good)
+
+
 @task(name="evaluate_round", cache_key_fn=evaluate_key, task_run_name="evaluate_round_{round_index}", **COMMON)
 def evaluate_round(
     round_index: int,
@@ -417,9 +440,14 @@ def evaluate_round(
     model_cfg: dict,
     store: str,
     threads: int | None = None,
+    frozen: list[str] | None = None,
 ) -> dict:
     """Per-edit metrics after round t on the round's edits and (a sample of) the earlier ones
-    (``memoe.protocol``: ``eval_records``, the re-edit bookkeeping, ``score_round``)."""
+    (``memoe.protocol``: ``eval_records``, the re-edit bookkeeping, ``score_round``). ``frozen``: the
+    earlier rounds' files of the unedited model's states below the edit (``memoe.frozen``; not in the
+    cache key: they change how fast the scores come, not the scores). Returns the file of the states
+    this round computed (``frozen``: None on the last round, or where the editor does not say which
+    layers it leaves unchanged)."""
     import polars as pl
 
     from memoe.editors import make_editor
@@ -433,6 +461,7 @@ def evaluate_round(
     editor = make_editor(model, tok, method_from_dict(method_cfg), seed=round_seed(seed, round_index))
     try:
         editor.load(state)
+        states = _frozen_states(editor, frozen, eval_cfg, model_cfg, store)
         t0 = time.perf_counter()
         scores = score_round(
             model,
@@ -445,13 +474,22 @@ def evaluate_round(
             generation=eval_cfg["generation"],
             max_new_tokens=eval_cfg["max_new_tokens"],
             fluency=eval_cfg["fluency"],
+            frozen=states,
         )
         seconds = time.perf_counter() - t0
     finally:
         editor.remove()
+    frozen_out = None
+    if states is not None and not final and states.new:
+        tmp = _tmp(store, "frozen", ".safetensors")
+        states.save(tmp)
+        frozen_out = str(publish_file(tmp, _frozen_dir(model_cfg, store, states.layer), ".safetensors"))
     tmp = _tmp(store, "eval", ".parquet")
     scores.table.write_parquet(tmp)
     return {
+        "frozen": frozen_out,
+        "frozen_reused": states.hits if states is not None else 0,
+        "frozen_computed": states.misses if states is not None else 0,
         "table": str(publish_file(tmp, Path(store) / "evals", ".parquet")),
         "seconds": seconds,
         "n_scored": scores.table.height,

@@ -90,6 +90,10 @@ def test_rerun_is_all_cache_hits_and_kill_resume_gives_identical_metrics(tmp_pat
     assert not any(s == "Cached" for s in ref["tasks"].values()), ref["tasks"]
     assert set(ref["final"]) >= {"reliability", "generality", "locality", "portability", "generation_reliability"}
     assert [r["edits_so_far"] for r in ref["rounds"]] == [2, 4, 6]
+    # round 1 computes its prompts' states below the edit; the later rounds reuse them (memoe/frozen.py)
+    ev = [r["evaluation"] for r in ref["rounds"]]
+    assert ev[0]["states_reused"] == 0 and ev[0]["states_computed"] > 0
+    assert ev[1]["states_reused"] > 0 and ev[2]["states_reused"] > ev[1]["states_reused"]
     assert "results.json" in p.stdout
     again, _ = memoe_run(cfg, tmp_path / "out-a2", env_a)
     trained = {k: v for k, v in again["tasks"].items() if k.startswith(("train_round", "evaluate_round"))}

@@ -144,6 +144,12 @@ class Editor(ABC):
         return {}
 
     @abstractmethod
+    def unchanged_layers(self) -> int:
+        """How many decoder layers, from the bottom, compute exactly what the unedited model computes
+        while this edit is applied: evaluation reuses the unedited model's states entering that layer
+        across evaluations (``memoe.frozen``). 0, the default: not known, every layer is recomputed."""
+        return 0
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Everything the edit changed (adapter weights, weight deltas, codebook)."""
 

@@ -653,6 +653,15 @@ class MEMoEEditor(Editor):
         return router_diagnostics(self, records, **kw)
 
     # ------------------------------------------------------------------ state
+    def unchanged_layers(self) -> int:
+        """The adapter's lowest layer, or the fact gate's lowest (the gate reads the inputs of its layers
+        with hooks, which must run)."""
+        n = len(decoder_layers(self.model))
+        low = [l % n for l in self.adapter.layer_ids]
+        if self.gate is not None:
+            low += [l % n for l in self.cfg.fact_gate_layers]
+        return min(low)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = {k: v.detach().clone() for k, v in self.adapter.state_dict().items()}
         if self.gate is not None:

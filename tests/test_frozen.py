@@ -1,0 +1,95 @@
+"""Reusing the unedited model's states below an edit across evaluations (memoe/frozen.py): a sequence
+whose states are kept runs only the layers from the edit up, and scores what the full forward scores."""
+
+import pytest
+import torch
+
+from memoe.editors.memoe import MEMoEMethod
+from memoe.editors.memoe.editor import MEMoEEditor
+from memoe.frozen import FrozenStates, forward_from
+from memoe.metrics import evaluate, locality_predictions, teacher_forced
+
+from .conftest import tiny_model
+from .test_memoe_editor import EDITS, FAST, LOC, _recs
+
+PROMPTS = EDITS["prompts"] + ["the mother tongue of danielle darrieux is", LOC]
+TARGETS = EDITS["targets"] + ["Klingon", "one hundred degrees"]
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "gemma2"])
+def test_forward_from_a_layers_input_equals_the_full_forward(tokenizer, kind):
+    model = tiny_model(kind, len(tokenizer))
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    full = model.base_model(**batch, use_cache=False)
+    seen = []
+    from memoe.frozen import capture_input
+
+    hook = capture_input(model, 2, seen)
+    model.base_model(**batch, use_cache=False)
+    hook.remove()
+    out = forward_from(model, 2, seen[0], batch["input_ids"], batch["attention_mask"])
+    torch.testing.assert_close(out, full.last_hidden_state, rtol=1e-5, atol=1e-5)
+    # the skipped layers are back in place: the next full forward is the same as before
+    torch.testing.assert_close(model.base_model(**batch, use_cache=False).last_hidden_state, full.last_hidden_state)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_reused_states_score_like_the_full_forward_and_survive_a_reload(tokenizer, kind, tmp_path):
+    model = tiny_model(kind, len(tokenizer))
+    before = teacher_forced(model, tokenizer, PROMPTS[:2], TARGETS[:2])
+    ed = MEMoEEditor(model, tokenizer, MEMoEMethod(**{**FAST, "layers": [2], "steps": 30}))
+    ed.edit(_recs())
+    assert ed.unchanged_layers() == 2
+    plain = teacher_forced(model, tokenizer, PROMPTS, TARGETS, editor=ed)
+    states = FrozenStates(ed.unchanged_layers())
+    filled = teacher_forced(model, tokenizer, PROMPTS, TARGETS, editor=ed, frozen=states)
+    assert (states.hits, states.misses, len(states)) == (0, 4, 4)
+    path = states.save(tmp_path / "states.safetensors")
+    again = FrozenStates(2, [path])
+    reused = teacher_forced(model, tokenizer, PROMPTS, TARGETS, editor=ed, frozen=again)
+    assert (again.hits, again.misses, again.new) == (4, 0, {})
+    for res in (filled, reused):
+        assert res.pred == plain.pred and res.target == plain.target
+        assert res.logprob == pytest.approx(plain.logprob, abs=1e-5)
+    # the edit did change the answers: the reuse is not scoring the unedited model
+    assert min(reused.logprob[:2]) > max(before.logprob) + 1.0
+    # a prompt met for the first time beside reused ones: computed in full and added
+    mixed = teacher_forced(model, tokenizer, PROMPTS + ["Homer wrote"], TARGETS + ["Blue Lagoon"], editor=ed, frozen=again)
+    assert again.misses == 1 and len(again.new) == 1
+    assert mixed.pred[:4] == plain.pred
+
+
+def test_evaluate_with_reused_states_gives_the_same_table(tokenizer):
+    model = tiny_model("llama", len(tokenizer))
+    recs = _recs()
+    ed = MEMoEEditor(model, tokenizer, MEMoEMethod(**{**FAST, "layers": [3], "steps": 30}))
+    ed.edit(recs)
+    base = locality_predictions(model, tokenizer, recs)
+    plain = evaluate(model, tokenizer, recs, base, editor=ed, generation=False)
+    states = FrozenStates(3)
+    evaluate(model, tokenizer, recs, base, editor=ed, generation=False, frozen=states)
+    assert states.misses > 0
+    again = evaluate(model, tokenizer, recs, base, editor=ed, generation=False, frozen=states)
+    assert states.hits >= states.misses
+    assert again.equals(plain)
+
+
+def test_states_of_another_layer_or_above_the_edit_are_refused(tokenizer, tmp_path):
+    model = tiny_model("llama", len(tokenizer))
+    states = FrozenStates(3)
+    teacher_forced(model, tokenizer, PROMPTS, TARGETS, frozen=states)
+    path = states.save(tmp_path / "l3.safetensors")
+    with pytest.raises(ValueError, match=r"l3\.safetensors.*layer 3.*needs layer 2"):
+        FrozenStates(2, [path])
+    ed = MEMoEEditor(model, tokenizer, MEMoEMethod(**{**FAST, "layers": [2], "steps": 2}))
+    ed.edit(_recs())
+    with pytest.raises(ValueError, match="changes layer 2 and above"):
+        teacher_forced(model, tokenizer, PROMPTS, TARGETS, editor=ed, frozen=FrozenStates(3, [path]))
+    with pytest.raises(ValueError, match="embeddings"):
+        FrozenStates(0)
+
+
+def test_the_fact_gate_keeps_its_own_layers_computed(tokenizer):
+    model = tiny_model("llama", len(tokenizer))
+    ed = MEMoEEditor(model, tokenizer, MEMoEMethod(**{**FAST, "layers": [3], "fact_gate": True, "fact_gate_layers": [1, 2]}))
+    assert ed.unchanged_layers() == 1
