@@ -39,6 +39,58 @@ def timed_edit(model, tok, method, recs, seed=0, clock: StepTimes | None = None)
     return ed, stats
 
 
+def eval_reuse(model, tok, ed, recs) -> dict[str, Any]:
+    """A round's whole evaluation of ``recs`` (every registered metric, the probes of memoe/probes.py,
+    generation), timed three ways one after the other: ``plain`` (no states reused, generation batches of
+    16: the evaluation before ``eval.reuse_states`` and ``eval.generation_batch_size``), ``first`` (the
+    states below the edit computed and kept: a round's own edits) and ``reused`` (all of them reused: the
+    same edits scored in a later round). ``same_scores``: the teacher-forced columns of the three agree."""
+    from memoe.frozen import FrozenStates
+    from memoe.probes import add_probes
+
+    probed = add_probes(recs, tok)
+    base = locality_predictions(model, tok, probed)
+    gen_cols = {"generation", "generation_reliability", "generation_contains"}
+    states = FrozenStates(ed.unchanged_layers())
+    secs, tables = {}, {}
+    for name, kw in (
+        ("plain", dict(generation_batch_size=16)),
+        ("first", dict(generation_batch_size=64, frozen=states)),
+        ("reused", dict(generation_batch_size=64, frozen=states)),
+    ):
+        t0 = time.perf_counter()
+        tables[name] = evaluate(model, tok, probed, base, editor=ed, **kw)
+        secs[name] = time.perf_counter() - t0
+    tf_cols = [c for c in tables["plain"].columns if c not in gen_cols and c != "id"]
+    same = all(tables[k].select(tf_cols).equals(tables["plain"].select(tf_cols)) for k in ("first", "reused"))
+    t0 = time.perf_counter()
+    generate(model, tok, probed["prompt"].to_list(), editor=ed, batch_size=16)
+    g16 = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    generate(model, tok, probed["prompt"].to_list(), editor=ed, batch_size=64)
+    g64 = time.perf_counter() - t0
+    n = probed.height
+    res = {
+        "edits": n,
+        "unchanged_layers": ed.unchanged_layers(),
+        "plain_s": secs["plain"],
+        "first_s": secs["first"],
+        "reused_s": secs["reused"],
+        "speedup_first": secs["plain"] / secs["first"],
+        "speedup_reused": secs["plain"] / secs["reused"],
+        "generation_16_s": g16,
+        "generation_64_s": g64,
+        "same_scores": same,
+        "states_mb_per_1000_edits": states.new_bytes() / 2**20 * 1000 / n,
+    }
+    say(
+        f"evaluation of {n} edits with probes: plain {secs['plain']:.1f}s, first {secs['first']:.1f}s, "
+        f"reused {secs['reused']:.1f}s ({res['speedup_reused']:.2f}x); generation 16 rows {g16:.1f}s, "
+        f"64 rows {g64:.1f}s; states {res['states_mb_per_1000_edits']:.0f} MB per 1,000 edits; same scores {same}"
+    )
+    return res
+
+
 def step_time(model, tok, method, recs, steps: int) -> float:
     """Seconds per optimiser step. Editors that report their steps (``on_step``): the median of steps
     2.. of one edit (``StepTimes``); others: (edit with `steps` steps - edit with 1 step) / (steps - 1).
@@ -191,6 +243,7 @@ def run_bench(
             say(f"eval: teacher-forced {n / tf_s:.1f} prompts/s, generation {n / g_s:.1f} prompts/s")
             base = locality_predictions(model, tok, recs)
             out["edit_100_metrics"] = summarize(evaluate(model, tok, recs, base, editor=ed, generation=False))
+            out["eval_reuse"] = eval_reuse(model, tok, ed, recs.head(30 if quick else n))
         ed.remove()
         del ed
         gc.collect()

@@ -145,6 +145,12 @@ def run(args) -> int:
         )
     for n, v in res["edit_throughput"].items():
         print(f"edit {n:>5} edits     {v['seconds']:.1f} s ({v['edits_per_s']:.2f} edits/s)")
+    if "eval_reuse" in res:
+        ev = res["eval_reuse"]
+        print(
+            f"evaluation {ev['edits']} edits   plain {ev['plain_s']:.1f} s, states reused {ev['reused_s']:.1f} s "
+            f"({ev['speedup_reused']:.2f}x; first time {ev['speedup_first']:.2f}x), same scores {ev['same_scores']}"
+        )
     print("peak RSS (MiB)      " + ", ".join(f"{k} {v:.0f}" for k, v in res["peak_rss_mb"].items()))
     if "scale" in res:
         sc, last = res["scale"], res["scale"]["per_round"][-1]

@@ -62,7 +62,7 @@ def dry_run(cfg, info: dict, args) -> int:
     the cache: a finished study of the same config in the MLflow store (its rerun would be all cache
     hits unless the code changed)."""
     from flows.study import default_run_name, default_runs_dir, flow_for, method_labels
-    from memoe.config import config_hash, resolve_path
+    from memoe.config import config_hash
 
     runs = Path(args.runs_dir).resolve() if args.runs_dir else default_runs_dir()
     chash = config_hash(cfg)
@@ -71,7 +71,8 @@ def dry_run(cfg, info: dict, args) -> int:
         f"= {info['rounds'] * cfg.edits_per_round()} of {info['n_available']} available"
     )
     print(f"  methods:  {', '.join(method_labels(cfg))}")
-    print(f"  model:    {cfg.model.name}   data: {resolve_path(cfg.data.path)} ({cfg.data.format})")
+    data = ", ".join(f"{f} ({fmt})" for f, fmt, _ in cfg.data.files)
+    print(f"  model:    {cfg.model.name}   data: {data}")
     print(
         f"  config:   {chash}   run name: {args.name or default_run_name(cfg)}"
         + (f"   tags: {parse_tags(args.tag)}" if args.tag else "")
@@ -98,8 +99,8 @@ def preflight(cfg, out: str | None = None) -> dict:
     methods, the model's name, device and layers (from its config file), the output folder, and every
     data record, with the prompts' lengths against the model's context (its tokenizer)."""
     from memoe.checks import LONG_PROMPT_TOKENS, check_device, check_layers, context_of, layer_count, model_folder
-    from memoe.config import METHODS, ConfigError, resolve_path
-    from memoe.data import load_edits, sample_edits
+    from memoe.config import METHODS, ConfigError
+    from memoe.datasets import load_for_config
 
     for m in cfg.methods or [cfg.method]:
         if m.name not in METHODS:
@@ -119,9 +120,9 @@ def preflight(cfg, out: str | None = None) -> dict:
             f"model.name: '{name}' is neither a local folder nor in the Hugging Face cache "
             "(the hub is offline: HF_HUB_OFFLINE=1)"
         )
-    path = resolve_path(cfg.data.path)
-    if not path.is_file():
-        raise ConfigError(f"data.path: file not found: {path}")
+    for path, _, name in cfg.data.files:
+        if not path.is_file():
+            raise ConfigError(f"{'data.mix: ' + name if name else 'data.path'}: file not found: {path}")
     from transformers import AutoConfig, AutoTokenizer
 
     model_cfg, tok = AutoConfig.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
@@ -137,14 +138,7 @@ def preflight(cfg, out: str | None = None) -> dict:
             long.append(n)
         return n
 
-    df, report = load_edits(
-        path,
-        cfg.data.format,
-        skip_bad=cfg.data.skip_bad,
-        max_prompt_tokens=cfg.model.max_length or context_of(model_cfg, tok),
-        count_tokens=count,
-    )
-    df = sample_edits(df, cfg.data.n_edits, cfg.data.seed, cfg.data.sample)
+    df, report = load_for_config(cfg, tok, context_of(model_cfg, tok), count_tokens=count, probes=False)
     rounds = cfg.protocol.rounds if cfg.protocol.mode == "sequential" else 1
     need = rounds * cfg.edits_per_round()
     if need < 1:
@@ -152,7 +146,7 @@ def preflight(cfg, out: str | None = None) -> dict:
     if need > df.height:
         raise ConfigError(
             f"protocol: {rounds} rounds x {cfg.edits_per_round()} edits = {need} edits, "
-            f"but only {df.height} are available in {path}"
+            f"but only {df.height} are available in {cfg.data.label}"
             + (f" ({report.n_skipped} bad records skipped)" if report.n_skipped else "")
         )
     return {

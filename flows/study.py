@@ -412,9 +412,8 @@ def default_run_name(cfg: Config) -> str:
     """e.g. ``memoe-sequential-3x5-zsre-smollm2-135m``: the settings that tell studies apart."""
     rounds = cfg.protocol.rounds if cfg.protocol.mode == "sequential" else 1
     model = cfg.model.name.replace("embedded:", "").rstrip("/").rsplit("/", 1)[-1]
-    return (
-        f"{'+'.join(method_labels(cfg))}-{cfg.protocol.mode}-{rounds}x{cfg.edits_per_round()}-{cfg.data.format}-{model}"
-    )
+    data = "+".join(cfg.data.mix) if cfg.data.mix else cfg.data.format
+    return f"{'+'.join(method_labels(cfg))}-{cfg.protocol.mode}-{rounds}x{cfg.edits_per_round()}-{data}-{model}"
 
 
 def parent_params(cfg: Config) -> dict[str, Any]:
@@ -459,8 +458,8 @@ def _start_parent(ctx: Ctx, kind: str, data: dict | None = None) -> str | None:
         "memoe.config_hash": chash,
         "memoe.git_commit": git_commit(),
         "memoe.model": cfg.model.name,
-        "memoe.dataset": Path(cfg.data.path).name,
-        "memoe.data_format": cfg.data.format,
+        "memoe.dataset": cfg.data.label,
+        "memoe.data_format": "+".join(f for _, f, _ in cfg.data.files),
         "memoe.protocol": cfg.protocol.mode,
         "memoe.flow": kind,
         "memoe.host": socket.gethostname(),
@@ -500,8 +499,8 @@ def _finish_parent(ctx: Ctx, rid: str | None, data: dict, results: dict, extra: 
             tr.dataset(
                 rid,
                 data["edits"],
-                name=f"{Path(ctx.cfg.data.path).stem}-{data['frame_hash']}",
-                source=str(resolve_path(ctx.cfg.data.path)),
+                name=f"{Path(ctx.cfg.data.label).stem}-{data['frame_hash']}",
+                source=" + ".join(str(f) for f, _, _ in ctx.cfg.data.files),
             )
         except Exception as e:  # noqa: BLE001 - the dataset input is informative, never fatal
             get_run_logger().warning(f"could not log the dataset input: {e}")
@@ -578,7 +577,7 @@ def _single(
                 report.rounds_plot(
                     res["rounds"],
                     ctx.out / "rounds.png",
-                    f"{report.method_title(cfg.method)}\n{Path(cfg.data.path).name}, {kind}, {cfg.model.name}",
+                    f"{report.method_title(cfg.method)}\n{cfg.data.label}, {kind}, {cfg.model.name}",
                 ),
                 "plots",
             )
@@ -726,7 +725,7 @@ def compare(
             c for c in report.HEADLINE + report.AVERAGES + report.COSTS if any(r.get(c) is not None for r in table_rows)
         ]
         md_text = (
-            f"# Comparison ({cfg.protocol.mode}, {data['n_edits']} edits, {Path(cfg.data.path).name}, "
+            f"# Comparison ({cfg.protocol.mode}, {data['n_edits']} edits, {cfg.data.label}, "
             f"{cfg.model.name})\n\n" + report.markdown_table(table_rows, cols, "method") + "\n"
         )
         (ctx.out / "comparison.md").write_text(md_text)
@@ -739,14 +738,14 @@ def compare(
         report.compare_plot(
             {r["method"]: r for r in table_rows},
             ctx.out / "comparison.png",
-            f"{Path(cfg.data.path).name}, {protocol}, {cfg.model.name}",
+            f"{cfg.data.label}, {protocol}, {cfg.model.name}",
         )
         plots = ["comparison.md", "comparison.parquet", "comparison.png"]
         if len(data["rounds"]) > 1:  # sequential: one retention curve per method
             report.retention_plot(
                 {k: v["rounds"] for k, v in methods.items()},
                 ctx.out / "retention.png",
-                f"retention: {Path(cfg.data.path).name}, {protocol}, {cfg.model.name}",
+                f"retention: {cfg.data.label}, {protocol}, {cfg.model.name}",
             )
             plots.append("retention.png")
         extra = [(str(ctx.out / n), None) for n in plots]

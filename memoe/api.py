@@ -141,6 +141,7 @@ def edit(
     generation: bool = True,
     max_new_tokens: int = 16,
     batch_size: int = 16,
+    generation_batch_size: int = 64,
     **fields_and_hparams,
 ) -> EditResult:
     """Edit ``model`` (a memoe model name, or a loaded model with its ``tokenizer``) on the given
@@ -179,6 +180,7 @@ def edit(
         batch_size=batch_size,
         generation=generation,
         max_new_tokens=max_new_tokens,
+        generation_batch_size=generation_batch_size,
     )
     table = recs.select("id", "subject", "prompt", "target_new").join(table, on="id", how="left", maintain_order="left")
     return EditResult(

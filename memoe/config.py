@@ -64,10 +64,38 @@ class DataConfig(Strict):
         description="add the hard probes to every record (memoe/probes.py): subject "
         "specificity, restyled and chat-template rephrases",
     )
+    mix: list[str] | None = Field(
+        None,
+        min_length=2,
+        description="datasets of the catalogue studied together, instead of data.path: their records, ids "
+        "prefixed by the dataset's name, shuffled together (data.seed), then sampled as usual",
+    )
+
+    @property
+    def files(self) -> list[tuple[Path, str, str | None]]:
+        """(file, format, id prefix) of every file the edits come from."""
+        if self.mix:
+            return [(resolve_path(dataset(n).path), dataset(n).format, n) for n in self.mix]
+        return [(resolve_path(self.path), self.format, None)]
+
+    @property
+    def label(self) -> str:
+        """A short name of the data for titles and tags: the file's name, or the mixed datasets' names."""
+        return "+".join(self.mix) if self.mix else Path(self.path).name
 
     @model_validator(mode="before")
     @classmethod
     def _dataset(cls, data):
+        if isinstance(data, dict) and data.get("mix") is not None:
+            given = [f"data.{k}" for k in ("path", "format", "dataset") if k in data]
+            if given:
+                raise ValueError(f"data.mix names its datasets; leave out {' and '.join(given)}")
+            mix = data["mix"]
+            if isinstance(mix, list):
+                for name in mix:
+                    dataset(name)  # an unknown name: an error naming the catalogue's names
+                if len(set(mix)) != len(mix):
+                    raise ValueError(f"data.mix names a dataset twice: {mix}")
         if isinstance(data, dict) and "dataset" in data:
             data = dict(data)
             name = data.pop("dataset")
@@ -147,6 +175,12 @@ class ProtocolConfig(Strict):
 
 class EvalConfig(Strict):
     batch_size: int = Field(16, ge=1, description="prompts per evaluation batch")
+    generation_batch_size: int = Field(
+        64,
+        ge=1,
+        description="prompts per generation batch (a decode step reads every weight once, whatever its rows: "
+        "64 rows decode 1.4x faster than 16 on a CPU core)",
+    )
     generation: bool = Field(True, description="also score greedy generation (generation_reliability)")
     max_new_tokens: int = Field(16, ge=1, description="generated tokens per prompt (at least the target's length + 2)")
     fluency: bool = Field(False, description="also score n-gram entropy of generations on generation_prompts")

@@ -45,7 +45,9 @@ class FrozenStates:
         handle = safe_open(str(path), framework="pt")
         layer = int((handle.metadata() or {}).get("layer", -1))
         if layer != self.layer:
-            raise ValueError(f"{path}: frozen states of decoder layer {layer}, this evaluation needs layer {self.layer}")
+            raise ValueError(
+                f"{path}: frozen states of decoder layer {layer}, this evaluation needs layer {self.layer}"
+            )
         self._open.append(handle)
         for k in handle.keys():
             self._where.setdefault(k, len(self._open) - 1)

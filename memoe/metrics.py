@@ -293,7 +293,33 @@ def locality_predictions(model, tokenizer, records: pl.DataFrame, *, batch_size:
             spp[o].append(p)
         cols |= {"spec_answers": spa, "spec_base_pred": spp}
         schema |= {"spec_answers": pl.List(pl.String), "spec_base_pred": pl.List(pl.List(pl.Int64))}
+    if _neighbours_answer_true(records):  # CounterFact: the unedited model's own neighbourhood comparison
+        kept = _neighbour_kept(model, tokenizer, records, owner, prompts, None, batch_size, None)
+        per_kept: list[list[float]] = [[] for _ in range(records.height)]
+        for o, v in zip(owner, kept):
+            per_kept[o].append(v)
+        cols |= {"nbr_base_kept": per_kept}
+        schema |= {"nbr_base_kept": pl.List(pl.Float64)}
     return pl.DataFrame(cols, schema=schema)
+
+
+def _neighbours_answer_true(records: pl.DataFrame) -> bool:
+    """Every record has its true target and its locality prompts (CounterFact's neighbours) answer it."""
+    if not records.height or "target_true" not in records.columns:
+        return False
+    true = records["target_true"].to_list()
+    if any(t is None for t in true):
+        return False
+    owner, prompts, answers = _flat(records, "locality_prompts", "locality_answers")
+    return bool(prompts) and all(a == true[o] for o, a in zip(owner, answers))
+
+
+def _neighbour_kept(model, tokenizer, records, owner, prompts, editor, batch_size, tf) -> list[float]:
+    """Per neighbour prompt: 1.0 where the true target is more likely (mean log-prob) than the new one."""
+    true, new = records["target_true"].to_list(), records["target_new"].to_list()
+    run = tf or (lambda p, t: teacher_forced(model, tokenizer, p, t, editor=editor, batch_size=batch_size))
+    kept, moved = run(prompts, [true[o] for o in owner]), run(prompts, [new[o] for o in owner])
+    return [float(a > b) for a, b in zip(kept.logprob, moved.logprob)]
 
 
 class Scoring:
@@ -317,9 +343,11 @@ class Scoring:
         max_new_tokens: int = 16,
         fluency: bool = False,
         frozen: FrozenStates | None = None,
+        generation_batch_size: int | None = None,
     ):
         self.model, self.tokenizer, self.records, self.base, self.editor = model, tokenizer, records, base, editor
         self.frozen = frozen
+        self.generation_batch_size = generation_batch_size or batch_size
         self.batch_size, self.generation, self.max_new_tokens, self.fluency = (
             batch_size,
             generation,
@@ -359,7 +387,7 @@ class Scoring:
                 self.tokenizer,
                 prompts,
                 editor=self.editor,
-                batch_size=self.batch_size,
+                batch_size=self.generation_batch_size,
                 max_new_tokens=max_new_tokens,
             )
         return self._gen[key]
@@ -374,14 +402,18 @@ class Scoring:
 
     def agreement(self, owner, prompts, answers, base_col: str) -> list[float | None]:
         """Per record: the share of answer positions whose argmax equals the unedited model's
-        (``base[base_col]``, one list of argmax ids per prompt of the record, in order)."""
-        res = self.tf(prompts, answers)
+        (``base[base_col]``, one list of argmax ids per prompt of the record, in order). A prompt the
+        editor provably leaves alone (``Editor.leaves_unchanged``) agrees without being run."""
+        same = self.editor.leaves_unchanged(prompts) if self.editor is not None else [False] * len(prompts)
+        todo = [k for k, s in enumerate(same) if not s]
+        res = self.tf([prompts[k] for k in todo], [answers[k] for k in todo])
         base_pred = dict(zip(self.base["id"].to_list(), self.base[base_col].to_list()))
         ids = self.records["id"].to_list()
         flat_base = [base_pred[ids[o]][j] for o, j in zip(owner, _positions(owner))]
-        return self.mean_by(
-            owner, [float(np.mean([a == b for a, b in zip(p, q)])) for p, q in zip(res.pred, flat_base)]
-        )
+        vals = [1.0] * len(prompts)
+        for k, p in zip(todo, res.pred):
+            vals[k] = float(np.mean([a == b for a, b in zip(p, flat_base[k])]))
+        return self.mean_by(owner, vals)
 
     def rephrases(self):
         return self.flat("rephrase_prompts", answer_scalar="target_new")
@@ -487,14 +519,24 @@ def paraphrase(s: Scoring):
 def neighborhood(s: Scoring):
     """CounterFact: the true target still more likely than the new one on the neighbour prompts (where
     the neighbours' answers are the true target)."""
-    if not s.has_true():
+    if not _neighbours_answer_true(s.records):
         return None
-    no, np_, na = s.flat("locality_prompts", "locality_answers")
-    true, new = s.records["target_true"].to_list(), s.records["target_new"].to_list()
-    if not np_ or not all(a == true[o] for o, a in zip(no, na)):
-        return None
-    kept, moved = s.tf(np_, [true[o] for o in no]), s.tf(np_, [new[o] for o in no])
-    return s.mean_by(no, [float(a > b) for a, b in zip(kept.logprob, moved.logprob)])
+    no, np_, _ = s.flat("locality_prompts", "locality_answers")
+    vals: list[float] = [0.0] * len(np_)
+    todo = list(range(len(np_)))
+    if s.editor is not None and s.base is not None and "nbr_base_kept" in s.base.columns:
+        # a neighbour the editor provably leaves alone compares as it did on the unedited model
+        base = dict(zip(s.base["id"].to_list(), s.base["nbr_base_kept"].to_list()))
+        ids = s.records["id"].to_list()
+        same = s.editor.leaves_unchanged(np_)
+        for k, (o, j) in enumerate(zip(no, _positions(no))):
+            if same[k]:
+                vals[k] = base[ids[o]][j]
+        todo = [k for k in todo if not same[k]]
+    got = _neighbour_kept(None, None, s.records, [no[k] for k in todo], [np_[k] for k in todo], None, None, s.tf)
+    for k, v in zip(todo, got):
+        vals[k] = v
+    return s.mean_by(no, vals)
 
 
 def fluency(s: Scoring):
@@ -516,10 +558,12 @@ def evaluate(
     max_new_tokens: int = 16,
     fluency: bool = False,
     frozen: FrozenStates | None = None,
+    generation_batch_size: int | None = None,
 ) -> pl.DataFrame:
     """Score every record with every registered metric that has a ``compute`` function
     (``memoe.metric_registry``); returns one row per edit with the metric columns (null where n/a),
-    the generated text beside them. ``frozen``: the unedited model's states below the edit, reused and
+    the generated text beside them. ``generation_batch_size``: prompts per generation batch (default:
+    ``batch_size``). ``frozen``: the unedited model's states below the edit, reused and
     added to (``teacher_forced``)."""
     s = Scoring(
         model,
@@ -532,6 +576,7 @@ def evaluate(
         max_new_tokens=max_new_tokens,
         fluency=fluency,
         frozen=frozen,
+        generation_batch_size=generation_batch_size,
     )
     cols: dict[str, list] = {"id": records["id"].to_list()}
     for name, m in REGISTRY.items():

@@ -112,6 +112,7 @@ def score_round(
     fluency: bool = False,
     diagnostics: bool = True,
     frozen=None,
+    generation_batch_size: int | None = None,
 ) -> Scores:
     """Score the edited model after a round on ``records`` (``eval_records``; ``base``: the unedited
     model's locality predictions). The edits in ``overwritten`` (``overwritten_ids``) are scored
@@ -121,11 +122,19 @@ def score_round(
     a failure there is logged, never fails the scoring. ``editor`` None: the unedited model. ``frozen``: a
     ``memoe.frozen.FrozenStates`` the teacher-forced scores reuse and add to."""
     records, old = split_overwritten(records, overwritten)
-    options = dict(batch_size=batch_size, generation=generation, max_new_tokens=max_new_tokens, fluency=fluency)
+    options = dict(
+        batch_size=batch_size,
+        generation=generation,
+        max_new_tokens=max_new_tokens,
+        fluency=fluency,
+        generation_batch_size=generation_batch_size,
+    )
     table = evaluate(
         model, tok, records.drop("round_of_edit", "current"), base, editor=editor, frozen=frozen, **options
     )
-    old_cols = _overwritten_scores(model, tok, editor, old, records, batch_size, generation, max_new_tokens)
+    old_cols = _overwritten_scores(
+        model, tok, editor, old, records, batch_size, generation, max_new_tokens, generation_batch_size
+    )
     diag = {}
     if diagnostics and editor is not None:
         diag = editor_diagnostics(
@@ -164,6 +173,7 @@ def _overwritten_scores(
     batch_size: int,
     generation: bool,
     max_new_tokens: int,
+    generation_batch_size: int | None = None,
 ) -> dict[str, list]:
     """An overwritten edit's old target on its prompt: its reliability (teacher-forced: the share of the
     old target's tokens predicted, each after the old target's own earlier tokens, so a multi-token name
@@ -182,6 +192,7 @@ def _overwritten_scores(
         batch_size=batch_size,
         generation=generation,
         max_new_tokens=max_new_tokens,
+        generation_batch_size=generation_batch_size,
     )
     prompts, targets = old["prompt"].to_list(), old["target_new"].to_list()
     res = s.tf(prompts, targets)
@@ -241,7 +252,7 @@ def run_sequential(
 ) -> Iterator[Round]:
     """The protocol in one process, on one editor: for each round, seed it (``seed_round``), edit on
     its records, score it (``eval_records`` + ``score_round``; ``eval_kw``: ``score_round``'s
-    batch_size, generation, max_new_tokens, fluency); yields a ``Round`` after each. Code run
+    batch_size, generation_batch_size, generation, max_new_tokens, fluency); yields a ``Round`` after each. Code run
     between two rounds (the consumer's, before asking for the next) is not timed.
     ``every_round`` False: only the last round is scored. ``all_after_last`` False: the last round
     scores a sample of the earlier edits as every other round does (a scale study's evaluation

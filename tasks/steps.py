@@ -167,11 +167,12 @@ def _jsonable(x: Any) -> Any:
 
 
 def prepare_key(ctx, p: dict[str, Any]) -> str:
-    from memoe.config import resolve_path
+    from memoe.config import DataConfig
 
     data = {k: v for k, v in p["data_cfg"].items() if k != "path"}
+    files = DataConfig.model_validate(p["data_cfg"]).files
     return "data-" + digest(
-        file_digest(resolve_path(p["data_cfg"]["path"])),
+        [file_digest(f) for f, _, _ in files],
         data,
         p["rounds"],
         p["batch_size"],
@@ -471,6 +472,7 @@ def evaluate_round(
             pl.read_parquet(base),
             overwritten_ids(applied),
             batch_size=eval_cfg["batch_size"],
+            generation_batch_size=eval_cfg.get("generation_batch_size"),
             generation=eval_cfg["generation"],
             max_new_tokens=eval_cfg["max_new_tokens"],
             fluency=eval_cfg["fluency"],

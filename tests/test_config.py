@@ -176,3 +176,32 @@ def test_a_config_names_a_catalogue_dataset(tmp_path):
     msg = str(e.value)
     assert "unknown dataset 'zzz'" in msg and CATALOGUE.name in msg
     assert all(name in msg for name in datasets())
+
+
+def test_data_mix_studies_catalogue_datasets_together(tmp_path):
+    """``data.mix``: the named datasets' records, ids prefixed by the dataset, shuffled together (seeded)
+    and sampled; a mix with a path, an unknown or repeated name is an error naming it."""
+    from memoe.catalogue import dataset
+    from memoe.datasets import load_for_config
+
+    cfg = load_config(None, ["data.mix=[zsre, counterfact]", "data.n_edits=200", "data.probes=false"])
+    assert [f.name for f, _, _ in cfg.data.files] == [Path(dataset(n).path).name for n in ("zsre", "counterfact")]
+    assert cfg.data.label == "zsre+counterfact"
+    df, report = load_for_config(cfg)
+    assert df.height == 200 and df["id"].n_unique() == 200
+    kinds = df["id"].str.split(":").list.first()
+    assert set(kinds) == {"zsre", "counterfact"} and 60 < (kinds == "zsre").sum() < 140  # both, in every part
+    assert report.n_kept == 1037 + 1031
+    again, _ = load_for_config(cfg)
+    assert again["id"].to_list() == df["id"].to_list()
+    other, _ = load_for_config(
+        load_config(None, ["data.mix=[zsre, counterfact]", "data.n_edits=200", "data.seed=1", "data.probes=false"])
+    )
+    assert other["id"].to_list() != df["id"].to_list()
+    for bad, msg in (
+        (["data.mix=[zsre, counterfact]", "data.path=x.json"], "data.mix names its datasets; leave out data.path"),
+        (["data.mix=[zsre, nope]"], "unknown dataset 'nope'"),
+        (["data.mix=[zsre, zsre]"], "names a dataset twice"),
+    ):
+        with pytest.raises(ConfigError, match=msg):
+            load_config(None, bad)

@@ -385,6 +385,47 @@ def test_plain_generation_is_the_routed_one(run):
     assert torch.equal(_generate(model, tok, run.prompts), _generate(model, tok, run.prompts, editor=ed))
 
 
+def test_what_the_edit_claims_to_leave_alone_is_left_alone(run):
+    """``leaves_unchanged``: where an editor says its edit acts nowhere, the output is the unedited
+    model's, bit for bit (the evaluation takes the unedited model's answers there without running it)."""
+    prompts = run.prompts + UNRELATED
+    said = run.editor.leaves_unchanged(prompts)
+    assert len(said) == len(prompts) and not any(said[: len(run.recs)]), said  # the edits act on their prompts
+    twin = _fresh(run)
+    for p, alone in zip(prompts, said):
+        if alone:
+            assert torch.equal(logits(run.model, run.tok, [p], editor=run.editor), logits(twin, run.tok, [p])), p
+
+
+def test_the_layers_said_unchanged_are_unchanged_and_their_states_reusable(run):
+    """``unchanged_layers``: the states entering that layer are the unedited model's, and scoring from
+    them (memoe/frozen.py) gives the full forward's argmax."""
+    from memoe.frozen import FrozenStates, capture_input
+
+    layer = run.editor.unchanged_layers()
+    if layer < 1:
+        pytest.skip(f"{run.method}: does not say which layers it leaves unchanged")
+    prompts = run.prompts
+    seen, seen_twin = [], []
+    twin = _fresh(run)
+    enc = run.tok(prompts, return_tensors="pt", padding=True)
+    hook = capture_input(run.model, layer, seen)
+    with torch.no_grad(), run.editor.route(prompts):
+        run.model(**enc)
+    hook.remove()
+    hook = capture_input(twin, layer, seen_twin)
+    with torch.no_grad():
+        twin(**enc)
+    hook.remove()
+    assert torch.equal(seen[0], seen_twin[0])
+    targets = run.recs["target_new"].to_list() + ["fruit", "Lima"]
+    plain = teacher_forced(run.model, run.tok, prompts, targets, editor=run.editor)
+    states = FrozenStates(layer)
+    teacher_forced(run.model, run.tok, prompts, targets, editor=run.editor, frozen=states)
+    reused = teacher_forced(run.model, run.tok, prompts, targets, editor=run.editor, frozen=states)
+    assert states.hits == len(prompts) and reused.pred == plain.pred
+
+
 def test_the_methods_own_claims(run):
     if run.case.on_edit is None:
         pytest.skip(f"{run.method}: no claims beyond the contract")

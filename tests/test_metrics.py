@@ -103,11 +103,24 @@ class Bigram(torch.nn.Module):
     def get_output_embeddings(self):
         return self.head
 
-    def generate(self, input_ids, attention_mask=None, max_new_tokens=1, do_sample=False, pad_token_id=None):
+    steps = 0  # decode steps taken, over all generate calls
+
+    def generate(
+        self, input_ids, attention_mask=None, max_new_tokens=1, do_sample=False, pad_token_id=None, stopping_criteria=()
+    ):
+        """Greedy; as in transformers, a row that a stopping criterion ends is padded from then on, and
+        the batch stops once every row has ended."""
         out = input_ids
+        done = torch.zeros(len(out), dtype=torch.bool)
         for _ in range(max_new_tokens):
+            Bigram.steps += 1
             nxt = self.head(self.base_model(out[:, -1:]).last_hidden_state)[:, -1].argmax(-1, keepdim=True)
+            nxt = torch.where(done[:, None], torch.full_like(nxt, pad_token_id or 0), nxt)
             out = torch.cat([out, nxt], 1)
+            for c in stopping_criteria or ():
+                done |= c(out, None)
+            if bool(done.all()):
+                break
         return out
 
 
@@ -302,6 +315,24 @@ def test_generation_reliability_and_contains():
     assert t["generation"].to_list()[:2] == ["c", " ".join(["t"] + ["x"] * 15)]  # eval.max_new_tokens: 16
     assert t["generation_reliability"].to_list() == [1.0, 0.0, 1.0]
     assert t["generation_contains"].to_list() == [1.0, 1.0, 1.0]
+
+
+def test_a_batch_stops_decoding_once_every_row_is_cut_and_keeps_the_same_texts():
+    """'a b' -> 'c <nl>' is cut after 2 tokens, 'p q' -> 'r <nl>' too: a batch of both stops there; one
+    with 'y z' (no newline) decodes every step. The texts are those of decoding every step."""
+    m = Bigram(table({"b": "c", "c": "<nl>", "q": "r", "r": "<nl>", "z": "t"}))
+    Bigram.steps = 0
+    assert generate(m, TOK, ["a b", "p q"], max_new_tokens=8) == ["c", "r"]
+    assert Bigram.steps == 2
+    Bigram.steps = 0
+    full = generate(m, TOK, ["a b", "p q", "y z"], max_new_tokens=8, stop_early=False)
+    assert Bigram.steps == 8
+    Bigram.steps = 0
+    assert generate(m, TOK, ["a b", "p q", "y z"], max_new_tokens=8) == full == ["c", "r", "t x x x x x x x"]
+    assert Bigram.steps == 8
+    # a newline first is blank space, not the cut ('<nl> c' -> 'c', as without stopping early)
+    m = Bigram(table({"b": "<nl>", "<nl>": "c", "c": "<nl>"}))
+    assert generate(m, TOK, ["a b"], max_new_tokens=4) == generate(m, TOK, ["a b"], max_new_tokens=4, stop_early=False)
 
 
 def test_fluency_is_the_ngram_entropy_of_each_generation():

@@ -15,7 +15,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import polars as pl
 import torch
@@ -143,13 +143,19 @@ class Editor(ABC):
         logged beside the metrics each round. Default: none."""
         return {}
 
-    @abstractmethod
+    def leaves_unchanged(self, prompts: Sequence[str]) -> list[bool]:
+        """Per prompt: True where the edit provably acts nowhere on it, so that the edited model's
+        output there is the unedited model's (evaluation then takes the unedited model's answers, known
+        already, instead of computing them again). The default: False for every prompt."""
+        return [False] * len(prompts)
+
     def unchanged_layers(self) -> int:
         """How many decoder layers, from the bottom, compute exactly what the unedited model computes
         while this edit is applied: evaluation reuses the unedited model's states entering that layer
         across evaluations (``memoe.frozen``). 0, the default: not known, every layer is recomputed."""
         return 0
 
+    @abstractmethod
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Everything the edit changed (adapter weights, weight deltas, codebook)."""
 

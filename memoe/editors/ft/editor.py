@@ -86,6 +86,10 @@ class FTEditor(Editor):
         self.edits_applied += records.height
         return EditResult.of(losses, t0, records.height, **{"delta_linf": float(self.delta.abs().max())})
 
+    def unchanged_layers(self) -> int:
+        """The layers below ``layer``: only its layer's MLP output projection is trained."""
+        return self.layer
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {self._key: self.delta.clone()}
 

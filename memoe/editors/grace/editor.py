@@ -193,6 +193,10 @@ class GraceEditor(Editor):
         )
 
     # ------------------------------------------------------------------ state
+    def unchanged_layers(self) -> int:
+        """The layers below ``layer``: the codebook acts on its layer's MLP output."""
+        return self.layer
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"keys": self.keys.clone(), "values": self.values.clone(), "eps": self.eps.clone()}
 

@@ -233,6 +233,10 @@ class MemitEditor(Editor):
         )
 
     # ------------------------------------------------------------------ state
+    def unchanged_layers(self) -> int:
+        """The layers below the lowest edited one."""
+        return min(self.layers)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {f"delta.layer{l}": d.clone() for l, d in self.delta.items()}
 

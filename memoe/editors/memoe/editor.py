@@ -653,6 +653,13 @@ class MEMoEEditor(Editor):
         return router_diagnostics(self, records, **kw)
 
     # ------------------------------------------------------------------ state
+    def leaves_unchanged(self, prompts: Sequence[str]) -> list[bool]:
+        """Anchor gating: a prompt with no known edited subject in it routes to no expert (``route``
+        sets its gate to 0), so the adapter adds nothing anywhere on it."""
+        if self.cfg.gate_mode == "always":
+            return [False] * len(prompts)
+        return [not a.known for a in self.anchors_for(prompts)]
+
     def unchanged_layers(self) -> int:
         """The adapter's lowest layer, or the fact gate's lowest (the gate reads the inputs of its layers
         with hooks, which must run)."""

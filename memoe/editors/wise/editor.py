@@ -196,6 +196,10 @@ class WiseEditor(Editor):
             },
         )
 
+    def unchanged_layers(self) -> int:
+        """The layers below ``layer``: the side memory sits in its layer's MLP."""
+        return self.layer
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {f"side_delta.layer{self.layer}": self.D.clone(), "eps": self.eps.clone().reshape(1)}
 

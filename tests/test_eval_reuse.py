@@ -1,6 +1,9 @@
-"""Reusing the unedited model's states below an edit across evaluations (memoe/frozen.py): a sequence
-whose states are kept runs only the layers from the edit up, and scores what the full forward scores."""
+"""What evaluation reuses instead of recomputing: the unedited model's states below an edit, across
+evaluations (memoe/frozen.py: a sequence whose states are kept runs only the layers from the edit up,
+and scores what the full forward scores), and the unedited model's answers on prompts the editor
+provably leaves alone (``Editor.leaves_unchanged``)."""
 
+import polars as pl
 import pytest
 import torch
 
@@ -54,7 +57,9 @@ def test_reused_states_score_like_the_full_forward_and_survive_a_reload(tokenize
     # the edit did change the answers: the reuse is not scoring the unedited model
     assert min(reused.logprob[:2]) > max(before.logprob) + 1.0
     # a prompt met for the first time beside reused ones: computed in full and added
-    mixed = teacher_forced(model, tokenizer, PROMPTS + ["Homer wrote"], TARGETS + ["Blue Lagoon"], editor=ed, frozen=again)
+    mixed = teacher_forced(
+        model, tokenizer, PROMPTS + ["Homer wrote"], TARGETS + ["Blue Lagoon"], editor=ed, frozen=again
+    )
     assert again.misses == 1 and len(again.new) == 1
     assert mixed.pred[:4] == plain.pred
 
@@ -91,5 +96,44 @@ def test_states_of_another_layer_or_above_the_edit_are_refused(tokenizer, tmp_pa
 
 def test_the_fact_gate_keeps_its_own_layers_computed(tokenizer):
     model = tiny_model("llama", len(tokenizer))
-    ed = MEMoEEditor(model, tokenizer, MEMoEMethod(**{**FAST, "layers": [3], "fact_gate": True, "fact_gate_layers": [1, 2]}))
+    ed = MEMoEEditor(
+        model, tokenizer, MEMoEMethod(**{**FAST, "layers": [3], "fact_gate": True, "fact_gate_layers": [1, 2]})
+    )
     assert ed.unchanged_layers() == 1
+
+
+def _cf_records():
+    recs = _recs().with_columns(
+        target_true=pl.Series(["French", "Iliad"]),
+        locality_prompts=pl.Series([["nq question: what is water", "The mother tongue of Homer is"]] * 2),
+    )
+    return recs.with_columns(locality_answers=pl.concat_list([pl.col("target_true"), pl.col("target_true")]))
+
+
+def test_prompts_left_alone_take_the_unedited_models_answers_without_running(tokenizer, monkeypatch):
+    import memoe.metrics as metrics
+
+    model = tiny_model("llama", len(tokenizer))
+    recs = _cf_records()
+    base = locality_predictions(model, tokenizer, recs)
+    assert base["nbr_base_kept"].list.len().to_list() == [2, 2]  # CounterFact-like: the neighbourhood kept too
+    ed = MEMoEEditor(model, tokenizer, MEMoEMethod(**{**FAST, "layers": [2], "steps": 30}))
+    ed.edit(recs)
+    assert ed.leaves_unchanged(["nq question: what is water", "The mother tongue of Homer is"]) == [True, False]
+    seen: list[str] = []
+    real = metrics.teacher_forced
+
+    def spy(model_, tok_, prompts, targets, **kw):
+        if kw.get("editor") is not None:
+            seen.extend(prompts)
+        return real(model_, tok_, prompts, targets, **kw)
+
+    monkeypatch.setattr(metrics, "teacher_forced", spy)
+    fast = evaluate(model, tokenizer, recs, base, editor=ed, generation=False)
+    assert "nq question: what is water" not in seen and "The mother tongue of Homer is" in seen
+    monkeypatch.setattr(type(ed), "leaves_unchanged", lambda self, prompts: [False] * len(prompts))
+    seen.clear()
+    full = evaluate(model, tokenizer, recs, base, editor=ed, generation=False)
+    assert "nq question: what is water" in seen
+    assert fast.select("locality", "neighborhood").equals(full.select("locality", "neighborhood"))
+    assert fast["neighborhood"].null_count() == 0
