@@ -87,7 +87,9 @@ class DataConfig(Strict):
     @classmethod
     def _dataset(cls, data):
         if isinstance(data, dict) and data.get("mix") is not None:
-            given = [f"data.{k}" for k in ("path", "format", "dataset") if k in data]
+            # a resolved config written back (path and format at their defaults) reads the same
+            default = {"path": cls.model_fields["path"].default, "format": cls.model_fields["format"].default}
+            given = [f"data.{k}" for k in ("path", "format", "dataset") if k in data and data[k] != default.get(k)]
             if given:
                 raise ValueError(f"data.mix names its datasets; leave out {' and '.join(given)}")
             mix = data["mix"]

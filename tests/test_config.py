@@ -187,6 +187,7 @@ def test_data_mix_studies_catalogue_datasets_together(tmp_path):
     cfg = load_config(None, ["data.mix=[zsre, counterfact]", "data.n_edits=200", "data.probes=false"])
     assert [f.name for f, _, _ in cfg.data.files] == [Path(dataset(n).path).name for n in ("zsre", "counterfact")]
     assert cfg.data.label == "zsre+counterfact"
+    assert Config.model_validate(cfg.model_dump(mode="json")) == cfg  # the resolved config reads back (the flow does)
     df, report = load_for_config(cfg)
     assert df.height == 200 and df["id"].n_unique() == 200
     kinds = df["id"].str.split(":").list.first()
