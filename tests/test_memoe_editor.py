@@ -441,7 +441,22 @@ def test_a_re_edit_answers_the_latest_target_and_the_old_one_does_not_come_back(
         assert st.details["n_replayed"] == 1  # Danielle Darrieux's edit; never Homer's superseded one
     new = teacher_forced(model, tokenizer, [p1, p0, p2], ["Star Wars", t0, t2], editor=ed).acc()
     old = teacher_forced(model, tokenizer, [p1], [t1], editor=ed).acc()
-    assert min(new) == 1.0 and old[0] < 1.0
+    # the overwritten target is trained unlikely on its prompt (the tiny model forgets it anyway; the
+    # real model keeps credit for a name's continuation: docs/lifelong.md)
+    assert st.details["n_forgotten"] == 1 and st.details["forget_loss_final"] < 0.05
+    assert min(new) == 1.0 and old[0] == 0.0
+
+
+def test_the_forget_rows_leave_out_the_tokens_the_latest_target_shares(tokenizer):
+    model = tiny_model("llama", len(tokenizer))
+    ed = MEMoEEditor(model, tokenizer, MEMoEMethod(**FAST))
+    p, s = "Homer's most famous poem is", "Homer"
+    batch, _, _ = ed._forget_part([(p, "Blue Lagoon", "Blue Moon", s), (p, "Blue Lagoon", "Star Wars", s)])
+    old = tokenizer(" Blue Lagoon").input_ids
+    shared = 1 if tokenizer(" Blue Moon").input_ids[0] == old[0] else 0
+    kept = (batch["labels"] != -100).sum(1).tolist()
+    assert kept == [len(old) - shared, len(old)] and shared == 1
+    assert ed._forget_part([(p, "Blue", "Blue Moon", s)]) is None  # nothing of the old target to unlearn
 
 
 def test_a_grown_block_takes_the_re_edited_subjects_other_edits_with_it(tokenizer):

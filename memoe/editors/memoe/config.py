@@ -98,6 +98,13 @@ class MEMoEMethod(Strict):
     scope_stop_loss: float = Field(
         1.0, ge=0.0, description="with scope negatives, the early stop also waits for the scope loss to fall below this"
     )
+    forget_weight: float = Field(
+        1.0,
+        ge=0.0,
+        description="re-edits: weight of the unlikelihood of the overwritten target on its prompt, in the round "
+        "that re-edits it (the tokens it shares with the latest target left out; 0: off); the early stop also "
+        "waits for it to fall below early_stop_loss",
+    )
     growth: Literal["shared", "round"] = Field(
         "shared",
         description="sequential: 'shared': every round trains the same adapter (the paper's protocol, with "

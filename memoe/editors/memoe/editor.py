@@ -261,6 +261,48 @@ class MEMoEEditor(Editor):
         return rows
 
     def _loss(self, batch: dict, ctx: dict, cache: tuple | None, reduction: str = "mean") -> torch.Tensor:
+        h, y = self._hidden(batch, ctx, cache)
+        head = self.model.get_output_embeddings()
+        if getattr(head, "bias", None) is not None:
+            return torch.nn.functional.cross_entropy(head(h).float(), y, reduction=reduction)
+        # under mixed precision the LM head is cast to the training dtype once per round (autocast
+        # would re-cast the frozen vocab x d matrix at every call)
+        w = self._head_weight if self._head_weight is not None else head.weight.detach()
+        loss = head_nll_sum(h, w, y)
+        return loss if reduction == "sum" else loss / max(len(y), 1)
+
+    def _forget_loss(self, part: tuple) -> torch.Tensor:
+        """Unlikelihood of the overwritten targets (``_forget_part``): mean of -log(1 - p) over their
+        tokens, each after the overwritten target's own earlier tokens (as its reliability is scored)."""
+        batch, ctx, cache = part
+        h, y = self._hidden(batch, ctx, cache)
+        head = self.model.get_output_embeddings()
+        logits = head(h.to(head.weight.dtype)).float()
+        logp = torch.log_softmax(logits, -1).gather(1, y[:, None])[:, 0]
+        return -torch.log1p(-logp.exp().clamp(max=1 - 1e-6)).mean()
+
+    def _forget_part(self, forget: Sequence[tuple[str, str, str, str]]) -> tuple | None:
+        """The overwritten edits of a round, prepared once: (prompt, old target, subject) rows whose labels
+        keep only the old target's tokens from the first one that differs from the latest target's."""
+        if not forget:
+            return None
+        rows = [(p, old, s) for p, old, _, s in forget]
+        batch, ctx, cache = self._prepare(rows, pack=False)  # one row per batch row: its labels are cut below
+        labels = batch["labels"]
+        for r, (p, old, new, _) in enumerate(forget):
+            o, n = encode_pair(self.tokenizer, p, old), encode_pair(self.tokenizer, p, new)
+            old_ids, new_ids = o[0][o[1] :], n[0][n[1] :]
+            shared = 0
+            while shared < min(len(old_ids), len(new_ids)) and old_ids[shared] == new_ids[shared]:
+                shared += 1
+            cols = (labels[r] != -100).nonzero(as_tuple=True)[0]
+            labels[r, cols[:shared]] = -100
+        if not bool((labels != -100).any()):
+            return None
+        return batch, ctx, cache
+
+    def _hidden(self, batch: dict, ctx: dict, cache: tuple | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final-normed hidden states at the positions that predict a label, and those labels."""
         labels = batch["labels"]
         rows, cols = (labels[:, 1:] != -100).nonzero(as_tuple=True)
         st = self.adapter.state
@@ -283,15 +325,7 @@ class MEMoEEditor(Editor):
                     position_ids=batch.get("position_ids"),
                     use_cache=False,
                 ).last_hidden_state[rows, cols]
-        y = labels[rows, cols + 1]
-        head = self.model.get_output_embeddings()
-        if getattr(head, "bias", None) is not None:
-            return torch.nn.functional.cross_entropy(head(h).float(), y, reduction=reduction)
-        # under mixed precision the LM head is cast to the training dtype once per round (autocast
-        # would re-cast the frozen vocab x d matrix at every call)
-        w = self._head_weight if self._head_weight is not None else head.weight.detach()
-        loss = head_nll_sum(h, w, y)
-        return loss if reduction == "sum" else loss / max(len(y), 1)
+        return h, labels[rows, cols + 1]
 
     def _capture(self, batch: dict) -> tuple[LayerCache, torch.Tensor | None]:
         """The layer cache of a batch, and the input of layer l's MLP. The adapter only adds a term
@@ -321,9 +355,11 @@ class MEMoEEditor(Editor):
             cache.calls = _cast_floats(cache.calls, torch.get_autocast_dtype(self.device.type))  # no fp32 detours
         return cache, kept["x"]
 
-    def _prepare(self, rows: Sequence[tuple[str, str, str]]):
+    def _prepare(self, rows: Sequence[tuple[str, str, str]], pack: bool | None = None):
+        """A batch of training rows (packed: ``pack``, default ``_packs()``), its routing context, and
+        its layer cache (where the editor uses one)."""
         prompts, targets, subjects = zip(*rows)
-        packed = self._packs()
+        packed = self._packs() if pack is None else pack
         if packed:
             batch = packed_batch(self.tokenizer, list(prompts), list(targets), self.device, self.cfg.pack_tokens)
         else:
@@ -530,6 +566,12 @@ class MEMoEEditor(Editor):
         keys = {self._prompt_key(p) for p, _, _ in new}
         history = [h for h in self.history if self._prompt_key(h[0]) not in keys]
         n_superseded = len(self.history) - len(history)
+        latest = {self._prompt_key(p): t for p, t, _ in new}
+        forget = [
+            (p, t, latest[self._prompt_key(p)], s)
+            for p, t, s in self.history
+            if self._prompt_key(p) in latest and latest[self._prompt_key(p)] != t
+        ]
         block = 0
         if cfg.growth == "round":
             # the new block takes over this round's subjects: their earlier edits still in force move
@@ -553,7 +595,7 @@ class MEMoEEditor(Editor):
             mine = {self.extractor.canonical(s) for _, _, s in new}
             self.gate.update({k: v for k, v in by_subject.items() if k in mine}, salt=str(self.rounds))
         try:
-            losses, details = self._train(new, old, t0)
+            losses, details = self._train(new, old, t0, forget if cfg.forget_weight > 0 else [])
         finally:
             self._train_block = None
         if cfg.growth == "round":
@@ -576,10 +618,15 @@ class MEMoEEditor(Editor):
         )
 
     def _train(
-        self, new: list[tuple[str, str, str]], old: list[tuple[str, str, str]], t0: float
+        self,
+        new: list[tuple[str, str, str]],
+        old: list[tuple[str, str, str]],
+        t0: float,
+        forget: Sequence[tuple[str, str, str, str]] = (),
     ) -> tuple[list[float], dict[str, Any]]:
-        """One round's training of the adapter's trainable parameters on ``new`` and ``old`` edits:
-        the loss of each step, and the round's figures of its own (``EditResult.details``)."""
+        """One round's training of the adapter's trainable parameters on ``new`` and ``old`` edits (and,
+        for ``forget``'s (prompt, overwritten target, latest target, subject), the unlikelihood of the
+        overwritten target): the loss of each step, and the round's figures of its own."""
         cfg = self.cfg
         rows = self._examples(new + old)
         scope_rows = self.scope_rows(new + old)
@@ -589,6 +636,7 @@ class MEMoEEditor(Editor):
         with training_precision(self.model, dtype):
             packed = self._packs()  # decided once, in the training precision and attention implementation
             scope = self._scope_part(scope_rows)
+            forgetting = self._forget_part(forget)
             # per optimiser step: [(batch, ctx, cache, n_target_tokens)] of similar-length rows
             steps_data = [self._step_parts(rows[i : i + bs], packed) for i in range(0, len(rows), bs)]
             t_prep = time.perf_counter() - t0
@@ -599,6 +647,7 @@ class MEMoEEditor(Editor):
             self.adapter.train()
             losses: list[float] = []
             scope_losses: list[float] = []
+            forget_losses: list[float] = []
             step = 0
             if dtype is not None:
                 self._head_weight = self.model.get_output_embeddings().weight.detach().to(dtype)
@@ -622,12 +671,18 @@ class MEMoEEditor(Editor):
                                 sl = self._scope_loss(scope)
                                 (cfg.scope_weight * sl).backward()
                                 scope_losses.append(float(sl.detach()))
+                            if forgetting is not None:
+                                fl = self._forget_loss(forgetting)
+                                (cfg.forget_weight * fl).backward()
+                                forget_losses.append(float(fl.detach()))
                             opt.step()
                         losses.append(nll / ntok)  # float(loss) above waits for the device
                         if self.on_step is not None:
                             self.on_step(step, losses[-1])
-                        if losses[-1] < cfg.early_stop_loss and (
-                            not scope_losses or scope_losses[-1] < cfg.scope_stop_loss
+                        if (
+                            losses[-1] < cfg.early_stop_loss
+                            and (not scope_losses or scope_losses[-1] < cfg.scope_stop_loss)
+                            and (not forget_losses or forget_losses[-1] < cfg.early_stop_loss)
                         ):
                             break
             finally:
@@ -639,6 +694,8 @@ class MEMoEEditor(Editor):
             "n_train_rows": len(rows),
             "n_scope_negatives": len(scope_rows),
             "scope_loss_final": scope_losses[-1] if scope_losses else None,
+            "n_forgotten": len(forget),
+            "forget_loss_final": forget_losses[-1] if forget_losses else None,
             "layer_cache": self.uses_layer_cache,
             "packed": packed,
             "compiled": self.compiles,
