@@ -52,6 +52,7 @@ LAYERS: list[tuple[str, dict[str, str]]] = [
             "memoe.checks": "a config's settings against its model",
             "memoe.adapter": "MEMoE's bypass mixture of experts beside a model's MLP, and the layer cache",
             "memoe.corpus": "text corpora and key statistics over a model's layer",
+            "memoe.frozen": "the unedited model's states below an edit, and the forward that starts from them",
         },
     ),
     ("editing", {"memoe.editors": "the Editor interface, shared training helpers, one module or package per method"}),

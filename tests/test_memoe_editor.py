@@ -475,3 +475,23 @@ def test_a_grown_block_takes_the_re_edited_subjects_other_edits_with_it(tokenize
 def test_growth_round_needs_anchor_gating():
     with pytest.raises(ValueError, match="gate_mode 'anchor'"):
         MEMoEMethod(growth="round", gate_mode="always")
+
+
+def test_an_overwritten_target_is_trained_unlikely_again_whenever_its_prompt_is_trained(tokenizer, tmp_path):
+    """Round 3 edits Homer again (another relation): in growth 'round' the new block takes Homer's edits,
+    the re-edit among them, and its overwritten target is trained unlikely there too; the record of the
+    overwritten targets survives save/load (the pipeline loads each round's editor from the last state)."""
+    model = tiny_model("llama", len(tokenizer))
+    cfg = MEMoEMethod(**{**FAST, "steps": 40, "growth": "round"})
+    ed = MEMoEEditor(model, tokenizer, cfg)
+    (p0, t0, s0), (p1, t1, s1), _ = GROW
+    ed.edit(_records([p0, p1], [t0, t1], [s0, s1]))
+    assert ed.edit(_records([p1], ["Star Wars"], [s1])).details["n_forgotten"] == 1
+    ed.save(tmp_path / "state")
+    ed.remove()
+    again = MEMoEEditor(model, tokenizer, cfg)
+    again.load(tmp_path / "state")
+    assert again.overwritten == ed.overwritten and list(again.overwritten.values()) == [[(p1, t1, s1)]]
+    st = again.edit(_records(["The birthplace of Homer is"], ["Atlantis"], [s1]))
+    assert st.details["n_replayed"] == 1 and st.details["n_forgotten"] == 1
+    assert teacher_forced(model, tokenizer, [p1], [t1], editor=again).acc() == [0.0]

@@ -107,6 +107,7 @@ class MEMoEEditor(Editor):
             )
             st.mask_fn = lambda B, T, device: self.gate.open_mask(st.scope, st.attention_mask, st.past, B, T, device)
         self.history: list[tuple[str, str, str]] = []  # (prompt, target, subject) of every edit in force
+        self.overwritten: dict[str, list[tuple[str, str, str]]] = {}  # prompt key -> the edits re-edits replaced
         self.block_of: dict[str, int] = {}  # growth 'round': normalised subject -> the block holding its edits
         self._train_block: int | None = None  # growth 'round', inside edit(): the block being trained
         self.templates: list[str] | None = None
@@ -567,11 +568,10 @@ class MEMoEEditor(Editor):
         history = [h for h in self.history if self._prompt_key(h[0]) not in keys]
         n_superseded = len(self.history) - len(history)
         latest = {self._prompt_key(p): t for p, t, _ in new}
-        forget = [
-            (p, t, latest[self._prompt_key(p)], s)
-            for p, t, s in self.history
-            if self._prompt_key(p) in latest and latest[self._prompt_key(p)] != t
-        ]
+        for p, t, s in self.history:  # every target a re-edit overwrote, kept for the rounds after this one
+            k = self._prompt_key(p)
+            if k in latest and latest[k] != t and (p, t, s) not in self.overwritten.get(k, []):
+                self.overwritten.setdefault(k, []).append((p, t, s))
         block = 0
         if cfg.growth == "round":
             # the new block takes over this round's subjects: their earlier edits still in force move
@@ -588,6 +588,16 @@ class MEMoEEditor(Editor):
             old = list(history)
             if cfg.replay is not None and len(old) > cfg.replay:
                 old = rng.sample(old, cfg.replay)
+        # whenever a prompt is trained (a re-edit, or moved / replayed later), its overwritten targets are
+        # trained unlikely beside it: a later round cannot bring one back
+        trained = {self._prompt_key(p): t for p, t, _ in new + old}
+        forget = [
+            (p, t, trained[k], s)
+            for k, rows in sorted(self.overwritten.items())
+            if k in trained
+            for p, t, s in rows
+            if t != trained[k]
+        ]
         if self.gate is not None:  # the fact gate's keys of this round's subjects, from all their edits in force
             by_subject: dict[str, list[str]] = {}
             for p, _, subj in history + new:
@@ -756,6 +766,7 @@ class MEMoEEditor(Editor):
             "known_subjects": self.extractor.subjects,
             "templates": self.templates,
             "history": [list(h) for h in self.history],
+            "overwritten": {k: [list(r) for r in rows] for k, rows in self.overwritten.items()},
             "rounds": self.rounds,
             "blocks": self.adapter.n_blocks,
             "block_of": dict(self.block_of),
@@ -766,6 +777,7 @@ class MEMoEEditor(Editor):
         self.extractor = AnchorExtractor(state.get("known_subjects", []), ner=self.cfg.ner_fallback)
         self.templates = state.get("templates")
         self.history = [tuple(h) for h in state.get("history", [])]
+        self.overwritten = {k: [tuple(r) for r in rows] for k, rows in state.get("overwritten", {}).items()}
         self.rounds = state.get("rounds", 0)
         self.block_of = {k: int(v) for k, v in state.get("block_of", {}).items()}
         self._gate_subjects = list(state.get("fact_gate_subjects", []))
