@@ -275,6 +275,7 @@ def _run_rounds(ctx: Ctx, method, data: dict, base: dict, parent_run: str | None
     md, mc, ec = cfg.model.model_dump(mode="json"), method.model_dump(mode="json"), cfg.eval.model_dump(mode="json")
     prev, rounds, table_path = None, [], None
     frozen: list[str] = []  # the unedited model's states below the edit, per round (memoe.frozen)
+    memo: list[str] = []  # the edited model's results that still hold, per round (memoe.memo)
     n_rounds, batch = len(data["rounds"]), data["n_edits"] // len(data["rounds"])
     train_compute = eval_compute = peak_mb = setup_s = 0.0
     pfx = f"{label}." if label else ""
@@ -309,11 +310,14 @@ def _run_rounds(ctx: Ctx, method, data: dict, base: dict, parent_run: str | None
             base=base["table"],
             eval_cfg=ec,
             frozen=list(frozen),
+            memo=list(memo),
             **common,
         )
         prev, table_path = tr_res["state"], ev["table"]
         if ev.get("frozen"):
             frozen.append(ev["frozen"])
+        if ev.get("memo"):
+            memo.append(ev["memo"])
         train_compute += tr_res["seconds"]
         setup_s += float((tr_res["stats"] or {}).get("setup_s") or 0.0)  # one-time cost (MEMIT's key statistics)
         peak_mb = max(peak_mb, tr_res.get("peak_memory_mb") or 0.0)
@@ -329,10 +333,13 @@ def _run_rounds(ctx: Ctx, method, data: dict, base: dict, parent_run: str | None
             "n_earlier_scored": ev["n_earlier_scored"],
             "train": tr_res["stats"],
             "diagnostics": ev.get("diagnostics") or {},
-            "evaluation": {  # seconds, and the sequences whose states below the edit were reused / computed
+            "evaluation": {  # seconds; sequences whose states below the edit were reused / computed; and
+                # sequences (teacher-forced and generated) whose results still held / were scored
                 "seconds": ev["seconds"],
                 "states_reused": ev.get("frozen_reused", 0),
                 "states_computed": ev.get("frozen_computed", 0),
+                "scores_reused": ev.get("scores_reused", 0),
+                "scores_computed": ev.get("scores_computed", 0),
             },
             "cached": {
                 "train": ctx.task_states[f"{pfx}train_round_{t}"] == "Cached",

@@ -195,6 +195,12 @@ class EvalConfig(Strict):
         "prompt and reused by the later rounds' evaluations (memoe/frozen.py; about 0.5 GB of disk per "
         "1,000 ZsRE edits with their probes)",
     )
+    reuse_scores: bool = Field(
+        True,
+        description="sequential studies: a sequence scored in an earlier round is not scored again while "
+        "the editor says its effect there is unchanged (Editor.row_versions; MEMoE with growth 'round': "
+        "an edit in a frozen block keeps its scores until its subject moves; memoe/memo.py)",
+    )
 
 
 class TrackingConfig(Strict):

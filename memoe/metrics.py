@@ -27,6 +27,7 @@ import torch
 
 from memoe.data import encode_pair
 from memoe.frozen import FrozenStates, capture_input, forward_from
+from memoe.memo import ScoreMemo
 from memoe.metric_registry import METRICS, REGISTRY
 
 TOKENS_PER_ROW = 64  # a batch of ``size`` rows holds at most size x 64 padded tokens (a longer row: alone)
@@ -77,11 +78,14 @@ def teacher_forced(
     editor=None,
     batch_size: int = 16,
     frozen: FrozenStates | None = None,
+    memo: ScoreMemo | None = None,
 ) -> TFResult:
     """Argmax and mean log-prob at each target token of ``prompt + " " + target``. ``frozen``: the
     unedited model's states entering decoder layer ``frozen.layer`` (``memoe.frozen``), which the
     editor must leave unchanged: a sequence found there runs the layers from ``frozen.layer`` up
-    only, and one not found there is computed in full and added."""
+    only, and one not found there is computed in full and added. ``memo``: the edited model's results
+    kept by sequence and ``editor.row_versions`` (``memoe.memo``): a sequence found there under its
+    row's version is not run at all, and one computed here is added."""
     if frozen is not None and editor is not None and editor.unchanged_layers() < frozen.layer:
         raise ValueError(
             f"frozen states of layer {frozen.layer}, but {type(editor).__name__} changes layer "
@@ -89,10 +93,23 @@ def teacher_forced(
         )
     n = len(prompts)
     enc = [encode_pair(tokenizer, p, t) for p, t in zip(prompts, targets)]
-    order = sorted(range(n), key=lambda i: len(enc[i][0]))  # length buckets
     pred: list[list[int]] = [[] for _ in range(n)]
     tgt: list[list[int]] = [[] for _ in range(n)]
     lp: list[float] = [0.0] * n
+    memo_key: dict[int, str] = {}
+    kept: set[int] = set()
+    if memo is not None and editor is not None:
+        for i, v in enumerate(editor.row_versions(prompts)):
+            if v is None:
+                continue
+            memo_key[i] = ScoreMemo.key("tf", enc[i][0], enc[i][1], v)
+            got = memo.get_tf(memo_key[i])
+            if got is not None:
+                pred[i], tgt[i], lp[i] = list(got[0]), list(got[1]), got[2]
+                kept.add(i)
+        memo.hits, memo.misses = memo.hits + len(kept), memo.misses + n - len(kept)
+    todo = [i for i in range(n) if i not in kept]
+    order = sorted(todo, key=lambda i: len(enc[i][0]))  # length buckets
     body, head = _body_and_head(model)
     dev = next(model.parameters()).device
     pad = tokenizer.pad_token_id or 0
@@ -140,6 +157,8 @@ def teacher_forced(
             pred[i] = am[k : k + m]
             tgt[i] = seq[npr:]
             lp[i] = float(np.mean(tok_lp[k : k + m]))
+            if i in memo_key:
+                memo.put_tf(memo_key[i], pred[i], tgt[i], lp[i])
             k += m
 
     for idx in _batches(order, batch_size, [len(e[0]) for e in enc]):
@@ -188,13 +207,27 @@ def generate(
     max_new_tokens: int = 16,
     cut: bool = True,
     stop_early: bool = True,
+    memo: ScoreMemo | None = None,
 ) -> list[str]:
     """Greedy continuation of each prompt, cut at the first newline or end-of-text (``cut``); with
-    ``cut``, a batch stops decoding once every row has reached its cut (``stop_early``; the same texts)."""
+    ``cut``, a batch stops decoding once every row has reached its cut (``stop_early``; the same texts).
+    ``memo``: as in ``teacher_forced``, by prompt, ``max_new_tokens``, ``cut`` and the row's version."""
     from transformers import StoppingCriteriaList
 
     out: list[str] = [""] * len(prompts)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    memo_key: dict[int, str] = {}
+    kept: set[int] = set()
+    if memo is not None and editor is not None:
+        for i, v in enumerate(editor.row_versions(prompts)):
+            if v is None:
+                continue
+            memo_key[i] = ScoreMemo.key("gen", prompts[i], max_new_tokens, cut, v)
+            got = memo.get_gen(memo_key[i])
+            if got is not None:
+                out[i] = got
+                kept.add(i)
+        memo.hits, memo.misses = memo.hits + len(kept), memo.misses + len(prompts) - len(kept)
+    order = sorted((i for i in range(len(prompts)) if i not in kept), key=lambda i: len(prompts[i]))
     dev = next(model.parameters()).device
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
@@ -215,6 +248,8 @@ def generate(
             texts = tokenizer.batch_decode(gen[:, n_in:], skip_special_tokens=not cut)
             for i, t in zip(idx, texts):
                 out[i] = _STOP.split(t.lstrip(), maxsplit=1)[0].strip() if cut else t
+                if i in memo_key:
+                    memo.put_gen(memo_key[i], out[i])
     finally:
         tokenizer.padding_side = side
     return out
@@ -344,9 +379,10 @@ class Scoring:
         fluency: bool = False,
         frozen: FrozenStates | None = None,
         generation_batch_size: int | None = None,
+        memo: ScoreMemo | None = None,
     ):
         self.model, self.tokenizer, self.records, self.base, self.editor = model, tokenizer, records, base, editor
-        self.frozen = frozen
+        self.frozen, self.memo = frozen, memo
         self.generation_batch_size = generation_batch_size or batch_size
         self.batch_size, self.generation, self.max_new_tokens, self.fluency = (
             batch_size,
@@ -372,6 +408,7 @@ class Scoring:
                     editor=self.editor,
                     batch_size=self.batch_size,
                     frozen=self.frozen,
+                    memo=self.memo,
                 )
                 if prompts
                 else TFResult([], [], [])
@@ -389,6 +426,7 @@ class Scoring:
                 editor=self.editor,
                 batch_size=self.generation_batch_size,
                 max_new_tokens=max_new_tokens,
+                memo=self.memo,
             )
         return self._gen[key]
 
@@ -559,12 +597,14 @@ def evaluate(
     fluency: bool = False,
     frozen: FrozenStates | None = None,
     generation_batch_size: int | None = None,
+    memo: ScoreMemo | None = None,
 ) -> pl.DataFrame:
     """Score every record with every registered metric that has a ``compute`` function
     (``memoe.metric_registry``); returns one row per edit with the metric columns (null where n/a),
     the generated text beside them. ``generation_batch_size``: prompts per generation batch (default:
     ``batch_size``). ``frozen``: the unedited model's states below the edit, reused and
-    added to (``teacher_forced``)."""
+    added to (``teacher_forced``); ``memo``: the edited model's results that still hold, reused and added
+    to (``memoe.memo``)."""
     s = Scoring(
         model,
         tokenizer,
@@ -577,6 +617,7 @@ def evaluate(
         fluency=fluency,
         frozen=frozen,
         generation_batch_size=generation_batch_size,
+        memo=memo,
     )
     cols: dict[str, list] = {"id": records["id"].to_list()}
     for name, m in REGISTRY.items():

@@ -113,6 +113,7 @@ def score_round(
     diagnostics: bool = True,
     frozen=None,
     generation_batch_size: int | None = None,
+    memo=None,
 ) -> Scores:
     """Score the edited model after a round on ``records`` (``eval_records``; ``base``: the unedited
     model's locality predictions). The edits in ``overwritten`` (``overwritten_ids``) are scored
@@ -120,7 +121,8 @@ def score_round(
     ``reedit_reliability`` is the reliability of the re-edits. ``diagnostics``: the editor's own
     (``Editor.diagnostics``; MEMoE: expert load, anchor hit rates) on the round's own edits in force;
     a failure there is logged, never fails the scoring. ``editor`` None: the unedited model. ``frozen``: a
-    ``memoe.frozen.FrozenStates`` the teacher-forced scores reuse and add to."""
+    ``memoe.frozen.FrozenStates`` the teacher-forced scores reuse and add to; ``memo``: a ``memoe.memo.ScoreMemo``
+    of the edited model's results that still hold, reused and added to."""
     records, old = split_overwritten(records, overwritten)
     options = dict(
         batch_size=batch_size,
@@ -130,7 +132,7 @@ def score_round(
         generation_batch_size=generation_batch_size,
     )
     table = evaluate(
-        model, tok, records.drop("round_of_edit", "current"), base, editor=editor, frozen=frozen, **options
+        model, tok, records.drop("round_of_edit", "current"), base, editor=editor, frozen=frozen, memo=memo, **options
     )
     old_cols = _overwritten_scores(
         model, tok, editor, old, records, batch_size, generation, max_new_tokens, generation_batch_size

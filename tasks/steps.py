@@ -429,6 +429,27 @@ def _frozen_states(editor, files: list[str] | None, eval_cfg: dict, model_cfg: d
     return FrozenStates(layer, good)
 
 
+def _score_memo(files: list[str] | None, eval_cfg: dict, model_cfg: dict, store: str):
+    """The edited model's results that still hold, from the earlier rounds' files (a damaged or missing
+    one is left out: its sequences are scored again), or None (``eval.reuse_scores`` off)."""
+    from memoe.memo import ScoreMemo
+
+    if not eval_cfg.get("reuse_scores", True):
+        return None
+    log = get_run_logger()
+    good = []
+    for f in files or []:
+        if intact(f) and Path(f).parent == _memo_dir(model_cfg, store):
+            good.append(f)
+        else:
+            log.warning(f"score memo {f}: damaged, missing or of another model; its sequences are scored again")
+    return ScoreMemo(good)
+
+
+def _memo_dir(model_cfg: dict, store: str) -> Path:
+    return Path(store) / "memo" / digest(_model_key(model_cfg, store))
+
+
 @task(name="evaluate_round", cache_key_fn=evaluate_key, task_run_name="evaluate_round_{round_index}", **COMMON)
 def evaluate_round(
     round_index: int,
@@ -442,13 +463,16 @@ def evaluate_round(
     store: str,
     threads: int | None = None,
     frozen: list[str] | None = None,
+    memo: list[str] | None = None,
 ) -> dict:
     """Per-edit metrics after round t on the round's edits and (a sample of) the earlier ones
     (``memoe.protocol``: ``eval_records``, the re-edit bookkeeping, ``score_round``). ``frozen``: the
     earlier rounds' files of the unedited model's states below the edit (``memoe.frozen``; not in the
     cache key: they change how fast the scores come, not the scores). Returns the file of the states
     this round computed (``frozen``: None on the last round, or where the editor does not say which
-    layers it leaves unchanged)."""
+    layers it leaves unchanged). ``memo``: the earlier rounds' files of the edited model's results
+    (``memoe.memo``; not in the cache key either: a result is reused only where the editor's version of
+    the row is the one it was computed under); returns this round's (``memo``: None on the last round)."""
     import polars as pl
 
     from memoe.editors import make_editor
@@ -463,6 +487,7 @@ def evaluate_round(
     try:
         editor.load(state)
         states = _frozen_states(editor, frozen, eval_cfg, model_cfg, store)
+        kept = _score_memo(memo, eval_cfg, model_cfg, store)
         t0 = time.perf_counter()
         scores = score_round(
             model,
@@ -477,6 +502,7 @@ def evaluate_round(
             max_new_tokens=eval_cfg["max_new_tokens"],
             fluency=eval_cfg["fluency"],
             frozen=states,
+            memo=kept,
         )
         seconds = time.perf_counter() - t0
     finally:
@@ -486,9 +512,17 @@ def evaluate_round(
         tmp = _tmp(store, "frozen", ".safetensors")
         states.save(tmp)
         frozen_out = str(publish_file(tmp, _frozen_dir(model_cfg, store, states.layer), ".safetensors"))
+    memo_out = None
+    if kept is not None and not final and kept.new:
+        tmp = _tmp(store, "memo", ".json")
+        kept.save(tmp)
+        memo_out = str(publish_file(tmp, _memo_dir(model_cfg, store), ".json"))
     tmp = _tmp(store, "eval", ".parquet")
     scores.table.write_parquet(tmp)
     return {
+        "memo": memo_out,
+        "scores_reused": kept.hits if kept is not None else 0,
+        "scores_computed": kept.misses if kept is not None else 0,
         "frozen": frozen_out,
         "frozen_reused": states.hits if states is not None else 0,
         "frozen_computed": states.misses if states is not None else 0,

@@ -61,6 +61,7 @@ LAYERS: list[tuple[str, dict[str, str]]] = [
         {
             "memoe.metric_registry": "the metrics' names, order and headline flags",
             "memoe.metrics": "scores a model after an edit; the editor is passed in (route()), never imported",
+            "memoe.memo": "the edited model's scores of a sequence, kept while the editor's version of the row holds",
         },
     ),
     (

@@ -495,3 +495,40 @@ def test_an_overwritten_target_is_trained_unlikely_again_whenever_its_prompt_is_
     st = again.edit(_records(["The birthplace of Homer is"], ["Atlantis"], [s1]))
     assert st.details["n_replayed"] == 1 and st.details["n_forgotten"] == 1
     assert teacher_forced(model, tokenizer, [p1], [t1], editor=again).acc() == [0.0]
+
+
+@pytest.mark.parametrize("growth", ["round", "shared"])
+def test_kept_scores_are_reused_only_while_the_rows_version_holds(tokenizer, tmp_path, growth):
+    """A grown adapter freezes each block: a later round's edit of another subject leaves an earlier
+    edit's version (and its outputs) as they were, so its kept scores are reused, and they equal a fresh
+    scoring; re-editing that subject moves it to a new block, changes its version, and it is scored
+    again (with the new target's answer). The shared adapter changes every round: nothing is reused."""
+    from memoe.memo import ScoreMemo
+    from memoe.metrics import generate
+
+    model = tiny_model("llama", len(tokenizer))
+    ed = MEMoEEditor(model, tokenizer, MEMoEMethod(**{**FAST, "steps": 100, "growth": growth}))
+    p, t, s = GROW[0]
+    probes = [p, p.lower(), "nq question: who wrote the odyssey"]
+    ed.edit(_one(p, t, s))
+    memo = ScoreMemo()
+    first = teacher_forced(model, tokenizer, probes, [t] * 3, editor=ed, memo=memo)
+    gen = generate(model, tokenizer, probes, editor=ed, max_new_tokens=4, memo=memo)
+    assert memo.hits == 0 and memo.misses == 6
+    memo.save(tmp_path / "m.json")
+    ed.edit(_one(*GROW[1]))  # another subject
+    later = ScoreMemo([tmp_path / "m.json"])
+    again = teacher_forced(model, tokenizer, probes, [t] * 3, editor=ed, memo=later)
+    fresh = teacher_forced(model, tokenizer, probes, [t] * 3, editor=ed)
+    assert again.pred == fresh.pred and again.logprob == pytest.approx(fresh.logprob, abs=1e-5)
+    fresh_gen = generate(model, tokenizer, probes, editor=ed, max_new_tokens=4)
+    assert generate(model, tokenizer, probes, editor=ed, max_new_tokens=4, memo=later) == fresh_gen
+    if growth == "round":
+        assert later.hits == 6 and again.logprob == first.logprob and fresh_gen == gen  # all of them kept
+    else:
+        assert later.hits == 2  # only the prompt without an edited subject: the adapter changed
+    ed.edit(_one(p, "Blue Lagoon", s))  # a re-edit: the subject moves to a new block
+    third = teacher_forced(model, tokenizer, [p], ["Blue Lagoon"], editor=ed, memo=later)
+    hits = later.hits
+    assert teacher_forced(model, tokenizer, [p], [t], editor=ed, memo=later).logprob != first.logprob[:1]
+    assert later.hits == hits and third.acc() == [1.0]

@@ -311,3 +311,19 @@ def test_a_re_edit_study_scores_the_latest_target_and_the_overwritten_one(tmp_pa
     assert last["reedit_reliability"] == 1.0 and last["overwritten_reliability"] < 0.5
     assert last["overwritten_preferred"] == 0.0  # the earlier target less likely than the latest, on both
     assert res["final"]["reedit_reliability"] == 1.0 and res["final"]["reliability"] == 1.0
+
+
+def test_a_grown_study_reuses_the_scores_that_still_hold_and_they_are_the_scores(tmp_path, tiny_dir):
+    """growth 'round': the earlier rounds' edits sit in frozen blocks, so a later round takes their kept
+    results (memoe/memo.py) instead of scoring them again, and the study's metrics are those of a study
+    that scores everything again (eval.reuse_scores off)."""
+    cfg = study_config(tmp_path / "a", tiny_dir, steps=30, rounds=3, method__growth="round")
+    kept, _ = memoe_run(cfg, tmp_path / "out-a", env_for(tmp_path / "runs-a", tmp_path / "prefect"))
+    ev = [r["evaluation"] for r in kept["rounds"]]
+    assert ev[0]["scores_reused"] == 0 and ev[0]["scores_computed"] > 0
+    assert ev[1]["scores_reused"] > 0 and ev[2]["scores_reused"] > ev[1]["scores_reused"]
+    off = study_config(tmp_path / "b", tiny_dir, steps=30, rounds=3, method__growth="round", eval__reuse_scores=False)
+    plain, _ = memoe_run(off, tmp_path / "out-b", env_for(tmp_path / "runs-b", tmp_path / "prefect"))
+    assert all(r["evaluation"]["scores_reused"] == 0 for r in plain["rounds"])
+    for m, v in plain["final"].items():
+        assert kept["final"][m] == pytest.approx(v, abs=1e-6), m

@@ -149,6 +149,14 @@ class Editor(ABC):
         already, instead of computing them again). The default: False for every prompt."""
         return [False] * len(prompts)
 
+    def row_versions(self, prompts: Sequence[str]) -> list[str | None]:
+        """Per prompt: a string naming everything the edit's effect on a sequence that starts with this
+        prompt depends on (beyond the unedited model), such that the edited model gives the same outputs
+        on that sequence whenever the version is the same, in this editor or in another loaded from a
+        later state; None where that is not known. Evaluation keeps the results of a versioned sequence
+        and reuses them while its version holds (``memoe.memo``). The default: None for every prompt."""
+        return [None] * len(prompts)
+
     def unchanged_layers(self) -> int:
         """How many decoder layers, from the bottom, compute exactly what the unedited model computes
         while this edit is applied: evaluation reuses the unedited model's states entering that layer

@@ -10,6 +10,8 @@ row's anchor before a forward or ``generate`` call. See ../shared/design/MEMOE.m
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import random
 import time
 import warnings
@@ -115,6 +117,7 @@ class MEMoEEditor(Editor):
         self.uses_layer_cache = bool(cfg.layer_cache) and supports_layer_cache(model)
         self._head_weight: torch.Tensor | None = None  # the LM head in the training dtype, while training
         self._warned_packing = False
+        self._digests: dict[int, tuple] = {}  # block -> (its weights' stamp, their digest): row_versions
         self.compiles = bool(cfg.compile) and can_compile(self.device)
         if cfg.compile and not self.compiles:
             warnings.warn(
@@ -727,6 +730,41 @@ class MEMoEEditor(Editor):
             return [False] * len(prompts)
         return [not a.known for a in self.anchors_for(prompts)]
 
+    def row_versions(self, prompts: Sequence[str]) -> list[str | None]:
+        """Anchor gating: 'unedited' where no known subject is found (the adapter adds nothing there);
+        otherwise a digest of what decides the adapter's term on the row: the settings, the anchor found
+        (its text and place fix the anchor vector, the gate and where the adapter acts), the block the
+        anchor index routes it to, that block's weights and, with the fact gate, the centre and the
+        subject's keys. A grown adapter freezes each block after its round, so an earlier edit keeps its
+        version until a later round moves its subject to a new block; the shared adapter's weights change
+        every round, and its rows' versions with them."""
+        if self.cfg.gate_mode == "always":
+            return [None] * len(prompts)
+        out: list[str | None] = []
+        for a in self.anchors_for(prompts):
+            if not a.known:
+                out.append("unedited")
+                continue
+            block = self.block_of.get(normalise_subject(a.text), 0) if self.cfg.growth == "round" else 0
+            parts = [self._settings_digest(), a.text, a.start, a.end, block, self._block_digest(block)]
+            if self.gate is not None:
+                parts.append(self.gate.digest(self.extractor.canonical(a.text)))
+            out.append(_digest(parts))
+        return out
+
+    def _settings_digest(self) -> str:
+        return _digest([self.cfg.model_dump_json(), type(self.model).__name__, self.model.config.num_hidden_layers])
+
+    def _block_digest(self, block: int) -> str:
+        params = list(self.adapter.block(block).parameters())
+        stamp = (block, tuple((p.data_ptr(), p._version) for p in params))
+        if self._digests.get(block, (None,))[0] != stamp:
+            h = hashlib.sha1()
+            for p in params:
+                h.update(p.detach().float().cpu().numpy().tobytes())
+            self._digests[block] = (stamp, h.hexdigest())
+        return self._digests[block][1]
+
     def unchanged_layers(self) -> int:
         """The adapter's lowest layer, or the fact gate's lowest (the gate reads the inputs of its layers
         with hooks, which must run)."""
@@ -791,6 +829,10 @@ class MEMoEEditor(Editor):
 
 # ---------------------------------------------------------------------- diagnostics
 @torch.no_grad()
+def _digest(parts: list) -> str:
+    return hashlib.sha1(json.dumps(parts, separators=(",", ":")).encode()).hexdigest()
+
+
 def _record(editor: MEMoEEditor, fn) -> list[dict]:
     st = editor.adapter.state
     st.record = []

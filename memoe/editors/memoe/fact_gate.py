@@ -28,6 +28,7 @@ Written by hand: no library gates an adapter on a nearest-prototype test over th
 
 from __future__ import annotations
 
+import hashlib
 from typing import Callable, Sequence
 
 import torch
@@ -262,6 +263,14 @@ class FactGate:
             out += [int(m.nonzero()[0]) if bool(m.any()) else None for m in mask]
         self._run, self._mask, self._states = None, None, {}
         return out
+
+    def digest(self, subject: str) -> str:
+        """What the gate's decisions on rows of ``subject`` depend on: its settings, the centre, the
+        subject's keys (``MEMoEEditor.row_versions``)."""
+        h = hashlib.sha1(repr((self.layers, self.margin, self.negatives, self.chat)).encode())
+        for t in ([] if self.mu is None else [self.mu]) + list(self.keys.get(subject, ())):
+            h.update(t.detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> tuple[dict[str, torch.Tensor], list[str]]:
