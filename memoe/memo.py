@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 
 class ScoreMemo:
@@ -39,6 +39,16 @@ class ScoreMemo:
     @staticmethod
     def key(*parts) -> str:
         return hashlib.sha1(json.dumps(parts, separators=(",", ":")).encode()).hexdigest()
+
+    def lookup(
+        self, versions: Sequence[str | None], key_of: Callable[[int, str], str], get: Callable
+    ) -> tuple[dict, dict]:
+        """For rows with a version: their keys (``key_of(row, version)``) and the kept values found by
+        ``get`` (``get_tf`` or ``get_gen``), both by row; counts the hits and misses."""
+        keys = {i: key_of(i, v) for i, v in enumerate(versions) if v is not None}
+        found = {i: got for i, k in keys.items() if (got := get(k)) is not None}
+        self.hits, self.misses = self.hits + len(found), self.misses + len(versions) - len(found)
+        return keys, found
 
     def get_tf(self, key: str):
         return self.new_tf.get(key) or self.tf.get(key)

@@ -96,18 +96,13 @@ def teacher_forced(
     pred: list[list[int]] = [[] for _ in range(n)]
     tgt: list[list[int]] = [[] for _ in range(n)]
     lp: list[float] = [0.0] * n
-    memo_key: dict[int, str] = {}
-    kept: set[int] = set()
+    memo_key, kept = {}, {}
     if memo is not None and editor is not None:
-        for i, v in enumerate(editor.row_versions(prompts)):
-            if v is None:
-                continue
-            memo_key[i] = ScoreMemo.key("tf", enc[i][0], enc[i][1], v)
-            got = memo.get_tf(memo_key[i])
-            if got is not None:
-                pred[i], tgt[i], lp[i] = list(got[0]), list(got[1]), got[2]
-                kept.add(i)
-        memo.hits, memo.misses = memo.hits + len(kept), memo.misses + n - len(kept)
+        memo_key, kept = memo.lookup(
+            editor.row_versions(prompts), lambda i, v: ScoreMemo.key("tf", enc[i][0], enc[i][1], v), memo.get_tf
+        )
+    for i, got in kept.items():
+        pred[i], tgt[i], lp[i] = list(got[0]), list(got[1]), got[2]
     todo = [i for i in range(n) if i not in kept]
     order = sorted(todo, key=lambda i: len(enc[i][0]))  # length buckets
     body, head = _body_and_head(model)
@@ -215,18 +210,15 @@ def generate(
     from transformers import StoppingCriteriaList
 
     out: list[str] = [""] * len(prompts)
-    memo_key: dict[int, str] = {}
-    kept: set[int] = set()
+    memo_key, kept = {}, {}
     if memo is not None and editor is not None:
-        for i, v in enumerate(editor.row_versions(prompts)):
-            if v is None:
-                continue
-            memo_key[i] = ScoreMemo.key("gen", prompts[i], max_new_tokens, cut, v)
-            got = memo.get_gen(memo_key[i])
-            if got is not None:
-                out[i] = got
-                kept.add(i)
-        memo.hits, memo.misses = memo.hits + len(kept), memo.misses + len(prompts) - len(kept)
+        memo_key, kept = memo.lookup(
+            editor.row_versions(prompts),
+            lambda i, v: ScoreMemo.key("gen", prompts[i], max_new_tokens, cut, v),
+            memo.get_gen,
+        )
+    for i, got in kept.items():
+        out[i] = got
     order = sorted((i for i in range(len(prompts)) if i not in kept), key=lambda i: len(prompts[i]))
     dev = next(model.parameters()).device
     side = tokenizer.padding_side
