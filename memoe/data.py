@@ -26,6 +26,7 @@ SCHEMA: dict[str, pl.DataType] = {
     "prompt": pl.String,
     "target_new": pl.String,
     "target_true": pl.String,
+    "relation": pl.String,
     "rephrase_prompts": pl.List(pl.String),
     "locality_prompts": pl.List(pl.String),
     "locality_answers": pl.List(pl.String),
@@ -135,6 +136,7 @@ def edit_record(
     target_new: str,
     target_true: str | None = None,
     *,
+    relation: str | None = None,
     rephrase_prompts=(),
     locality_prompts=(),
     locality_answers=(),
@@ -149,6 +151,7 @@ def edit_record(
         prompt=prompt,
         target_new=target_new,
         target_true=target_true,
+        relation=relation,
         rephrase_prompts=list(rephrase_prompts),
         locality_prompts=list(locality_prompts),
         locality_answers=list(locality_answers),
@@ -200,6 +203,7 @@ def _counterfact(rec: dict, path, rid) -> dict:
         template.replace("{}", subject),
         _str_at(rec, "requested_rewrite.target_new.str", path, rid),
         target_true,
+        relation=_opt_str(rw, "relation_id", path, rid),
         rephrase_prompts=_opt_list(rec, "paraphrase_prompts", path, rid),
         locality_prompts=neigh,
         locality_answers=[target_true] * len(neigh),
@@ -240,6 +244,7 @@ def _user(rec: dict, path, rid) -> dict:
         _req_str(rec, "prompt", path, rid),
         _req_str(rec, "target_new", path, rid),
         _opt_str(rec, "target_true", path, rid),
+        relation=_opt_str(rec, "relation", path, rid),
         rephrase_prompts=lst("rephrases") or lst("rephrase_prompts"),
         locality_prompts=lst("locality_prompts"),
         locality_answers=lst("locality_answers"),
@@ -506,13 +511,15 @@ def validate_frame(df: Any, where: str = "edit records") -> pl.DataFrame:
     rows, seen = [], {}
     for i, rec in enumerate(df.drop([c for c in ("id",) if c in df.columns]).iter_rows(named=True)):
         rid = ids[i] if ids[i] is not None else str(i)
-        row = {"id": rid, "target_true": rec.get("target_true")}
+        row = {"id": rid, "target_true": rec.get("target_true"), "relation": rec.get("relation")}
         for k in REQUIRED:
             row[k] = _req_str(rec, k, where, rid)
         if row["target_true"] is not None and not isinstance(row["target_true"], str):
             raise EditDataError(
                 where, f"expected a string, got {type(row['target_true']).__name__}", rid, "target_true"
             )
+        if row["relation"] is not None and not isinstance(row["relation"], str):
+            raise EditDataError(where, f"expected a string, got {type(row['relation']).__name__}", rid, "relation")
         for k in LIST_FIELDS:
             row[k] = _opt_list(rec, k, where, rid)
         _validate(row, where, rid, None, None)

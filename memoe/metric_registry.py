@@ -122,6 +122,11 @@ register_metric(
     compute="memoe.metrics:neighborhood",
 )
 register_metric(
+    "locality_conflicts",
+    "share of the locality prompts left out of locality: they ask a fact another edit in force changed",
+    compute="memoe.metrics:locality_conflicts",
+)
+register_metric(
     "fluency", "n-gram entropy of generations on the generation prompts (eval.fluency)", compute="memoe.metrics:fluency"
 )
 register_metric(

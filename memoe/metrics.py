@@ -25,6 +25,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from memoe.anchors import AnchorExtractor, normalise_subject
 from memoe.data import encode_pair
 from memoe.frozen import FrozenStates, capture_input, forward_from
 from memoe.memo import ScoreMemo
@@ -289,6 +290,35 @@ def _mean_by(owner: list[int], vals: list[float], n: int) -> list[float | None]:
     return [float(np.mean(a)) if a else None for a in acc]
 
 
+CONFLICT = "locality_conflict"  # the records' column: per locality prompt, whether it asks an edited fact
+
+
+def mark_locality_conflicts(records: pl.DataFrame, in_force: pl.DataFrame) -> pl.DataFrame:
+    """``records`` with ``locality_conflict``: per locality prompt, True where it asks a fact that an edit
+    in force (``in_force``: every edit applied so far) has changed. The locality prompts of a record ask
+    its relation about other subjects (CounterFact's neighbours); one that names a subject edited *with
+    that relation* (its ``relation``, where the data gives one) no longer has the unedited answer as its
+    truth, so locality and neighborhood leave it out and ``locality_conflicts`` counts it. Without
+    relations (ZsRE) nothing is marked and the records come back as they are."""
+    if "relation" not in records.columns or "relation" not in in_force.columns:
+        return records
+    edited: dict[str, set[str]] = {}
+    for subj, rel in zip(in_force["subject"].to_list(), in_force["relation"].to_list()):
+        if rel:
+            edited.setdefault(normalise_subject(subj), set()).add(rel)
+    if not edited:
+        return records
+    index = AnchorExtractor(in_force["subject"].to_list(), ner=False)
+    marks = []
+    for rel, prompts in zip(records["relation"].to_list(), records["locality_prompts"].to_list()):
+        row = []
+        for p in prompts or []:
+            a = index.known(p) if rel else None
+            row.append(bool(a is not None and a.found and rel in edited.get(normalise_subject(a.text), ())))
+        marks.append(row)
+    return records.with_columns(pl.Series(CONFLICT, marks, dtype=pl.List(pl.Boolean)))
+
+
 def _continuations(model, tokenizer, prompts: Sequence[str], batch_size: int, n_tokens: int = 4) -> list[str]:
     """The unedited model's own greedy continuation of each prompt (``n_tokens``, newlines folded):
     the answer the subject-specificity probes are teacher-forced on."""
@@ -430,20 +460,32 @@ class Scoring:
         """Per record: the mean of its prompts' values (None: it has none)."""
         return _mean_by(owner, vals, self.n)
 
-    def agreement(self, owner, prompts, answers, base_col: str) -> list[float | None]:
+    def agreement(self, owner, prompts, answers, base_col: str, positions=None) -> list[float | None]:
         """Per record: the share of answer positions whose argmax equals the unedited model's
-        (``base[base_col]``, one list of argmax ids per prompt of the record, in order). A prompt the
-        editor provably leaves alone (``Editor.leaves_unchanged``) agrees without being run."""
+        (``base[base_col]``, one list of argmax ids per prompt of the record, in order; ``positions``:
+        each prompt's place in that list, default: consecutive). A prompt the editor provably leaves
+        alone (``Editor.leaves_unchanged``) agrees without being run."""
         same = self.editor.leaves_unchanged(prompts) if self.editor is not None else [False] * len(prompts)
         todo = [k for k, s in enumerate(same) if not s]
         res = self.tf([prompts[k] for k in todo], [answers[k] for k in todo])
         base_pred = dict(zip(self.base["id"].to_list(), self.base[base_col].to_list()))
         ids = self.records["id"].to_list()
-        flat_base = [base_pred[ids[o]][j] for o, j in zip(owner, _positions(owner))]
+        flat_base = [base_pred[ids[o]][j] for o, j in zip(owner, positions or _positions(owner))]
         vals = [1.0] * len(prompts)
         for k, p in zip(todo, res.pred):
             vals[k] = float(np.mean([a == b for a, b in zip(p, flat_base[k])]))
         return self.mean_by(owner, vals)
+
+    def locality_prompts(self):
+        """(owner, prompt, answer, position among the owner's locality prompts) of every locality prompt
+        that does not ask a fact an edit in force changed (``mark_locality_conflicts``)."""
+        lo, lp, la = self.flat("locality_prompts", "locality_answers")
+        pos = _positions(lo)
+        if CONFLICT not in self.records.columns:
+            return lo, lp, la, pos
+        flags = [f for row in self.records[CONFLICT].to_list() for f in (row or [])]
+        keep = [k for k in range(len(lp)) if not flags[k]]
+        return [lo[k] for k in keep], [lp[k] for k in keep], [la[k] for k in keep], [pos[k] for k in keep]
 
     def rephrases(self):
         return self.flat("rephrase_prompts", answer_scalar="target_new")
@@ -478,8 +520,16 @@ def generality(s: Scoring):
 
 
 def locality(s: Scoring):
-    lo, lp, la = s.flat("locality_prompts", "locality_answers")
-    return s.agreement(lo, lp, la, "loc_base_pred") if lp and s.base is not None else [None] * s.n
+    lo, lp, la, pos = s.locality_prompts()
+    return s.agreement(lo, lp, la, "loc_base_pred", pos) if lp and s.base is not None else [None] * s.n
+
+
+def locality_conflicts(s: Scoring):
+    """Share of a record's locality prompts that ask a fact another edit in force changed
+    (``mark_locality_conflicts``): left out of locality and neighborhood."""
+    if CONFLICT not in s.records.columns:
+        return None
+    return [float(np.mean(row)) if row else None for row in s.records[CONFLICT].to_list()]
 
 
 def specificity(s: Scoring):
@@ -551,7 +601,7 @@ def neighborhood(s: Scoring):
     the neighbours' answers are the true target)."""
     if not _neighbours_answer_true(s.records):
         return None
-    no, np_, _ = s.flat("locality_prompts", "locality_answers")
+    no, np_, _, pos = s.locality_prompts()
     vals: list[float] = [0.0] * len(np_)
     todo = list(range(len(np_)))
     if s.editor is not None and s.base is not None and "nbr_base_kept" in s.base.columns:
@@ -559,7 +609,7 @@ def neighborhood(s: Scoring):
         base = dict(zip(s.base["id"].to_list(), s.base["nbr_base_kept"].to_list()))
         ids = s.records["id"].to_list()
         same = s.editor.leaves_unchanged(np_)
-        for k, (o, j) in enumerate(zip(no, _positions(no))):
+        for k, (o, j) in enumerate(zip(no, pos)):
             if same[k]:
                 vals[k] = base[ids[o]][j]
         todo = [k for k in todo if not same[k]]

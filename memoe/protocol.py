@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator, Sequence
 import polars as pl
 
 from memoe.data import RE_EDIT
-from memoe.metrics import Scoring, evaluate, generation_reliability, reliability
+from memoe.metrics import Scoring, evaluate, generation_reliability, mark_locality_conflicts, reliability
 
 log = logging.getLogger(__name__)
 
@@ -65,19 +65,22 @@ def eval_records(
     """What is scored after round t (``rounds``: the rounds' edits, at least up to t): round t's own
     edits plus the earlier ones, a seeded sample of at most ``retention_sample`` of them unless
     ``final`` (after the last round every edit is scored). Columns ``round_of_edit`` (0-based) and
-    ``current`` (round t's own) are added; earlier edits come first. Returns (records, number of
-    earlier edits among them)."""
+    ``current`` (round t's own) are added, and ``locality_conflict`` where the data names relations
+    (``memoe.metrics.mark_locality_conflicts``: the locality prompts that ask a fact one of the edits
+    applied so far changed); earlier edits come first. Returns (records, number of earlier edits among
+    them)."""
+    in_force = pl.concat(rounds[: round_index + 1], how="diagonal_relaxed")
     own = rounds[round_index].with_columns(pl.lit(round_index).alias("round_of_edit"), pl.lit(True).alias("current"))
     earlier = [
         r.with_columns(pl.lit(i).alias("round_of_edit"), pl.lit(False).alias("current"))
         for i, r in enumerate(rounds[:round_index])
     ]
     if not earlier:
-        return own, 0
+        return mark_locality_conflicts(own, in_force), 0
     prev = pl.concat(earlier)
     if retention_sample is not None and not final and prev.height > retention_sample:
         prev = prev.sample(n=retention_sample, seed=round_seed(seed, round_index), shuffle=False)
-    return pl.concat([prev, own]), prev.height
+    return mark_locality_conflicts(pl.concat([prev, own]), in_force), prev.height
 
 
 def overwritten_ids(rounds: Sequence[pl.DataFrame]) -> set[str]:

@@ -24,6 +24,8 @@ def test_shared_datasets_load_into_one_schema():
     assert r["prompt"] == "Spike Hughes originates from" and r["target_new"] == "Philadelphia"
     assert r["rephrase_prompts"][1].startswith("Amateur Athletic Union")  # ROME's prefix is kept
     assert set(r["locality_answers"]) == {"London"} and len(r["locality_prompts"]) == 10
+    assert r["relation"] == "P19"  # requested_rewrite.relation_id: what its neighbours ask too
+    assert z["relation"].null_count() == z.height and f["relation"].null_count() == f.height  # not in the files
 
 
 def test_sampling_is_deterministic_and_splits():

@@ -55,7 +55,7 @@ def test_reused_states_score_like_the_full_forward_and_survive_a_reload(tokenize
         assert res.pred == plain.pred and res.target == plain.target
         assert res.logprob == pytest.approx(plain.logprob, abs=1e-5)
     # the edit did change the answers: the reuse is not scoring the unedited model
-    assert min(reused.logprob[:2]) > max(before.logprob) + 1.0
+    assert min(reused.logprob[:2]) > max(before.logprob) + 0.5
     # a prompt met for the first time beside reused ones: computed in full and added
     mixed = teacher_forced(
         model, tokenizer, PROMPTS + ["Homer wrote"], TARGETS + ["Blue Lagoon"], editor=ed, frozen=again

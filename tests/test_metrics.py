@@ -21,6 +21,7 @@ from memoe.metrics import (
     exact_match,
     generate,
     locality_predictions,
+    mark_locality_conflicts,
     ngram_entropy,
     normalise,
     summarize,
@@ -220,6 +221,36 @@ def test_locality_is_agreement_with_the_unedited_model_not_the_data_answer():
     base = locality_predictions(Bigram(BASE), TOK, recs)
     assert evaluate(Bigram(EDITED), TOK, recs, base, generation=False)["locality"].to_list() == [1.0]
     assert evaluate(Bigram(EDITED), TOK, recs, None, generation=False)["locality"].to_list() == [None]
+
+
+def test_a_locality_prompt_that_asks_an_edited_fact_is_left_out_of_locality_and_counted():
+    """Record 0 (relation P1) has the neighbours 'p q' and 'u v'. Subject 'p q' is edited with P1 too, so
+    the neighbour 'p q' asks a fact in force: the edited model's new answer there is not a locality failure, and the
+    prompt is left out (locality 1.0 on 'u v' alone, locality_conflicts 0.5). Subject 'u v' is edited with
+    another relation (P2): 'u v' stays a locality prompt. Without relations nothing is marked."""
+    recs = zsre_like().with_columns(pl.Series("relation", ["P1", None]))
+    in_force = pl.concat(
+        [
+            recs,
+            frame([{"subject": "p q", "prompt": "p q", "target_new": "t", "relation": "P1"}]),
+            frame([{"subject": "u v", "prompt": "u v", "target_new": "w", "relation": "P2"}]),
+        ],
+        how="diagonal_relaxed",
+    )
+    marked = mark_locality_conflicts(recs, in_force)
+    assert marked["locality_conflict"].to_list() == [[True, False], []]
+    base = locality_predictions(Bigram(BASE), TOK, recs)
+    t = evaluate(Bigram(EDITED), TOK, marked, base, generation=False)
+    assert t["locality"].to_list() == [1.0, None]  # unmarked: 0.75 ('p q' moved, see above)
+    assert t["locality_conflicts"].to_list() == [0.5, None]
+    assert evaluate(Bigram(EDITED), TOK, recs, base, generation=False)["locality"].to_list() == [0.75, None]
+    # the same subject edited with another relation only: nothing to leave out
+    other = in_force.with_columns(
+        pl.when(pl.col("subject") == "p q").then(pl.lit("P3")).otherwise(pl.col("relation")).alias("relation")
+    )
+    assert mark_locality_conflicts(recs, other)["locality_conflict"].to_list() == [[False, False], []]
+    no_rel = recs.with_columns(pl.lit(None, pl.String).alias("relation"))
+    assert "locality_conflict" not in mark_locality_conflicts(no_rel, no_rel).columns
 
 
 def counterfact_like(locality_answers=("d", "d", "d")) -> pl.DataFrame:

@@ -183,6 +183,7 @@ def test_metrics_and_headline_are_derived_from_the_metric_registry():
             "efficacy",
             "paraphrase",
             "neighborhood",
+            "locality_conflicts",
             "fluency",
             "reedit_reliability",
             "overwritten_reliability",
