@@ -84,6 +84,7 @@ def records(
             "prompt": prompts,
             "target_new": target_new,
             "target_true": tt,
+            "relation": [None] * n,
             "rephrase_prompts": _per_edit(rephrase_prompts, n, "rephrase_prompts"),
             "locality_prompts": _per_edit(locality_prompts, n, "locality_prompts"),
             "locality_answers": _per_edit(locality_ground_truth, n, "locality_ground_truth"),
