@@ -308,7 +308,7 @@ def mark_locality_conflicts(records: pl.DataFrame, in_force: pl.DataFrame) -> pl
             edited.setdefault(normalise_subject(subj), set()).add(rel)
     if not edited:
         return records
-    index = AnchorExtractor(in_force["subject"].to_list(), ner=False)
+    index = AnchorExtractor(edited, ner=False)  # only subjects edited with a relation can conflict
     marks = []
     for rel, prompts in zip(records["relation"].to_list(), records["locality_prompts"].to_list()):
         row = []
@@ -470,7 +470,7 @@ class Scoring:
         res = self.tf([prompts[k] for k in todo], [answers[k] for k in todo])
         base_pred = dict(zip(self.base["id"].to_list(), self.base[base_col].to_list()))
         ids = self.records["id"].to_list()
-        flat_base = [base_pred[ids[o]][j] for o, j in zip(owner, positions or _positions(owner))]
+        flat_base = [base_pred[ids[o]][j] for o, j in zip(owner, _positions(owner) if positions is None else positions)]
         vals = [1.0] * len(prompts)
         for k, p in zip(todo, res.pred):
             vals[k] = float(np.mean([a == b for a, b in zip(p, flat_base[k])]))
@@ -483,8 +483,8 @@ class Scoring:
         pos = _positions(lo)
         if CONFLICT not in self.records.columns:
             return lo, lp, la, pos
-        flags = [f for row in self.records[CONFLICT].to_list() for f in (row or [])]
-        keep = [k for k in range(len(lp)) if not flags[k]]
+        marks = self.records[CONFLICT].to_list()
+        keep = [k for k, (o, j) in enumerate(zip(lo, pos)) if not marks[o][j]]
         return [lo[k] for k in keep], [lp[k] for k in keep], [la[k] for k in keep], [pos[k] for k in keep]
 
     def rephrases(self):
