@@ -16,16 +16,22 @@ from memoe.metrics import locality_predictions, summarize
 from memoe.protocol import run_sequential
 
 
+MIXED = ("zsre", "counterfact", "counterfact-val", "counterfact-edit-dev")  # catalogue names, in order
+
+
 def mixed_records(n: int, seed: int = 0) -> pl.DataFrame:
-    """n real edits for studies larger than one file: ZsRE, then CounterFact, shuffled (seeded) so
-    that every round of a study draws the same mix of prompt lengths."""
+    """n real edits for studies larger than one file: ZsRE, then the CounterFact files (``MIXED``, about
+    8,400 edits in all), shuffled (seeded) so that every round of a study draws the same mix of prompt
+    lengths. More than the files hold is an error."""
     parts, left = [], n
-    for name in ("zsre", "counterfact", "counterfact-val"):
+    for name in MIXED:
         if left <= 0:
             break
         df = records(name, left)
         parts.append(df.with_columns((pl.lit(name + ":") + pl.col("id")).alias("id")))
         left -= df.height
+    if left > 0:
+        raise ValueError(f"mixed_records: {n} edits asked for, but {', '.join(MIXED)} hold {n - left}")
     return pl.concat(parts).sample(fraction=1.0, shuffle=True, seed=seed)
 
 
@@ -89,6 +95,12 @@ def sequential_scale(
         t, st = r.index, r.edit
         train_s, train_cpu_s = r.train_s - gauge_cost[0], r.train_cpu_s - gauge_cost[1]
         m = summarize(r.scores.table)
+        table = r.scores.table
+        earlier = (
+            summarize(table.filter(~pl.col("current")))
+            if "current" in table.columns and not table["current"].all()
+            else None
+        )
         times = list(clock.times)
         row = {
             "round": t + 1,
@@ -103,6 +115,10 @@ def sequential_scale(
             "step_s_mean": statistics.fmean(times) if times else None,
             **{k: m.get(k) for k in ("reliability", "generality", "locality")},
         }
+        if earlier is not None:  # the sample of earlier rounds' edits alone: what survives the new ones
+            row["earlier"] = {k: earlier.get(k) for k in ("reliability", "generality", "locality")}
+        if "adapter_bytes" in st.details:
+            row["adapter_bytes"] = st.details["adapter_bytes"]
         if hasattr(ed, "adapter"):  # the gauge runs through the adapter: its size must not change
             row["adapter_params"] = sum(p.numel() for p in ed.adapter.parameters())
         if gauge_s:  # the mean: the round's time is a sum over its steps, at the host's speed of each
@@ -129,6 +145,8 @@ def sequential_scale(
         "batch": batch,
         "retention_sample": retention_sample,
         "replay": method.replay,
+        "growth": getattr(method, "growth", None),
+        "block_edits": getattr(method, "block_edits", None),
         "precision": method.precision,
         "steps": method.steps,
         "early_stop_loss": method.early_stop_loss,

@@ -23,6 +23,26 @@ def add_arguments(p):
     p.add_argument("--scale-steps", type=int, default=40, help="optimiser steps per round of the scale study")
     p.add_argument("--compile", action="store_true", help="the scale study trains with compile: true")
     p.add_argument(
+        "--scale-growth",
+        choices=["shared", "round", "both"],
+        default="both",
+        help="the scale study's adapter (MEMoE growth): the shared one (the paper's protocol), the grown one, or both "
+        "side by side (default)",
+    )
+    p.add_argument(
+        "--scale-rounds",
+        type=int,
+        default=None,
+        help="rounds of the scale study (default: 20 on CPU, 100 on a GPU, 4 with --quick)",
+    )
+    p.add_argument("--scale-batch", type=int, default=None, help="edits per round (default 100; 25 with --quick)")
+    p.add_argument(
+        "--scale-block-edits",
+        type=int,
+        default=None,
+        help="growth 'round': at most this many edits per new block (MEMoE block_edits; default: one block a round)",
+    )
+    p.add_argument(
         "--gauge-every",
         type=int,
         default=2,
@@ -106,16 +126,21 @@ def run(args) -> int:
 
     def scale():
         model, tok = load_model(args.model, args.device)
-        rounds, batch = (4, 25) if args.quick else ((100, 100) if gpu else (20, 100))
-        # a fixed number of steps per round (no early stop): the round's cost, not its convergence
-        return sequential_scale(
-            model,
-            tok,
-            MEMoEMethod(steps=args.scale_steps, early_stop_loss=0.0, compile=args.compile),
-            rounds,
-            batch,
-            gauge_every=args.gauge_every,
-        )
+        rounds = args.scale_rounds or (4 if args.quick else (100 if gpu else 20))
+        batch = args.scale_batch or (25 if args.quick else 100)
+        growths = ["shared", "round"] if args.scale_growth == "both" else [args.scale_growth]
+        out = {}
+        for growth in growths:
+            # a fixed number of steps per round (no early stop): the round's cost, not its convergence
+            method = MEMoEMethod(
+                steps=args.scale_steps,
+                early_stop_loss=0.0,
+                compile=args.compile,
+                growth=growth,
+                block_edits=args.scale_block_edits if growth == "round" else None,
+            )
+            out[growth] = sequential_scale(model, tok, method, rounds, batch, gauge_every=args.gauge_every)
+        return out
 
     t0 = time.perf_counter()
     res = run_bench(
@@ -152,10 +177,11 @@ def run(args) -> int:
             f"({ev['speedup_reused']:.2f}x; first time {ev['speedup_first']:.2f}x), same scores {ev['same_scores']}"
         )
     print("peak RSS (MiB)      " + ", ".join(f"{k} {v:.0f}" for k, v in res["peak_rss_mb"].items()))
-    if "scale" in res:
-        sc, last = res["scale"], res["scale"]["per_round"][-1]
+    plot = None
+    for growth, sc in res.get("scale", {}).items():
+        last = sc["per_round"][-1]
         print(
-            f"scale {sc['rounds']} x {sc['batch']} edits: training per round median {sc['train_s_median']:.1f} s, "
+            f"scale ({growth}) {sc['rounds']} x {sc['batch']} edits: training per round median {sc['train_s_median']:.1f} s, "
             f"largest deviation {sc['train_s_max_dev']:.1%}, trend {sc['train_s_slope_per_round']:+.1%} of it per round "
             f"(rounds 2-{sc['rounds']}); CPU time: largest deviation {sc['train_cpu_s_max_dev']:.1%}, trend "
             f"{sc['train_cpu_s_slope_per_round']:+.1%}; over the round's own evaluation time: largest deviation "
@@ -169,7 +195,21 @@ def run(args) -> int:
             )
             + f"after {last['edits_so_far']} "
             f"edits Rel {last['reliability']:.2f} Gen {last['generality']:.2f} Loc {last['locality']:.2f}"
+            + (
+                f"; adapter {last['adapter_bytes'] / 1e6 * 1000 / last['edits_so_far']:.1f} MB per 1,000 edits"
+                if "adapter_bytes" in last
+                else ""
+            )
         )
+    if res.get("scale"):
+        from flows.report import retention_plot
+
+        plot = retention_plot(
+            {f"MEMoE growth {g}": sc["per_round"] for g, sc in res["scale"].items()},
+            out / "scale_retention.png",
+            "scale study: the round's edits and a sample of earlier ones (teacher-forced)",
+        )
+        print(f"retention plot      {plot}")
     if args.mlflow:
         import mlflow
 
@@ -180,7 +220,9 @@ def run(args) -> int:
         mlflow.set_tracking_uri(uri)
         mlflow.set_experiment("memoe-bench")
         with mlflow.start_run(run_name=f"bench-{'quick' if args.quick else 'full'}"):
-            mlflow.log_metrics(_flat({k: v for k, v in res.items() if k != "scale"}))
+            mlflow.log_metrics(_flat(res))
             mlflow.log_artifact(str(path))
+            if plot is not None:
+                mlflow.log_artifact(str(plot))
     print(f"wrote {path}")
     return 0

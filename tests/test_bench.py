@@ -168,6 +168,42 @@ def test_scale_study_samples_earlier_edits_and_leaves_the_model_unedited(tokeniz
     assert torch.equal(model(**probe).logits, before)
 
 
+def test_scale_study_of_the_grown_adapter_reports_its_size_and_the_earlier_edits(tokenizer, tmp_path):
+    """growth 'round' in blocks of one edit: the adapter grows by a block per edit, the sample of earlier
+    edits is scored apart (the retention curve's dashed line), and the plot is written."""
+    from benchmarks.scale import sequential_scale
+    from flows.report import retention_plot
+    from memoe.editors.memoe import MEMoEMethod
+
+    from .conftest import tiny_model
+    from .test_adapter import _records
+
+    recs = _records(
+        ["The mother tongue of Danielle Darrieux is", "Homer's most famous poem is", "The capital of Norway is"],
+        ["Klingon", "Blue Lagoon", "Bergen"],
+        ["Danielle Darrieux", "Homer", "Norway"],
+    )
+    model = tiny_model("llama", len(tokenizer))
+    method = MEMoEMethod(
+        layers=[1], rank=8, lr=5e-2, steps=30, early_stop_loss=0.0, precision="float32", growth="round", block_edits=1
+    )
+    res = sequential_scale(model, tokenizer, method, rounds=3, batch=1, recs=recs, retention_sample=2)
+    rounds = res["per_round"]
+    assert res["growth"] == "round" and res["block_edits"] == 1
+    assert [r["adapter_bytes"] for r in rounds] == [rounds[0]["adapter_bytes"] * k for k in (1, 2, 3)]
+    assert "earlier" not in rounds[0] and rounds[2]["earlier"]["reliability"] == 1.0  # frozen blocks keep them
+    assert rounds[2]["scored"] == 3
+    plot = retention_plot({"grown": rounds}, tmp_path / "r.png", "scale")
+    assert plot.stat().st_size > 0
+
+
+def test_mixed_records_refuses_more_edits_than_the_files_hold():
+    from benchmarks.scale import mixed_records
+
+    with pytest.raises(ValueError, match="hold 8460"):
+        mixed_records(9000)
+
+
 def test_scale_gauge_leaves_training_unchanged_and_divides_out_the_host(tokenizer):
     """The host-speed gauge (a fixed training pass timed between steps) changes nothing the study
     learns, is taken out of the round's time, and the adjusted time is the round's time at the

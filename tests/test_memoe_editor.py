@@ -477,6 +477,31 @@ def test_growth_round_needs_anchor_gating():
         MEMoEMethod(growth="round", gate_mode="always")
 
 
+def test_block_edits_splits_a_round_by_subject_into_new_blocks(tokenizer):
+    """Four edits of three subjects in one round, at most two edits per block: Homer's two edits share a
+    block, each other subject gets its own, each subject is routed to its block, and every edit holds."""
+    model = tiny_model("llama", len(tokenizer))
+    ed = MEMoEEditor(model, tokenizer, MEMoEMethod(**{**FAST, "steps": 100, "growth": "round", "block_edits": 2}))
+    (p0, t0, s0), (p1, t1, s1), (p2, t2, s2) = GROW
+    other = ("The birthplace of Homer is", "Mars", "Homer")
+    rows = [(p0, t0, s0), (p1, t1, s1), other, (p2, t2, s2)]
+    st = ed.edit(_records(*map(list, zip(*rows))))
+    assert st.details["blocks_trained"] == 3 and st.details["n_blocks"] == 3 and st.details["block"] == 0
+    assert ed.block_of == {"danielle darrieux": 0, "homer": 1, "laos": 2}
+    prompts, targets = [r[0] for r in rows], [r[1] for r in rows]
+    assert min(teacher_forced(model, tokenizer, prompts, targets, editor=ed).acc()) == 1.0
+    # a later round moves Homer's edits (old and new together) into one new block
+    st = ed.edit(_records(["Homer's most famous poem is"], ["Star Wars"], ["Homer"]))
+    assert st.details["blocks_trained"] == 1 and st.details["n_replayed"] == 1 and ed.block_of["homer"] == 3
+    acc = teacher_forced(model, tokenizer, [p1, other[0], p0], ["Star Wars", "Mars", t0], editor=ed).acc()
+    assert min(acc) == 1.0
+
+
+def test_block_edits_needs_growth_round():
+    with pytest.raises(ValueError, match="growth 'round'"):
+        MEMoEMethod(block_edits=25)
+
+
 def test_an_overwritten_target_is_trained_unlikely_again_whenever_its_prompt_is_trained(tokenizer, tmp_path):
     """Round 3 edits Homer again (another relation): in growth 'round' the new block takes Homer's edits,
     the re-edit among them, and its overwritten target is trained unlikely there too; the record of the

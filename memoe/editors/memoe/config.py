@@ -111,6 +111,13 @@ class MEMoEMethod(Strict):
         "`replay`); 'round': each round adds a new block of experts and freezes the earlier ones, and the anchor index "
         "routes each subject to the block that holds its latest edits (a re-edited subject's other edits move with it)",
     )
+    block_edits: int | None = Field(
+        None,
+        ge=1,
+        description="growth 'round': at most this many edits (a round's, and the earlier edits that move with their "
+        "subjects) per new block; a larger round is split by subject into several new blocks, so fewer facts share "
+        "(and interfere in) one block (null: one block per round)",
+    )
     fact_gate: bool = Field(
         False,
         description="relation-aware scope without training: the adapter acts on a row only from where its prompt "
@@ -144,4 +151,6 @@ class MEMoEMethod(Strict):
             raise ValueError(
                 "growth 'round' routes each input by its known anchor to a block: it needs gate_mode 'anchor'"
             )
+        if self.block_edits is not None and self.growth != "round":
+            raise ValueError("block_edits splits a round into new blocks: it needs growth 'round'")
         return self

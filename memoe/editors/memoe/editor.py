@@ -575,45 +575,57 @@ class MEMoEEditor(Editor):
             k = self._prompt_key(p)
             if k in latest and latest[k] != t and (p, t, s) not in self.overwritten.get(k, []):
                 self.overwritten.setdefault(k, []).append((p, t, s))
-        block = 0
         if cfg.growth == "round":
-            # the new block takes over this round's subjects: their earlier edits still in force move
-            # with them (the anchor index then routes those subjects here); nothing else is replayed
+            # each new block takes over its subjects: their earlier edits still in force move with them
+            # (the anchor index then routes those subjects there); nothing else is replayed
             subjects = {normalise_subject(s) for _, _, s in new}
             old = [h for h in history if normalise_subject(h[2]) in subjects]
-            if self.rounds > 0:
-                with torch.random.fork_rng(devices=[] if self.device.type == "cpu" else [self.device]):
-                    torch.manual_seed(self.seed * 1000 + self.rounds)
-                    block = self.adapter.grow()
-            self._train_block = block
+            chunks = self._block_chunks(new, old)
         else:
             rng = random.Random(self.seed * 1000 + self.rounds)
             old = list(history)
             if cfg.replay is not None and len(old) > cfg.replay:
                 old = rng.sample(old, cfg.replay)
-        # whenever a prompt is trained (a re-edit, or moved / replayed later), its overwritten targets are
-        # trained unlikely beside it: a later round cannot bring one back
-        trained = {self._prompt_key(p): t for p, t, _ in new + old}
-        forget = [
-            (p, t, trained[k], s)
-            for k, rows in sorted(self.overwritten.items())
-            if k in trained
-            for p, t, s in rows
-            if t != trained[k]
-        ]
+            chunks = [(new, old)]
         if self.gate is not None:  # the fact gate's keys of this round's subjects, from all their edits in force
             by_subject: dict[str, list[str]] = {}
             for p, _, subj in history + new:
                 by_subject.setdefault(self.extractor.canonical(subj), []).append(p)
             mine = {self.extractor.canonical(s) for _, _, s in new}
             self.gate.update({k: v for k, v in by_subject.items() if k in mine}, salt=str(self.rounds))
-        try:
-            losses, details = self._train(new, old, t0, forget if cfg.forget_weight > 0 else [])
-        finally:
-            self._train_block = None
-        if cfg.growth == "round":
-            for _, _, s in new + old:
-                self.block_of[normalise_subject(s)] = block
+        losses: list[float] = []
+        blocks: list[int] = []
+        parts: list[dict[str, Any]] = []
+        for j, (new_c, old_c) in enumerate(chunks):
+            block = 0
+            if cfg.growth == "round" and (self.rounds > 0 or j > 0):
+                with torch.random.fork_rng(devices=[] if self.device.type == "cpu" else [self.device]):
+                    torch.manual_seed(self.seed * 1000 + self.rounds + (0 if j == 0 else 1_000_003 * j))
+                    block = self.adapter.grow()
+            # whenever a prompt is trained (a re-edit, or moved / replayed later), its overwritten targets
+            # are trained unlikely beside it: a later round cannot bring one back
+            trained = {self._prompt_key(p): t for p, t, _ in new_c + old_c}
+            forget = [
+                (p, t, trained[k], s)
+                for k, rows in sorted(self.overwritten.items())
+                if k in trained
+                for p, t, s in rows
+                if t != trained[k]
+            ]
+            self._train_block = block if cfg.growth == "round" else None
+            try:
+                chunk_losses, details = self._train(
+                    new_c, old_c, t0, forget if cfg.forget_weight > 0 else [], salt=j
+                )
+            finally:
+                self._train_block = None
+            if cfg.growth == "round":
+                for _, _, s in new_c + old_c:
+                    self.block_of[normalise_subject(s)] = block
+            losses += chunk_losses
+            blocks.append(block)
+            parts.append(details)
+        details = parts[-1] if len(parts) == 1 else self._merge_details(parts)
         self.history = history + new
         self.rounds += 1
         self.edits_applied += len(new)
@@ -624,11 +636,47 @@ class MEMoEEditor(Editor):
             **{
                 **details,
                 "n_superseded": n_superseded,
-                "block": block,
+                "block": blocks[0],
+                "blocks_trained": len(blocks),
                 "n_blocks": self.adapter.n_blocks,
                 "adapter_bytes": self.adapter.parameter_bytes(),
             },
         )
+
+    def _block_chunks(
+        self, new: list[tuple[str, str, str]], old: list[tuple[str, str, str]]
+    ) -> list[tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]]]:
+        """Growth 'round': the round's (new, moved) edits of each new block. One block for the round, or
+        with ``block_edits``, the round's subjects (each with all its edits, new and moved) filled in
+        order into blocks of at most ``block_edits`` edits (a subject with more edits gets a block of its own)."""
+        limit = self.cfg.block_edits
+        if limit is None:
+            return [(new, old)]
+        groups: dict[str, tuple[list, list]] = {}
+        for row in new:
+            groups.setdefault(normalise_subject(row[2]), ([], []))[0].append(row)
+        for row in old:
+            groups[normalise_subject(row[2])][1].append(row)
+        chunks: list[tuple[list, list]] = []
+        for n_rows, o_rows in groups.values():
+            size = len(n_rows) + len(o_rows)
+            if not chunks or len(chunks[-1][0]) + len(chunks[-1][1]) + size > limit:
+                chunks.append(([], []))
+            chunks[-1][0].extend(n_rows)
+            chunks[-1][1].extend(o_rows)
+        return chunks
+
+    @staticmethod
+    def _merge_details(parts: list[dict[str, Any]]) -> dict[str, Any]:
+        """One round's training figures from those of its blocks: counts and times summed, the last
+        block's losses, the rest as the first block had them."""
+        out = dict(parts[0])
+        for key in ("n_replayed", "n_train_rows", "n_scope_negatives", "n_forgotten", "buckets", "prep_s"):
+            out[key] = sum(p[key] for p in parts)
+        out["prep_s"] = round(out["prep_s"], 3)
+        for key in ("scope_loss_final", "forget_loss_final", "loss_curve"):
+            out[key] = parts[-1][key]
+        return out
 
     def _train(
         self,
@@ -636,6 +684,7 @@ class MEMoEEditor(Editor):
         old: list[tuple[str, str, str]],
         t0: float,
         forget: Sequence[tuple[str, str, str, str]] = (),
+        salt: int = 0,
     ) -> tuple[list[float], dict[str, Any]]:
         """One round's training of the adapter's trainable parameters on ``new`` and ``old`` edits (and,
         for ``forget``'s (prompt, overwritten target, latest target, subject), the unlikelihood of the
@@ -656,7 +705,7 @@ class MEMoEEditor(Editor):
 
             params = [p for p in self.adapter.parameters() if p.requires_grad]
             opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-            self.adapter.set_generator(self.seed * 7919 + self.rounds)
+            self.adapter.set_generator(self.seed * 7919 + self.rounds + 104_729 * salt)
             self.adapter.train()
             losses: list[float] = []
             scope_losses: list[float] = []
