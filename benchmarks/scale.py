@@ -12,9 +12,9 @@ import polars as pl
 from benchmarks.common import StepTimes, records, say
 from benchmarks.gauge import host_gauge
 from memoe.editors import make_editor
+from memoe.memory import PeakRSS
 from memoe.metrics import locality_predictions, summarize
 from memoe.protocol import run_sequential
-
 
 MIXED = ("zsre", "counterfact", "counterfact-val", "counterfact-edit-dev")  # catalogue names, in order
 
@@ -80,58 +80,64 @@ def sequential_scale(
     ed.on_step = clock
     parts = [recs.slice(t * batch, batch) for t in range(rounds)]
     per_round = []
-    for r in run_sequential(
-        model,
-        tok,
-        ed,
-        parts,
-        base,
-        seed=seed,
-        retention_sample=retention_sample,
-        all_after_last=False,
-        diagnostics=False,
-        generation=False,
-    ):
-        t, st = r.index, r.edit
-        train_s, train_cpu_s = r.train_s - gauge_cost[0], r.train_cpu_s - gauge_cost[1]
-        m = summarize(r.scores.table)
-        table = r.scores.table
-        earlier = (
-            summarize(table.filter(~pl.col("current")))
-            if "current" in table.columns and not table["current"].all()
-            else None
-        )
-        times = list(clock.times)
-        row = {
-            "round": t + 1,
-            "edits_so_far": (t + 1) * batch,
-            "train_s": train_s,
-            "train_cpu_s": train_cpu_s,
-            "eval_s": r.eval_s,
-            "scored": r.scores.table.height,
-            "steps": st.steps,
-            "loss_final": st.loss_final,
-            "step_s_median": statistics.median(times) if times else None,
-            "step_s_mean": statistics.fmean(times) if times else None,
-            **{k: m.get(k) for k in ("reliability", "generality", "locality")},
-        }
-        if earlier is not None:  # the sample of earlier rounds' edits alone: what survives the new ones
-            row["earlier"] = {k: earlier.get(k) for k in ("reliability", "generality", "locality")}
-        if "adapter_bytes" in st.details:
-            row["adapter_bytes"] = st.details["adapter_bytes"]
-        if hasattr(ed, "adapter"):  # the gauge runs through the adapter: its size must not change
-            row["adapter_params"] = sum(p.numel() for p in ed.adapter.parameters())
-        if gauge_s:  # the mean: the round's time is a sum over its steps, at the host's speed of each
-            row.update(gauge_s=statistics.fmean(gauge_s), gauge_times=list(gauge_s))
-        per_round.append(row)
-        say(
-            f"round {t + 1}/{rounds}: train {train_s:.1f}s eval {r.eval_s:.1f}s on {row['scored']} "
-            + (f"gauge {row['gauge_s']:.3f}s " if gauge_s else "")
-            + f"Rel {m.get('reliability', float('nan')):.2f} Gen {m.get('generality', float('nan')):.2f} "
-            f"Loc {m.get('locality', float('nan')):.2f}"
-        )
-        gauge_s.clear()  # before the next round (run_sequential goes on when asked for it)
-        gauge_cost[:] = [0.0, 0.0]
+    memory = PeakRSS().__enter__()  # sampled through the whole study; read after each round
+    try:
+        for r in run_sequential(
+            model,
+            tok,
+            ed,
+            parts,
+            base,
+            seed=seed,
+            retention_sample=retention_sample,
+            all_after_last=False,
+            diagnostics=False,
+            generation=False,
+        ):
+            t, st = r.index, r.edit
+            train_s, train_cpu_s = r.train_s - gauge_cost[0], r.train_cpu_s - gauge_cost[1]
+            m = summarize(r.scores.table)
+            table = r.scores.table
+            earlier = (
+                summarize(table.filter(~pl.col("current")))
+                if "current" in table.columns and not table["current"].all()
+                else None
+            )
+            times = list(clock.times)
+            row = {
+                "round": t + 1,
+                "edits_so_far": (t + 1) * batch,
+                "train_s": train_s,
+                "train_cpu_s": train_cpu_s,
+                "eval_s": r.eval_s,
+                "scored": r.scores.table.height,
+                "steps": st.steps,
+                "loss_final": st.loss_final,
+                "step_s_median": statistics.median(times) if times else None,
+                "step_s_mean": statistics.fmean(times) if times else None,
+                **{k: m.get(k) for k in ("reliability", "generality", "locality")},
+            }
+            if earlier is not None:  # the sample of earlier rounds' edits alone: what survives the new ones
+                row["earlier"] = {k: earlier.get(k) for k in ("reliability", "generality", "locality")}
+            if "adapter_bytes" in st.details:
+                row["adapter_bytes"] = st.details["adapter_bytes"]
+            row["peak_rss_mb_so_far"] = memory.peak
+            if hasattr(ed, "adapter"):  # the gauge runs through the adapter: its size must not change
+                row["adapter_params"] = sum(p.numel() for p in ed.adapter.parameters())
+            if gauge_s:  # the mean: the round's time is a sum over its steps, at the host's speed of each
+                row.update(gauge_s=statistics.fmean(gauge_s), gauge_times=list(gauge_s))
+            per_round.append(row)
+            say(
+                f"round {t + 1}/{rounds} ({row['edits_so_far']} edits, RSS {memory.peak:.0f} MiB): "
+                f"train {train_s:.1f}s eval {r.eval_s:.1f}s on {row['scored']} "
+                + (f"gauge {row['gauge_s']:.3f}s " if gauge_s else "")
+                + f"Rel {m.get('reliability', float('nan')):.2f} Gen {m.get('generality', float('nan')):.2f} "
+                f"Loc {m.get('locality', float('nan')):.2f}"
+            )
+            gauge_s.clear()  # before the next round (run_sequential goes on when asked for it)
+            gauge_cost[:] = [0.0, 0.0]
+    finally:
+        memory.__exit__(None, None, None)
     ed.remove()
     ed.on_step = None
     later = per_round[1:] or per_round  # flatness over the rounds after the first (nothing to replay there)

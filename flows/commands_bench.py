@@ -20,6 +20,11 @@ def add_arguments(p):
     p.add_argument("--model", default="embedded:smollm2-135m")
     p.add_argument("--device", default="auto")
     p.add_argument("--skip-scale", action="store_true", help="skip the sequential scale study")
+    p.add_argument(
+        "--only-scale",
+        action="store_true",
+        help="run the sequential scale study alone (a long study: 10,000 edits with --scale-rounds 100 on a GPU)",
+    )
     p.add_argument("--scale-steps", type=int, default=40, help="optimiser steps per round of the scale study")
     p.add_argument("--compile", action="store_true", help="the scale study trains with compile: true")
     p.add_argument(
@@ -142,11 +147,20 @@ def run(args) -> int:
             out[growth] = sequential_scale(model, tok, method, rounds, batch, gauge_every=args.gauge_every)
         return out
 
+    if args.only_scale and args.skip_scale:
+        raise SystemExit("memoe bench: --only-scale and --skip-scale exclude each other")
     t0 = time.perf_counter()
-    res = run_bench(
-        quick=args.quick, model_name=args.model, device=args.device, scale=None if args.skip_scale else scale
-    )
-    if not args.skip_overhead:
+    if args.only_scale:
+        from memoe.memory import PeakRSS
+
+        with PeakRSS() as p:
+            res = {"scale": scale()}
+        res["peak_rss_mb"] = {"scale_study": p.peak}
+    else:
+        res = run_bench(
+            quick=args.quick, model_name=args.model, device=args.device, scale=None if args.skip_scale else scale
+        )
+    if not args.skip_overhead and not args.only_scale:
         from memoe.models import load_model as _load
 
         t1 = time.perf_counter()
@@ -161,21 +175,22 @@ def run(args) -> int:
     res["bench_wall_s"] = time.perf_counter() - t0
     path = out / "bench.json"
     path.write_text(json.dumps(res, indent=2))
-    print(f"\ncached_step_ratio   {res['cached_step_ratio']:.3f}")
-    print(f"roofline_fraction   {res['roofline_fraction']:.3f}")
-    if "roofline_fraction_compiled" in res:
-        print(
-            f"  compiled          {res['roofline_fraction_compiled']:.3f} (step {res['train_step']['compiled_s']:.3f} s "
-            f"against {res['train_step']['cached_s']:.3f} s eager: compiled_step_ratio {res['compiled_step_ratio']:.2f})"
-        )
-    for n, v in res["edit_throughput"].items():
-        print(f"edit {n:>5} edits     {v['seconds']:.1f} s ({v['edits_per_s']:.2f} edits/s)")
-    if "eval_reuse" in res:
-        ev = res["eval_reuse"]
-        print(
-            f"evaluation {ev['edits']} edits   plain {ev['plain_s']:.1f} s, states reused {ev['reused_s']:.1f} s "
-            f"({ev['speedup_reused']:.2f}x; first time {ev['speedup_first']:.2f}x), same scores {ev['same_scores']}"
-        )
+    if "cached_step_ratio" in res:
+        print(f"\ncached_step_ratio   {res['cached_step_ratio']:.3f}")
+        print(f"roofline_fraction   {res['roofline_fraction']:.3f}")
+        if "roofline_fraction_compiled" in res:
+            print(
+                f"  compiled          {res['roofline_fraction_compiled']:.3f} (step {res['train_step']['compiled_s']:.3f} s "
+                f"against {res['train_step']['cached_s']:.3f} s eager: compiled_step_ratio {res['compiled_step_ratio']:.2f})"
+            )
+        for n, v in res["edit_throughput"].items():
+            print(f"edit {n:>5} edits     {v['seconds']:.1f} s ({v['edits_per_s']:.2f} edits/s)")
+        if "eval_reuse" in res:
+            ev = res["eval_reuse"]
+            print(
+                f"evaluation {ev['edits']} edits   plain {ev['plain_s']:.1f} s, states reused {ev['reused_s']:.1f} s "
+                f"({ev['speedup_reused']:.2f}x; first time {ev['speedup_first']:.2f}x), same scores {ev['same_scores']}"
+            )
     print("peak RSS (MiB)      " + ", ".join(f"{k} {v:.0f}" for k, v in res["peak_rss_mb"].items()))
     plot = None
     for growth, sc in res.get("scale", {}).items():

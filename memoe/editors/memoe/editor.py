@@ -614,9 +614,7 @@ class MEMoEEditor(Editor):
             ]
             self._train_block = block if cfg.growth == "round" else None
             try:
-                chunk_losses, details = self._train(
-                    new_c, old_c, t0, forget if cfg.forget_weight > 0 else [], salt=j
-                )
+                chunk_losses, details = self._train(new_c, old_c, t0, forget if cfg.forget_weight > 0 else [], salt=j)
             finally:
                 self._train_block = None
             if cfg.growth == "round":
