@@ -42,6 +42,19 @@ def add_arguments(p):
     )
     p.add_argument("--scale-batch", type=int, default=None, help="edits per round (default 100; 25 with --quick)")
     p.add_argument(
+        "--scale-retention",
+        type=int,
+        default=200,
+        help="earlier edits (a seeded sample) scored after each round of the scale study, beside the round's own",
+    )
+    p.add_argument(
+        "--scale-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a MEMoE setting of the scale study (repeatable; e.g. rank=96, or early_stop_loss=0.05 to let rounds stop early)",
+    )
+    p.add_argument(
         "--scale-block-edits",
         type=int,
         default=None,
@@ -55,6 +68,16 @@ def add_arguments(p):
         "speed of the moment out of each round's time (0: off)",
     )
     p.add_argument("--skip-overhead", action="store_true", help="skip the orchestration-overhead study")
+
+
+def parse_value_pair(kv: str) -> tuple[str, object]:
+    """``KEY=VALUE`` of ``--scale-set``, the value read as in a config's ``--set``."""
+    from memoe.config import parse_value
+
+    if "=" not in kv:
+        raise SystemExit(f"memoe bench: --scale-set {kv!r} is not KEY=VALUE")
+    k, v = kv.split("=", 1)
+    return k, parse_value(v)
 
 
 def _flat(d, prefix=""):
@@ -134,17 +157,29 @@ def run(args) -> int:
         rounds = args.scale_rounds or (4 if args.quick else (100 if gpu else 20))
         batch = args.scale_batch or (25 if args.quick else 100)
         growths = ["shared", "round"] if args.scale_growth == "both" else [args.scale_growth]
+        extra = dict(parse_value_pair(kv) for kv in args.scale_set)
         out = {}
         for growth in growths:
             # a fixed number of steps per round (no early stop): the round's cost, not its convergence
             method = MEMoEMethod(
-                steps=args.scale_steps,
-                early_stop_loss=0.0,
-                compile=args.compile,
-                growth=growth,
-                block_edits=args.scale_block_edits if growth == "round" else None,
+                **{
+                    "steps": args.scale_steps,
+                    "early_stop_loss": 0.0,
+                    "compile": args.compile,
+                    "growth": growth,
+                    "block_edits": args.scale_block_edits if growth == "round" else None,
+                    **extra,
+                }
             )
-            out[growth] = sequential_scale(model, tok, method, rounds, batch, gauge_every=args.gauge_every)
+            out[growth] = sequential_scale(
+                model,
+                tok,
+                method,
+                rounds,
+                batch,
+                retention_sample=args.scale_retention,
+                gauge_every=args.gauge_every,
+            )
         return out
 
     if args.only_scale and args.skip_scale:

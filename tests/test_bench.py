@@ -204,10 +204,11 @@ def test_mixed_records_refuses_more_edits_than_the_files_hold():
         mixed_records(9000)
 
 
-def test_scale_gauge_leaves_training_unchanged_and_divides_out_the_host(tokenizer):
+@pytest.mark.parametrize("growth", [{}, {"growth": "round", "block_edits": 1}])
+def test_scale_gauge_leaves_training_unchanged_and_divides_out_the_host(tokenizer, growth):
     """The host-speed gauge (a fixed training pass timed between steps) changes nothing the study
     learns, is taken out of the round's time, and the adjusted time is the round's time at the
-    median gauge speed."""
+    median gauge speed; for the grown adapter it runs through the block being trained."""
     from benchmarks.scale import sequential_scale
     from memoe.editors.memoe import MEMoEMethod
 
@@ -227,7 +228,7 @@ def test_scale_gauge_leaves_training_unchanged_and_divides_out_the_host(tokenize
         ["Danielle Darrieux", "Homer", "Norway", "Paris", "Eiffel Tower", "Danielle Darrieux"],
     )
     method = MEMoEMethod(
-        layers=[1], rank=8, lr=5e-2, steps=6, early_stop_loss=0.0, precision="float32", router_noise=1.0
+        layers=[1], rank=8, lr=5e-2, steps=6, early_stop_loss=0.0, precision="float32", router_noise=1.0, **growth
     )
     runs = {}
     for every in (0, 2):
@@ -240,8 +241,11 @@ def test_scale_gauge_leaves_training_unchanged_and_divides_out_the_host(tokenize
     assert [[r[k] for k in keys] for r in gauged] == [[r[k] for k in keys] for r in plain]
     assert gauged[-1]["reliability"] > 0.5  # the edits took, with the gauge running between steps
     assert all("gauge_s" not in r for r in plain) and "train_s_host_adjusted_max_dev" not in runs[0]
-    assert len({r["adapter_params"] for r in gauged}) == 1  # the gauge's work is the same every round
-    assert [len(r["gauge_times"]) for r in gauged] == [3, 3, 3]  # after steps 2, 4, 6
+    if not growth:
+        assert len({r["adapter_params"] for r in gauged}) == 1  # the gauge's work is the same every round
+        assert [len(r["gauge_times"]) for r in gauged] == [3, 3, 3]  # after steps 2, 4, 6
+    else:  # two blocks of one edit a round, 6 steps each
+        assert [len(r["gauge_times"]) for r in gauged] == [6, 6, 6]
     assert all(r["gauge_s"] == statistics.fmean(r["gauge_times"]) for r in gauged)
     typical = statistics.median(r["gauge_s"] for r in gauged[1:])
     assert runs[2]["gauge_s_median"] == typical > 0

@@ -487,6 +487,7 @@ def test_block_edits_splits_a_round_by_subject_into_new_blocks(tokenizer):
     rows = [(p0, t0, s0), (p1, t1, s1), other, (p2, t2, s2)]
     st = ed.edit(_records(*map(list, zip(*rows))))
     assert st.details["blocks_trained"] == 3 and st.details["n_blocks"] == 3 and st.details["block"] == 0
+    assert 3 <= st.steps <= 300 and 0 < st.details["prep_s"] < st.seconds  # three blocks, each timed from its start
     assert ed.block_of == {"danielle darrieux": 0, "homer": 1, "laos": 2}
     prompts, targets = [r[0] for r in rows], [r[1] for r in rows]
     assert min(teacher_forced(model, tokenizer, prompts, targets, editor=ed).acc()) == 1.0

@@ -505,13 +505,17 @@ class MEMoEEditor(Editor):
         (their rows and context prefixes, packed, from the layer cache, in the round's precision), without
         the optimiser: each call of the returned function accumulates the gradient into the adapter's
         ``.grad`` and returns the summed NLL. The rows are prepared on the first call: call it inside a
-        round (from ``on_step``). Benchmarks time it (``benchmarks/gauge.py``)."""
+        round (from ``on_step``); with growth 'round' it runs through the block being trained. Benchmarks
+        time it (``benchmarks/gauge.py``)."""
         rows = self._examples(self._rows(records))
         parts: list[tuple] = []
 
         def run() -> float:
             if not parts:
                 parts.extend(self._step_parts(rows, self._packs()))
+            if self._train_block is not None:  # growth 'round': through the block this round trains
+                for _, ctx, _, _ in parts:
+                    ctx["block"] = self._train_block
             with torch.enable_grad():
                 return self._backward(parts)
 
@@ -613,8 +617,11 @@ class MEMoEEditor(Editor):
                 if t != trained[k]
             ]
             self._train_block = block if cfg.growth == "round" else None
+            started = t0 if j == 0 else time.perf_counter()  # each block's preparation timed from its start
             try:
-                chunk_losses, details = self._train(new_c, old_c, t0, forget if cfg.forget_weight > 0 else [], salt=j)
+                chunk_losses, details = self._train(
+                    new_c, old_c, started, forget if cfg.forget_weight > 0 else [], salt=j
+                )
             finally:
                 self._train_block = None
             if cfg.growth == "round":
