@@ -227,7 +227,6 @@ def run(args) -> int:
                 f"({ev['speedup_reused']:.2f}x; first time {ev['speedup_first']:.2f}x), same scores {ev['same_scores']}"
             )
     print("peak RSS (MiB)      " + ", ".join(f"{k} {v:.0f}" for k, v in res["peak_rss_mb"].items()))
-    plot = None
     for growth, sc in res.get("scale", {}).items():
         last = sc["per_round"][-1]
         print(
@@ -251,15 +250,21 @@ def run(args) -> int:
                 else ""
             )
         )
+    plots = []
     if res.get("scale"):
         from flows.report import retention_plot
 
-        plot = retention_plot(
-            {f"MEMoE growth {g}": sc["per_round"] for g, sc in res["scale"].items()},
-            out / "scale_retention.png",
-            "scale study: the round's edits and a sample of earlier ones (teacher-forced)",
-        )
-        print(f"retention plot      {plot}")
+        curves = {f"MEMoE growth {g}": sc["per_round"] for g, sc in res["scale"].items()}
+        for metric in ("reliability", "generality", "locality"):
+            plots.append(
+                retention_plot(
+                    curves,
+                    out / f"scale_retention_{metric}.png",
+                    f"scale study, {metric}: the round's edits and a sample of earlier ones (teacher-forced)",
+                    metric,
+                )
+            )
+        print("retention plots     " + ", ".join(str(p) for p in plots))
     if args.mlflow:
         import mlflow
 
@@ -272,7 +277,7 @@ def run(args) -> int:
         with mlflow.start_run(run_name=f"bench-{'quick' if args.quick else 'full'}"):
             mlflow.log_metrics(_flat(res))
             mlflow.log_artifact(str(path))
-            if plot is not None:
+            for plot in plots:
                 mlflow.log_artifact(str(plot))
     print(f"wrote {path}")
     return 0
