@@ -121,6 +121,9 @@ def sequential_scale(
                 row["earlier"] = {k: earlier.get(k) for k in ("reliability", "generality", "locality")}
             if "adapter_bytes" in st.details:
                 row["adapter_bytes"] = st.details["adapter_bytes"]
+            for key in ("n_replayed", "blocks_trained"):  # what a round trains beside its own edits: its cost
+                if key in st.details:
+                    row[key] = st.details[key]
             row["peak_rss_mb_so_far"] = memory.peak
             if hasattr(ed, "adapter"):  # the gauge runs through the adapter: its size must not change
                 row["adapter_params"] = sum(p.numel() for p in ed.adapter.parameters())

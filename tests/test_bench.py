@@ -193,6 +193,8 @@ def test_scale_study_of_the_grown_adapter_reports_its_size_and_the_earlier_edits
     assert [r["adapter_bytes"] for r in rounds] == [rounds[0]["adapter_bytes"] * k for k in (1, 2, 3)]
     assert "earlier" not in rounds[0] and rounds[2]["earlier"]["reliability"] == 1.0  # frozen blocks keep them
     assert rounds[2]["scored"] == 3
+    # the round's cost drivers: three subjects, none recurring, so one new block a round and nothing moved
+    assert [(r["blocks_trained"], r["n_replayed"]) for r in rounds] == [(1, 0)] * 3
     plot = retention_plot({"grown": rounds}, tmp_path / "r.png", "scale")
     assert plot.stat().st_size > 0
 
