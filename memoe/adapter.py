@@ -19,7 +19,8 @@ Packed batches (several rows per sequence, for training) give the context per to
 
 A grown adapter (``grow``) holds several *blocks*, each a full set of experts for every edited
 layer; ``RouteState.block`` names each row's block (an int for the whole batch, or (B,) per row;
-None: block 0). Only the row's own block runs on it, so per-token compute does not grow with the
+None: block 0), or, as a bool membership (B, n) or (B, T, n), the several blocks a row runs through
+(their terms add up). Only a row's own blocks run on it, so per-token compute does not grow with the
 number of blocks; ``grow`` freezes every earlier block.
 
 This module knows nothing about the editor or about how anchors are found.
@@ -50,7 +51,9 @@ class RouteState:
     record: list | None = None  # when a list: each hook call appends routing info (diagnostics)
     default_gate: float = 0.0  # gate for a forward call made without any route context
     explicit: bool = False  # the context was set by the caller (route()); auto-routing then stays off
-    block: int | torch.Tensor | None = None  # grown adapter: the block of every row (int) or of each row (B,)
+    # grown adapter: the block of every row (int), of each row (B,) long, or the blocks each row (B, n) or token
+    # (B, T, n) runs through (bool membership over blocks 0..n-1; their terms add up)
+    block: int | torch.Tensor | None = None
     # drop-in routing: (input_ids (B, T), attention_mask (B, T) | None) -> {anchor, gate, start}
     auto: Callable[[torch.Tensor, torch.Tensor | None], dict] | None = None
     scope: list | None = None  # per-row data for ``mask_fn`` (the fact gate: each row's edited subject)
@@ -299,14 +302,29 @@ class MEMoEAdapter(nn.Module):
             else:
                 a = st.anchor.to(device=x.device, dtype=x.dtype)[:, None, :].expand(B, T, -1)
             # the block of each token's row: one block for the batch, or each row's own
+            flat = active.reshape(-1)
             if st.block is None or isinstance(st.block, int):
-                parts = [(int(st.block or 0), active.reshape(-1))]
+                parts = [(int(st.block or 0), flat)]
             else:
                 if st.block.shape[0] != B:
                     raise RuntimeError(f"route context has blocks for {st.block.shape[0]} rows but the batch has {B}")
-                tok_block = st.block.to(x.device)[:, None].expand(B, T).reshape(-1)
-                flat = active.reshape(-1)
-                parts = [(int(b), flat & (tok_block == b)) for b in torch.unique(tok_block[flat]).tolist()]
+                if st.block.dtype == torch.bool:  # membership: every block a row (or token) runs through
+                    mem = st.block.to(x.device)
+                    if mem.dim() == 2:
+                        mem = mem[:, None, :].expand(B, T, -1)
+                    if tuple(mem.shape[:2]) != (B, T) or mem.shape[2] > self.n_blocks:
+                        raise RuntimeError(
+                            f"route context has block membership {tuple(mem.shape)} for a batch of {(B, T)} tokens "
+                            f"and an adapter of {self.n_blocks} blocks"
+                        )
+                    mem = mem.reshape(B * T, -1)
+                    present = mem[flat].any(0).nonzero(as_tuple=True)[0].tolist()
+                    parts = [(int(b), flat & mem[:, b]) for b in present]
+                else:
+                    tok_block = st.block.to(x.device)[:, None].expand(B, T).reshape(-1)
+                    parts = [(int(b), flat & (tok_block == b)) for b in torch.unique(tok_block[flat]).tolist()]
+                if not parts:  # active tokens but no block to run: nothing to add
+                    return output
             autocast = torch.is_autocast_enabled(x.device.type)
             dt = self.moe[str(layer)].w_in.dtype
             xs, as_ = x.reshape(B * T, d), a.reshape(B * T, -1)

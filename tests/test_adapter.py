@@ -191,3 +191,37 @@ def test_cached_training_step_runs_only_layers_above_l(tokenizer, kind, ran):
     ed.remove()
     with torch.no_grad():  # the adapter's term is really in the cached loss
         assert abs(ed._loss(batch, ctx, None).item() - a.item()) > 1e-3
+
+
+def test_block_membership_adds_up_the_terms_of_each_rows_blocks(tokenizer):
+    """A row routed to several blocks (bool membership, per row or per token) gets the sum of their
+    terms; a row in one block gets that block's term alone, as with a block index."""
+    model = tiny_model("llama", len(tokenizer))
+    ed = MEMoEEditor(model, tokenizer, MEMoEMethod(layers=[2], rank=4, gate_mode="always"))
+    ad = ed.adapter
+    ad.grow(), ad.grow()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for b in range(3):
+            for m in ad.block(b).values():
+                m.w_out.copy_(torch.randn(m.w_out.shape, generator=g))
+    x = torch.randn(2, 5, model.config.hidden_size, generator=g)
+
+    def term(block):
+        with ed.route(["a", "b"]):
+            ad.state.block = block
+            return ad.delta(x, 2)
+
+    one = [term(b) for b in range(3)]
+    TOL = dict(rtol=1e-4, atol=1e-4)  # the same products over other row subsets: float rounding only
+    rows = term(torch.tensor([[True, False, True], [False, True, False]]))
+    assert torch.allclose(rows[0], one[0][0] + one[2][0], **TOL) and torch.allclose(rows[1], one[1][1], **TOL)
+    tokens = torch.zeros(2, 5, 3, dtype=torch.bool)
+    tokens[0, :2, 0] = tokens[0, 2:, 1] = tokens[1, :, :] = True
+    per_tok = term(tokens)
+    assert torch.allclose(per_tok[0, :2], one[0][0, :2], **TOL)
+    assert torch.allclose(per_tok[0, 2:], one[1][0, 2:], **TOL)
+    assert torch.allclose(per_tok[1], one[0][1] + one[1][1] + one[2][1], **TOL)
+    assert torch.allclose(term(torch.tensor([2, 0])), torch.stack([one[2][0], one[0][1]]), **TOL)
+    with pytest.raises(RuntimeError, match="membership"):
+        term(torch.ones(2, 4, dtype=torch.bool))  # more blocks than the adapter has

@@ -558,3 +558,70 @@ def test_kept_scores_are_reused_only_while_the_rows_version_holds(tokenizer, tmp
     hits = later.hits
     assert teacher_forced(model, tokenizer, [p], [t], editor=ed, memo=later).logprob != first.logprob[:1]
     assert later.hits == hits and third.acc() == [1.0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("keep", ["term", "answer"])
+def test_stacked_blocks_keep_a_recurring_subjects_earlier_edits_where_they_are(real_model, tmp_path, keep):
+    """Recurring 'stack' on the embedded model (a tiny random model cannot tell a subject's relations apart):
+    Homer's second round trains only its new edit, in a new block on top of the frozen block 0 that holds
+    Homer's first edit; Homer's rows then run through both blocks and both edits hold, block 0 stays
+    bit-identical, a re-edit's latest target beats the frozen block holding the old one, and a saved editor
+    reloads the stack."""
+    model, tok = real_model
+    cfg = MEMoEMethod(
+        growth="round", recurring="stack", keep=keep, block_edits=10, num_experts=1, rank=96, early_stop_loss=0.01
+    )
+    ed = MEMoEEditor(model, tok, cfg)
+    try:
+        birth, poem = ("The birthplace of Homer is", "Mars", "Homer"), GROW[1]
+        ed.edit(_records([birth[0], GROW[0][0]], [birth[1], GROW[0][1]], [birth[2], GROW[0][2]]))
+        block0 = {k: v.clone() for k, v in ed.state_dict().items() if k.startswith("moe.")}
+        st = ed.edit(_one(*poem))
+        assert st.details["n_kept" if keep == "term" else "n_replayed"] == 1
+        assert st.details["n_replayed" if keep == "term" else "n_kept"] == 0
+        assert ed.blocks_for("Homer") == [0, 1] and ed.blocks_for("Danielle Darrieux") == [0]
+        assert all(torch.equal(v, ed.state_dict()[k]) for k, v in block0.items())
+        prompts, targets = [birth[0], poem[0], GROW[0][0]], [birth[1], poem[1], GROW[0][1]]
+        assert min(teacher_forced(model, tok, prompts, targets, editor=ed).acc()) == 1.0
+        # without its earlier block, block 1 alone gives Homer's rows another answer: the terms really add up
+        with ed.route([birth[0]]):
+            ed.adapter.state.block = torch.tensor([1])
+            alone = teacher_forced(model, tok, [birth[0]], [birth[1]]).logprob
+        assert alone[0] < teacher_forced(model, tok, [birth[0]], [birth[1]], editor=ed).logprob[0] - 1.0
+        # a re-edit of round 1's prompt: the latest target wins over the frozen block that holds the old one
+        st = ed.edit(_one(birth[0], "Venus", "Homer"))
+        assert st.details["n_superseded"] == 1 and ed.blocks_for("Homer") == [0, 1, 2]
+        prompts[0], targets[0] = birth[0], "Venus"
+        assert min(teacher_forced(model, tok, prompts, targets).acc()) == 1.0  # drop-in: a plain forward
+        assert teacher_forced(model, tok, [birth[0]], [birth[1]], editor=ed).acc()[0] < 1.0
+        ed.save(tmp_path / "stack")
+        a = teacher_forced(model, tok, prompts, targets, editor=ed).logprob
+    finally:
+        ed.remove()
+    ed2 = MEMoEEditor(model, tok, cfg)
+    try:
+        ed2.load(tmp_path / "stack")
+        assert ed2.earlier_blocks == ed.earlier_blocks == {"homer": [0, 1]}
+        assert a == teacher_forced(model, tok, prompts, targets, editor=ed2).logprob
+    finally:
+        ed2.remove()
+
+
+def test_recurring_stack_needs_growth_round():
+    with pytest.raises(ValueError, match="growth 'round'"):
+        MEMoEMethod(recurring="stack")
+
+
+def test_the_plateau_stop_ends_a_block_whose_loss_no_longer_falls(tokenizer):
+    from memoe.editors.memoe.editor import _plateaued
+
+    assert not _plateaued([5.0, 3.0, 1.0, 0.5], 2)  # still falling
+    assert _plateaued([5.0, 1.0, 0.99, 0.98], 2)  # two steps within 5% of the best before them
+    assert not _plateaued([5.0, 1.0], 2)  # too few steps to tell
+    model = tiny_model("llama", len(tokenizer))
+    # the tiny model's loss stays high (a 49k vocabulary): without the plateau stop it runs all 60 steps
+    full = MEMoEEditor(model, tokenizer, MEMoEMethod(**FAST)).edit(_one(*GROW[0]))
+    model = tiny_model("llama", len(tokenizer))
+    short = MEMoEEditor(model, tokenizer, MEMoEMethod(**FAST, plateau_patience=3)).edit(_one(*GROW[0]))
+    assert full.steps == 60 and short.steps < 60

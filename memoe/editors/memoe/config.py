@@ -94,6 +94,12 @@ class MEMoEMethod(Strict):
         description="relation-aware scope: per edit, this many prompts of its subject with other relations "
         "(memoe/probes.py SCOPE_RELATIONS) on which the adapter's term is trained towards zero (0: off, the paper)",
     )
+    plateau_patience: int = Field(
+        0,
+        ge=0,
+        description="also stop a block's training when its loss has not fallen below 0.95 x its best for this many "
+        "steps (edits that contradict each other never reach early_stop_loss; 0: off)",
+    )
     scope_weight: float = Field(1.0, ge=0.0, description="weight of the scope loss (relative squared adapter term)")
     scope_stop_loss: float = Field(
         1.0, ge=0.0, description="with scope negatives, the early stop also waits for the scope loss to fall below this"
@@ -117,6 +123,26 @@ class MEMoEMethod(Strict):
         description="growth 'round': at most this many edits (a round's, and the earlier edits that move with their "
         "subjects) per new block; a larger round is split by subject into several new blocks, so fewer facts share "
         "(and interfere in) one block (null: one block per round)",
+    )
+    recurring: Literal["move", "stack"] = Field(
+        "move",
+        description="growth 'round', a subject edited again in a later round: 'move': its earlier edits in force "
+        "move into (are retrained in) the new block, which alone serves the subject from then on; 'stack': they "
+        "stay in their frozen blocks, the subject's rows run through every block that holds its edits (their terms "
+        "add up), and the new block is trained on top of them, its own term kept near zero on the earlier edits' "
+        "prompts (`keep_weight`), so a round trains only its own edits",
+    )
+    keep: Literal["answer", "term"] = Field(
+        "answer",
+        description="recurring 'stack', how a new block leaves its subjects' earlier edits (held by frozen blocks) "
+        "alone: 'term': its own term is trained towards zero on their prompts at the adapter's layer (cheap: no "
+        "forward above it); 'answer': they are trained on their targets through the whole stack, as training rows",
+    )
+    keep_weight: float = Field(
+        1.0,
+        ge=0.0,
+        description="recurring 'stack': weight of the new block's relative squared term on the prompts "
+        "of its subjects' earlier edits",
     )
     fact_gate: bool = Field(
         False,
@@ -150,6 +176,10 @@ class MEMoEMethod(Strict):
         if self.growth == "round" and self.gate_mode != "anchor":
             raise ValueError(
                 "growth 'round' routes each input by its known anchor to a block: it needs gate_mode 'anchor'"
+            )
+        if self.recurring != "move" and self.growth != "round":
+            raise ValueError(
+                f"recurring {self.recurring!r} decides how blocks share a subject: it needs growth 'round'"
             )
         if self.block_edits is not None and self.growth != "round":
             raise ValueError("block_edits splits a round into new blocks: it needs growth 'round'")

@@ -110,7 +110,9 @@ class MEMoEEditor(Editor):
             st.mask_fn = lambda B, T, device: self.gate.open_mask(st.scope, st.attention_mask, st.past, B, T, device)
         self.history: list[tuple[str, str, str]] = []  # (prompt, target, subject) of every edit in force
         self.overwritten: dict[str, list[tuple[str, str, str]]] = {}  # prompt key -> the edits re-edits replaced
-        self.block_of: dict[str, int] = {}  # growth 'round': normalised subject -> the block holding its edits
+        self.block_of: dict[str, int] = {}  # growth 'round': normalised subject -> the block holding its latest edits
+        # recurring 'stack': normalised subject -> the earlier blocks that still hold some of its edits
+        self.earlier_blocks: dict[str, list[int]] = {}
         self._train_block: int | None = None  # growth 'round', inside edit(): the block being trained
         self.templates: list[str] | None = None
         self.rounds = 0
@@ -149,17 +151,41 @@ class MEMoEEditor(Editor):
             ctx["scope"] = [
                 (self.extractor.canonical(a.text), *sp) if a.known else None for a, sp in zip(anchors, spans)
             ]
-        if self.cfg.growth == "round":  # the anchor index: each known subject's block (training: the new one)
-            ctx["block"] = (
-                self._train_block
-                if self._train_block is not None
-                else torch.tensor(
+        if self.cfg.growth == "round":  # the anchor index: each known subject's block(s) (training: the new one)
+            if self.cfg.recurring == "stack":
+                ctx["block"] = self._membership(anchors)
+            elif self._train_block is not None:
+                ctx["block"] = self._train_block
+            else:
+                ctx["block"] = torch.tensor(
                     [self.block_of.get(normalise_subject(a.text), 0) if a.known else 0 for a in anchors],
                     dtype=torch.long,
                     device=self.device,
                 )
-            )
         return ctx
+
+    def blocks_for(self, subject: str) -> list[int]:
+        """Growth 'round': the blocks a known subject's rows run through (recurring 'move': the one block
+        holding its edits; 'stack': every block holding some of them, earliest first)."""
+        key = normalise_subject(subject)
+        return self.earlier_blocks.get(key, []) + [self.block_of.get(key, 0)]
+
+    def _membership(self, anchors: Sequence[Anchor]) -> torch.Tensor:
+        """Recurring 'stack': (B, n_blocks) bool, the blocks each row runs through: its subject's blocks
+        (while training, the frozen ones holding the subject's earlier edits and the block being trained)."""
+        mem = torch.zeros(len(anchors), self.adapter.n_blocks, dtype=torch.bool)
+        for r, a in enumerate(anchors):
+            if not a.known:
+                mem[r, 0] = True  # a silent row (gate 0): any block, it adds nothing
+                continue
+            key = normalise_subject(a.text)
+            if self._train_block is not None:
+                blocks = self.earlier_blocks.get(key, []) + ([self.block_of[key]] if key in self.block_of else [])
+                blocks.append(self._train_block)
+            else:
+                blocks = self.blocks_for(a.text)
+            mem[r, blocks] = True
+        return mem.to(self.device)
 
     @contextlib.contextmanager
     def _set(self, ctx: dict[str, torch.Tensor | None]) -> Iterator[None]:
@@ -417,7 +443,10 @@ class MEMoEEditor(Editor):
         if ctx["start"] is not None:
             active = active & (batch["position_ids"] >= ctx["start"][r])
         anchor = ctx["anchor"][r] * real[..., None].to(ctx["anchor"].dtype)
-        return dict(anchor=anchor, gate=None, start=None, active=active, block=ctx.get("block"))
+        block = ctx.get("block")
+        if isinstance(block, torch.Tensor) and block.dtype == torch.bool:  # each row's blocks, over its tokens
+            block = block[r]
+        return dict(anchor=anchor, gate=None, start=None, active=active, block=block)
 
     # ------------------------------------------------------------------ scope: same subject, other relations
     def scope_rows(self, items: Sequence[tuple[str, str, str]]) -> list[tuple[str, str]]:
@@ -440,11 +469,13 @@ class MEMoEEditor(Editor):
         return out
 
     @torch.no_grad()
-    def _scope_part(self, rows: Sequence[tuple[str, str]]) -> dict | None:
+    def _scope_part(self, rows: Sequence[tuple[str, str]], only_block: int | None = None) -> dict | None:
         """The negatives of a round, prepared once: the input of layer l's MLP at their tokens (the
         adapter silent: nothing below l depends on it), their routing context as inference would give
         it, and the scale of the MLP's own output there. The scope loss keeps the adapter's term at
-        these tokens near zero, so the model says there exactly what the unedited model says."""
+        these tokens near zero, so the model says there exactly what the unedited model says.
+        ``only_block``: the term of that one block (recurring 'stack': the block being trained, kept
+        silent on the prompts of the subject's earlier edits, which its frozen blocks answer)."""
         if not rows:
             return None
         prompts, subjects = [list(x) for x in zip(*rows)]
@@ -474,6 +505,8 @@ class MEMoEEditor(Editor):
         anchors = [gold_anchor(p, s) for p, s in zip(prompts, subjects)]
         ctx = self._context(prompts, anchors)
         ctx.pop("scope", None)  # trained silent everywhere from the anchor on
+        if only_block is not None:
+            ctx["block"] = only_block
         if self.cfg.gate_mode == "anchor":
             ctx["gate"] = torch.ones_like(ctx["gate"])
         valid = enc.attention_mask.bool()
@@ -513,7 +546,7 @@ class MEMoEEditor(Editor):
         def run() -> float:
             if not parts:
                 parts.extend(self._step_parts(rows, self._packs()))
-            if self._train_block is not None:  # growth 'round': through the block this round trains
+            if self._train_block is not None and self.cfg.recurring == "move":  # through the block being trained
                 for _, ctx, _, _ in parts:
                     ctx["block"] = self._train_block
             with torch.enable_grad():
@@ -580,11 +613,13 @@ class MEMoEEditor(Editor):
             if k in latest and latest[k] != t and (p, t, s) not in self.overwritten.get(k, []):
                 self.overwritten.setdefault(k, []).append((p, t, s))
         if cfg.growth == "round":
-            # each new block takes over its subjects: their earlier edits still in force move with them
-            # (the anchor index then routes those subjects there); nothing else is replayed
+            # 'move': each new block takes over its subjects: their earlier edits still in force move with
+            # them (the anchor index then routes those subjects there); nothing else is replayed.
+            # 'stack': they stay where they are, and the new block is trained on top of the subject's
+            # earlier blocks, its own term kept near zero on those edits' prompts (``keep``)
             subjects = {normalise_subject(s) for _, _, s in new}
             old = [h for h in history if normalise_subject(h[2]) in subjects]
-            chunks = self._block_chunks(new, old)
+            chunks = self._block_chunks(new, old if cfg.recurring == "move" else [])
         else:
             rng = random.Random(self.seed * 1000 + self.rounds)
             old = list(history)
@@ -601,6 +636,12 @@ class MEMoEEditor(Editor):
         blocks: list[int] = []
         parts: list[dict[str, Any]] = []
         for j, (new_c, old_c) in enumerate(chunks):
+            mine = {normalise_subject(s) for _, _, s in new_c}
+            keep = [h for h in old if normalise_subject(h[2]) in mine] if cfg.recurring == "stack" else []
+            if (
+                cfg.recurring == "stack" and cfg.keep == "answer"
+            ):  # kept by training their answers through the whole stack
+                old_c, keep = keep, []
             block = 0
             if cfg.growth == "round" and (self.rounds > 0 or j > 0):
                 with torch.random.fork_rng(devices=[] if self.device.type == "cpu" else [self.device]):
@@ -620,13 +661,15 @@ class MEMoEEditor(Editor):
             started = t0 if j == 0 else time.perf_counter()  # each block's preparation timed from its start
             try:
                 chunk_losses, details = self._train(
-                    new_c, old_c, started, forget if cfg.forget_weight > 0 else [], salt=j
+                    new_c, old_c, started, forget if cfg.forget_weight > 0 else [], salt=j, keep=keep
                 )
             finally:
                 self._train_block = None
             if cfg.growth == "round":
-                for _, _, s in new_c + old_c:
-                    self.block_of[normalise_subject(s)] = block
+                for key in sorted({normalise_subject(s) for _, _, s in new_c + old_c}):
+                    if cfg.recurring == "stack" and key in self.block_of and self.block_of[key] != block:
+                        self.earlier_blocks.setdefault(key, []).append(self.block_of[key])
+                    self.block_of[key] = block
             losses += chunk_losses
             blocks.append(block)
             parts.append(details)
@@ -676,7 +719,7 @@ class MEMoEEditor(Editor):
         """One round's training figures from those of its blocks: counts and times summed, the last
         block's losses, the rest as the first block had them."""
         out = dict(parts[0])
-        for key in ("n_replayed", "n_train_rows", "n_scope_negatives", "n_forgotten", "buckets", "prep_s"):
+        for key in ("n_replayed", "n_kept", "n_train_rows", "n_scope_negatives", "n_forgotten", "buckets", "prep_s"):
             out[key] = sum(p[key] for p in parts)
         out["prep_s"] = round(out["prep_s"], 3)
         for key in ("scope_loss_final", "forget_loss_final", "loss_curve"):
@@ -690,19 +733,23 @@ class MEMoEEditor(Editor):
         t0: float,
         forget: Sequence[tuple[str, str, str, str]] = (),
         salt: int = 0,
+        keep: Sequence[tuple[str, str, str]] = (),
     ) -> tuple[list[float], dict[str, Any]]:
         """One round's training of the adapter's trainable parameters on ``new`` and ``old`` edits (and,
         for ``forget``'s (prompt, overwritten target, latest target, subject), the unlikelihood of the
-        overwritten target): the loss of each step, and the round's figures of its own."""
+        overwritten target; for ``keep``'s earlier edits, held by frozen blocks, the new block's own term
+        kept near zero on their training rows): the loss of each step, and the round's figures of its own."""
         cfg = self.cfg
         rows = self._examples(new + old)
         scope_rows = self.scope_rows(new + old)
+        keep_rows = list(dict.fromkeys((p, s) for p, _, s in self._examples(keep)))
         bs = cfg.batch_size * (1 + len(self.context_templates()) + len(cfg.augment)) if cfg.batch_size else len(rows)
         dtype = resolve_precision(cfg.precision, self.device)
         # the frozen weights are cast to the training dtype once for the whole round
         with training_precision(self.model, dtype):
             packed = self._packs()  # decided once, in the training precision and attention implementation
             scope = self._scope_part(scope_rows)
+            kept = self._scope_part(keep_rows, only_block=self._train_block)
             forgetting = self._forget_part(forget)
             # per optimiser step: [(batch, ctx, cache, n_target_tokens)] of similar-length rows
             steps_data = [self._step_parts(rows[i : i + bs], packed) for i in range(0, len(rows), bs)]
@@ -715,6 +762,7 @@ class MEMoEEditor(Editor):
             losses: list[float] = []
             scope_losses: list[float] = []
             forget_losses: list[float] = []
+            keep_losses: list[float] = []
             step = 0
             if dtype is not None:
                 self._head_weight = self.model.get_output_embeddings().weight.detach().to(dtype)
@@ -728,8 +776,16 @@ class MEMoEEditor(Editor):
                 # (micro-batches or length buckets) and the scope term before each optimiser step, its
                 # loss is per target token, it is timed, and the early stop also waits for the scope loss
                 with torch.enable_grad(), compiled:
+
+                    def converged(nll_mean: float) -> bool:
+                        return (
+                            nll_mean < cfg.early_stop_loss
+                            and (not scope_losses or scope_losses[-1] < cfg.scope_stop_loss)
+                            and (not forget_losses or forget_losses[-1] < cfg.early_stop_loss)
+                        )
+
                     for step in range(1, cfg.steps + 1):
-                        nll, ntok = 0.0, 0
+                        nll, ntok, stopped = 0.0, 0, False
                         for parts in steps_data:
                             opt.zero_grad(set_to_none=True)
                             nll += self._backward(parts)
@@ -738,19 +794,26 @@ class MEMoEEditor(Editor):
                                 sl = self._scope_loss(scope)
                                 (cfg.scope_weight * sl).backward()
                                 scope_losses.append(float(sl.detach()))
+                            if kept is not None:
+                                kl = self._scope_loss(kept)
+                                (cfg.keep_weight * kl).backward()
+                                keep_losses.append(float(kl.detach()))
                             if forgetting is not None:
                                 fl = self._forget_loss(forgetting)
                                 (cfg.forget_weight * fl).backward()
                                 forget_losses.append(float(fl.detach()))
+                            if len(steps_data) == 1 and converged(nll / ntok):
+                                # the weights whose loss was just measured are the ones kept: no step past them
+                                # (AdamW at a high lr can throw a converged edit out again in one step)
+                                stopped = True
+                                break
                             opt.step()
                         losses.append(nll / ntok)  # float(loss) above waits for the device
                         if self.on_step is not None:
                             self.on_step(step, losses[-1])
-                        if (
-                            losses[-1] < cfg.early_stop_loss
-                            and (not scope_losses or scope_losses[-1] < cfg.scope_stop_loss)
-                            and (not forget_losses or forget_losses[-1] < cfg.early_stop_loss)
-                        ):
+                        if stopped or converged(losses[-1]):
+                            break
+                        if cfg.plateau_patience and _plateaued(losses, cfg.plateau_patience):
                             break
             finally:
                 self.adapter.eval()
@@ -758,6 +821,8 @@ class MEMoEEditor(Editor):
                 self._head_weight = None
         return losses, {
             "n_replayed": len(old),
+            "n_kept": len(keep),
+            "keep_loss_final": keep_losses[-1] if keep_losses else None,
             "n_train_rows": len(rows),
             "n_scope_negatives": len(scope_rows),
             "scope_loss_final": scope_losses[-1] if scope_losses else None,
@@ -799,8 +864,8 @@ class MEMoEEditor(Editor):
             if not a.known:
                 out.append("unedited")
                 continue
-            block = self.block_of.get(normalise_subject(a.text), 0) if self.cfg.growth == "round" else 0
-            parts = [self._settings_digest(), a.text, a.start, a.end, block, self._block_digest(block)]
+            blocks = self.blocks_for(a.text) if self.cfg.growth == "round" else [0]
+            parts = [self._settings_digest(), a.text, a.start, a.end, blocks, [self._block_digest(b) for b in blocks]]
             if self.gate is not None:
                 parts.append(self.gate.digest(self.extractor.canonical(a.text)))
             out.append(_digest(parts))
@@ -862,6 +927,7 @@ class MEMoEEditor(Editor):
             "rounds": self.rounds,
             "blocks": self.adapter.n_blocks,
             "block_of": dict(self.block_of),
+            "earlier_blocks": {k: list(v) for k, v in self.earlier_blocks.items()},
             "fact_gate_subjects": sorted(self.gate.keys) if self.gate is not None else [],  # state_dict's order
         }
 
@@ -872,6 +938,7 @@ class MEMoEEditor(Editor):
         self.overwritten = {k: [tuple(r) for r in rows] for k, rows in state.get("overwritten", {}).items()}
         self.rounds = state.get("rounds", 0)
         self.block_of = {k: int(v) for k, v in state.get("block_of", {}).items()}
+        self.earlier_blocks = {k: [int(b) for b in v] for k, v in state.get("earlier_blocks", {}).items()}
         self._gate_subjects = list(state.get("fact_gate_subjects", []))
         self._grow_to(int(state.get("blocks", 1)))
 
@@ -879,6 +946,14 @@ class MEMoEEditor(Editor):
         self.adapter.remove()
         if self.gate is not None:
             self.gate.remove()
+
+
+def _plateaued(losses: Sequence[float], patience: int) -> bool:
+    """The last ``patience`` losses all stayed above 0.95 x the best loss before them."""
+    if len(losses) <= patience:
+        return False
+    best = min(losses[:-patience])
+    return min(losses[-patience:]) > 0.95 * best
 
 
 # ---------------------------------------------------------------------- diagnostics
