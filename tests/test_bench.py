@@ -206,7 +206,9 @@ def test_mixed_records_refuses_more_edits_than_the_files_hold():
         mixed_records(9000)
 
 
-@pytest.mark.parametrize("growth", [{}, {"growth": "round", "block_edits": 1}])
+@pytest.mark.parametrize(
+    "growth", [{}, {"growth": "round", "block_edits": 1}, {"growth": "round", "block_edits": 1, "recurring": "stack"}]
+)
 def test_scale_gauge_leaves_training_unchanged_and_divides_out_the_host(tokenizer, growth):
     """The host-speed gauge (a fixed training pass timed between steps) changes nothing the study
     learns, is taken out of the round's time, and the adjusted time is the round's time at the

@@ -546,8 +546,8 @@ class MEMoEEditor(Editor):
         def run() -> float:
             if not parts:
                 parts.extend(self._step_parts(rows, self._packs()))
-            if self._train_block is not None and self.cfg.recurring == "move":  # through the block being trained
-                for _, ctx, _, _ in parts:
+            if self._train_block is not None:  # growth 'round': through the block being trained alone (the
+                for _, ctx, _, _ in parts:  # same work every round, whatever blocks the rows' subjects have)
                     ctx["block"] = self._train_block
             with torch.enable_grad():
                 return self._backward(parts)
