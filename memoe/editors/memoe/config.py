@@ -129,8 +129,7 @@ class MEMoEMethod(Strict):
         description="growth 'round', a subject edited again in a later round: 'move': its earlier edits in force "
         "move into (are retrained in) the new block, which alone serves the subject from then on; 'stack': they "
         "stay in their frozen blocks, the subject's rows run through every block that holds its edits (their terms "
-        "add up), and the new block is trained on top of them, its own term kept near zero on the earlier edits' "
-        "prompts (`keep_weight`), so a round trains only its own edits",
+        "add up), and the new block is trained on top of them, leaving the earlier edits as they are (`keep`)",
     )
     keep: Literal["answer", "term"] = Field(
         "answer",

@@ -178,13 +178,10 @@ class MEMoEEditor(Editor):
             if not a.known:
                 mem[r, 0] = True  # a silent row (gate 0): any block, it adds nothing
                 continue
-            key = normalise_subject(a.text)
+            blocks = self.blocks_for(a.text) if normalise_subject(a.text) in self.block_of else []
             if self._train_block is not None:
-                blocks = self.earlier_blocks.get(key, []) + ([self.block_of[key]] if key in self.block_of else [])
                 blocks.append(self._train_block)
-            else:
-                blocks = self.blocks_for(a.text)
-            mem[r, blocks] = True
+            mem[r, blocks or [0]] = True
         return mem.to(self.device)
 
     @contextlib.contextmanager
@@ -616,7 +613,8 @@ class MEMoEEditor(Editor):
             # 'move': each new block takes over its subjects: their earlier edits still in force move with
             # them (the anchor index then routes those subjects there); nothing else is replayed.
             # 'stack': they stay where they are, and the new block is trained on top of the subject's
-            # earlier blocks, its own term kept near zero on those edits' prompts (``keep``)
+            # earlier blocks, leaving those edits as they are (``keep``: their answers as training rows,
+            # or the new block's own term held near zero on their prompts)
             subjects = {normalise_subject(s) for _, _, s in new}
             old = [h for h in history if normalise_subject(h[2]) in subjects]
             chunks = self._block_chunks(new, old if cfg.recurring == "move" else [])
@@ -638,9 +636,8 @@ class MEMoEEditor(Editor):
         for j, (new_c, old_c) in enumerate(chunks):
             mine = {normalise_subject(s) for _, _, s in new_c}
             keep = [h for h in old if normalise_subject(h[2]) in mine] if cfg.recurring == "stack" else []
-            if (
-                cfg.recurring == "stack" and cfg.keep == "answer"
-            ):  # kept by training their answers through the whole stack
+            # keep 'answer': their answers are training rows, scored through the whole stack
+            if cfg.recurring == "stack" and cfg.keep == "answer":
                 old_c, keep = keep, []
             block = 0
             if cfg.growth == "round" and (self.rounds > 0 or j > 0):
