@@ -105,6 +105,7 @@ class MEMoEEditor(Editor):
                 cfg.fact_gate_layers,
                 cfg.fact_gate_margin,
                 cfg.fact_gate_negatives,
+                sentence=cfg.fact_gate_sentence,
                 wanted=lambda: st.scope is not None and st.active is None,
             )
             st.mask_fn = lambda B, T, device: self.gate.open_mask(st.scope, st.attention_mask, st.past, B, T, device)
@@ -133,10 +134,14 @@ class MEMoEEditor(Editor):
         return self.extractor.extract_all(prompts)
 
     def _context(
-        self, texts: Sequence[str], anchors: Sequence[Anchor], spans: Sequence[tuple[int, int]] | None = None
+        self,
+        texts: Sequence[str],
+        anchors: Sequence[Anchor],
+        spans: Sequence[tuple[int, int]] | None = None,
+        begins: Sequence[int] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """A batch's routing context; ``spans``: each row's anchor tokens (first, last), found here
-        from the texts when not given."""
+        """A batch's routing context; ``spans``: each row's anchor tokens (first, last), and ``begins``
+        (fact gate): the first token of the anchor's sentence, found here from the texts when not given."""
         always = self.cfg.gate_mode == "always"
         names = [a.text if (a.known or (always and a.found)) else None for a in anchors]
         emb = anchor_embeddings(self.model.get_input_embeddings(), self.tokenizer, names, self.cfg.anchor_pooling)
@@ -147,9 +152,12 @@ class MEMoEEditor(Editor):
                 spans = [anchor_tokens(self.tokenizer, t, a) if a.found else (0, 0) for t, a in zip(texts, anchors)]
             start = torch.tensor([last for _, last in spans], dtype=torch.long, device=self.device)
         ctx = dict(anchor=emb, gate=gate, start=start)
-        if self.gate is not None:  # each row's edited subject and its tokens, for the fact gate
+        if self.gate is not None:  # each row's edited subject, its tokens and its sentence's, for the fact gate
+            if begins is None:
+                begins = [self.gate.begin(self.tokenizer(t).input_ids, sp[0]) for t, sp in zip(texts, spans)]
             ctx["scope"] = [
-                (self.extractor.canonical(a.text), *sp) if a.known else None for a, sp in zip(anchors, spans)
+                (self.extractor.canonical(a.text), *sp, b) if a.known else None
+                for a, sp, b in zip(anchors, spans, begins)
             ]
         if self.cfg.growth == "round":  # the anchor index: each known subject's block(s) (training: the new one)
             if self.cfg.recurring == "stack":
@@ -197,7 +205,7 @@ class MEMoEEditor(Editor):
         """Drop-in routing: the routing context of a batch found from its token ids alone (each row's
         real tokens decoded, then the same anchor search as ``route``), so a plain ``model(...)`` or
         ``model.generate(...)`` applies the edits. Rows are cached by their ids."""
-        texts, anchors, spans = [], [], []
+        texts, anchors, spans, begins = [], [], [], []
         ids_cpu = input_ids.detach().cpu()
         mask = attention_mask.detach().cpu().bool() if attention_mask is not None else None
         for b in range(ids_cpu.shape[0]):
@@ -218,14 +226,15 @@ class MEMoEEditor(Editor):
                         if c >= anchor.end:
                             span = (first or 0, j)
                             break
-                hit = (text, anchor, span)
+                hit = (text, anchor, span, self.gate.begin(key, span[0]) if self.gate is not None else 0)
                 if len(self._auto_cache) > 4096:
                     self._auto_cache.clear()
                 self._auto_cache[key] = hit
             texts.append(hit[0])
             anchors.append(hit[1])
             spans.append(hit[2])
-        ctx = self._context(texts, anchors, spans=spans)
+            begins.append(hit[3])
+        ctx = self._context(texts, anchors, spans=spans, begins=begins)
         return ctx
 
     @contextlib.contextmanager

@@ -5,8 +5,9 @@ The anchor finds the subject ("Laos"); the gate asks whether the question around
 that subject's edit prompts ("What is the capital of Laos?") rather than as one of the subject's other
 relations ("The currency of Laos is the"). Each text is described by the frozen model's own hidden
 states at a few layers below the adapter (``layers``): at each position, the state of that token and
-the mean of the row's states so far (its first token left out: the attention sink), each normalised,
-concatenated, centred and normalised again. For every edited subject the gate keeps
+the mean of the states so far of the sentence holding the subject (``sentence``; the row's first token,
+the attention sink, and the subject's own tokens left out), each normalised, concatenated, centred and
+normalised again. For every edited subject the gate keeps
 
 - *keys*: that description at the last token of each of the subject's edit prompts, in the forms the
   editor trains (as written, subject lower-cased, inside the chat template);
@@ -52,6 +53,7 @@ class FactGate:
         negatives: int,
         wanted: Callable[[], bool],
         chat: bool = True,
+        sentence: bool = True,
     ):
         n = len(decoder_layers(model))
         self.model, self.tokenizer = model, tokenizer
@@ -59,6 +61,7 @@ class FactGate:
         self.margin = float(margin)
         self.negatives = int(negatives)
         self.chat = chat
+        self.sentence = sentence
         self.mu: torch.Tensor | None = None  # (F,) the centre, fixed by the first edits
         self.keys: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # subject -> (keys, negatives) float16
         self._f32: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -89,8 +92,9 @@ class FactGate:
     def vectors(self, states: dict[int, torch.Tensor], real: torch.Tensor, skip: torch.Tensor, carry=None):
         """(B, T, F) descriptions at every position of a call, and the running sums to carry on.
         ``real`` (B, T): the call's real tokens; ``skip`` (B, T): tokens left out of the mean (the row's
-        first real token, the attention sink, and the subject's own tokens: the mean describes the
-        question around the subject); ``carry``: the sums and counts of earlier calls (decode steps)."""
+        first real token, the attention sink, the subject's own tokens and any sentence before the
+        subject's: the mean describes the question around the subject); ``carry``: the sums and counts
+        of earlier calls (decode steps)."""
         B, T = real.shape
         w = (real & ~skip).float()
         parts, sums = [], []
@@ -109,21 +113,41 @@ class FactGate:
             v = torch.nn.functional.normalize(v - self.mu.to(v.device), dim=-1)
         return v, (torch.stack(sums, 1), cnt[:, -1])
 
-    def spans(self, texts: Sequence[str], subjects: Sequence[str]) -> list[tuple[int, int]]:
-        """Each text's subject tokens (first, last) in ``tokenizer(text)``; (0, 0) where it is absent."""
-        return [anchor_tokens(self.tokenizer, t, gold_anchor(t, s)) for t, s in zip(texts, subjects)]
+    def spans(self, texts: Sequence[str], subjects: Sequence[str]) -> list[tuple[int, int, int]]:
+        """Each text's subject tokens (first, last) in ``tokenizer(text)`` and the first token of their
+        sentence (``begin``); (0, 0, 0) where the subject is absent."""
+        out = []
+        for t, s in zip(texts, subjects):
+            first, last = anchor_tokens(self.tokenizer, t, gold_anchor(t, s))
+            out.append((first, last, self.begin(self.tokenizer(t).input_ids, first)))
+        return out
+
+    def begin(self, ids: Sequence[int], first: int) -> int:
+        """The first token of the sentence holding token ``first`` (the subject's): the one after the
+        last earlier token that ends a sentence (its text ends in . ! or ? or holds a line break); 0 where
+        none does, or without ``sentence``. Tokens, not characters, so that a row known only by its ids
+        (a plain forward) gets the same answer as its text."""
+        if not self.sentence:
+            return 0
+        for j in range(first - 1, -1, -1):
+            piece = self.tokenizer.decode([int(ids[j])])
+            if "\n" in piece or piece.rstrip().endswith((".", "!", "?")):
+                return j + 1
+        return 0
 
     @staticmethod
-    def skip_mask(full: torch.Tensor, spans: Sequence[tuple[int, int]], past: int, T: int) -> torch.Tensor:
-        """(B, T) tokens of this call left out of the mean: each row's first real token and its subject's
-        tokens (``spans`` index the row's real tokens; ``full`` is the (B, past + T) attention mask)."""
+    def skip_mask(full: torch.Tensor, spans: Sequence[tuple[int, int, int]], past: int, T: int) -> torch.Tensor:
+        """(B, T) tokens of this call left out of the mean: each row's first real token, its subject's
+        tokens and those before the subject's sentence (``spans``: (first, last, begin), indices of the
+        row's real tokens; ``full`` is the (B, past + T) attention mask)."""
         pad = (~full).long().cumprod(1).sum(1)
         first = full & (full.long().cumsum(1) == 1)
         pos = torch.arange(full.shape[1], device=full.device)[None, :] - pad[:, None]  # index in the real row
-        lo = torch.tensor([a for a, _ in spans], device=full.device)[:, None]
-        hi = torch.tensor([b for _, b in spans], device=full.device)[:, None]
+        lo = torch.tensor([a for a, _, _ in spans], device=full.device)[:, None]
+        hi = torch.tensor([b for _, b, _ in spans], device=full.device)[:, None]
+        start = torch.tensor([c for _, _, c in spans], device=full.device)[:, None]
         subj = (pos >= lo) & (pos <= hi) & (hi > 0)
-        return (first | subj)[:, past : past + T]
+        return (first | subj | (pos < start))[:, past : past + T]
 
     @torch.no_grad()
     def _forward(self, texts: Sequence[str]):
@@ -211,7 +235,7 @@ class FactGate:
     # ------------------------------------------------------------------ the gate
     def open_mask(
         self,
-        rows: Sequence[tuple[str, int, int] | None],
+        rows: Sequence[tuple[str, int, int, int] | None],
         attention_mask: torch.Tensor | None,
         past: int,
         B: int,
@@ -227,13 +251,13 @@ class FactGate:
         full = am.bool() if am is not None and am.shape[1] >= past + T else torch.ones(B, past + T, dtype=torch.bool)
         full = full.to(device)
         real = full[:, past : past + T]
-        spans = [(r[1], r[2]) if r is not None else (0, 0) for r in rows]
+        spans = [(r[1], r[2], r[3]) if r is not None else (0, 0, 0) for r in rows]
         skip = self.skip_mask(full, spans, past, T)
         carry = self._run if past > 0 and self._run is not None and self._run[0].shape[0] == B else None
         v, (sums, cnt) = self.vectors(self._states, real, skip, carry[:2] if carry else None)
         pad = (~full).long().cumprod(1).sum(1)
         pos = past + torch.arange(T, device=device)[None, :]
-        begin = pad + torch.tensor([b for _, b in spans], device=device)  # from the subject's last token on
+        begin = pad + torch.tensor([b for _, b, _ in spans], device=device)  # from the subject's last token on
         ok = torch.zeros(B, T, dtype=torch.bool, device=device)
         for b, row in enumerate(rows):
             subj = row[0] if row is not None else None
@@ -267,7 +291,7 @@ class FactGate:
     def digest(self, subject: str) -> str:
         """What the gate's decisions on rows of ``subject`` depend on: its settings, the centre, the
         subject's keys (``MEMoEEditor.row_versions``)."""
-        h = hashlib.sha1(repr((self.layers, self.margin, self.negatives, self.chat)).encode())
+        h = hashlib.sha1(repr((self.layers, self.margin, self.negatives, self.chat, self.sentence)).encode())
         for t in ([] if self.mu is None else [self.mu]) + list(self.keys.get(subject, ())):
             h.update(t.detach().float().cpu().numpy().tobytes())
         return h.hexdigest()
