@@ -158,10 +158,11 @@ class MEMoEMethod(Strict):
         -0.05, ge=-2.0, le=2.0, description="fact gate: opens where max cos(key) - max cos(negative) exceeds this"
     )
     fact_gate_sentence: bool = Field(
-        True,
+        False,
         description="fact gate: the question's mean covers only the sentence holding the subject (from the token "
         "after the last sentence end or line break before it), so an unrelated sentence before the question or a "
-        "chat template's system turn does not move it (false: the whole row so far)",
+        "chat template's system turn does not move it (false, the default: the whole row so far; measured a wash: "
+        "docs/probes.md 2026-12-07)",
     )
     fact_gate_negatives: int = Field(
         18, ge=1, description="fact gate: other relations of each edited subject it compares against (SCOPE_RELATIONS)"

@@ -53,7 +53,7 @@ class FactGate:
         negatives: int,
         wanted: Callable[[], bool],
         chat: bool = True,
-        sentence: bool = True,
+        sentence: bool = False,
     ):
         n = len(decoder_layers(model))
         self.model, self.tokenizer = model, tokenizer
