@@ -154,7 +154,7 @@ class MEMoEEditor(Editor):
         ctx = dict(anchor=emb, gate=gate, start=start)
         if self.gate is not None:  # each row's edited subject, its tokens and its sentence's, for the fact gate
             if begins is None:
-                begins = [self.gate.begin(self.tokenizer(t).input_ids, sp[0]) for t, sp in zip(texts, spans)]
+                begins = [self.gate.text_begin(t, sp[0]) for t, sp in zip(texts, spans)]
             ctx["scope"] = [
                 (self.extractor.canonical(a.text), *sp, b) if a.known else None
                 for a, sp, b in zip(anchors, spans, begins)

@@ -119,8 +119,12 @@ class FactGate:
         out = []
         for t, s in zip(texts, subjects):
             first, last = anchor_tokens(self.tokenizer, t, gold_anchor(t, s))
-            out.append((first, last, self.begin(self.tokenizer(t).input_ids, first)))
+            out.append((first, last, self.text_begin(t, first)))
         return out
+
+    def text_begin(self, text: str, first: int) -> int:
+        """``begin`` for a text (tokenized only when ``sentence`` asks for it)."""
+        return self.begin(self.tokenizer(text).input_ids, first) if self.sentence else 0
 
     def begin(self, ids: Sequence[int], first: int) -> int:
         """The first token of the sentence holding token ``first`` (the subject's): the one after the
