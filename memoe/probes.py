@@ -34,7 +34,10 @@ PROBE_RELATIONS: list[tuple[tuple[str, ...], str]] = [
     (("currency", "money"), "The currency of {} is the"),
     (("continent",), "{} is located on the continent of"),
     (("language", "speak", "spoken", "tongue"), "The official language of {} is"),
-    (("religion", "faith", "religious"), "What religion is most associated with {}?"),
+    (
+        ("religion", "faith", "religious", "follower", "follows", "believer"),
+        "What religion is most associated with {}?",
+    ),
     (("founded", "established", "formed", "founder", "inception"), "{} was founded in the year"),
     (("population", "inhabitants"), "What is the population of {}?"),
     (("known", "famous"), "{} is best known for"),

@@ -55,6 +55,11 @@ def test_add_probes_columns(tokenizer):
     row = out.row(0, named=True)
     assert len(row["specificity_prompts"]) == 3 and all("Danielle Darrieux" in p for p in row["specificity_prompts"])
     assert not any("language" in p for p in row["specificity_prompts"])  # "tongue": the edited relation
+    # CounterFact's religion prompts ("X is follower of") ask what the religion probe asks: never a probe of theirs
+    follower = "Muhammad Jamalul Alam II is follower of"
+    assert not any(
+        "religion" in q for q in relation_templates(follower, "Muhammad Jamalul Alam II", PROBE_RELATIONS, 14)
+    )
     assert len(row["restyled_prompts"]) == 3 and len(row["chat_prompts"]) == 1
     assert add_probes(recs, tokenizer).equals(out)  # deterministic
     assert add_probes(recs, None)["chat_prompts"].to_list() == [[]]  # no tokenizer: no chat probe
