@@ -120,7 +120,9 @@ def forward_from(
             return (hidden, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}
 
-    handle = layers[layer].register_forward_pre_hook(put, with_kwargs=True)
+    # first of the layer's pre-hooks, so that every other one (the fact gate's reads this layer's input) sees the
+    # kept states, not what the skipped layers passed through
+    handle = layers[layer].register_forward_pre_hook(put, with_kwargs=True, prepend=True)
     try:
         for i, m in enumerate(below):
             layers[i] = _Skipped(m)

@@ -11,6 +11,7 @@ from memoe.editors.memoe import MEMoEMethod
 from memoe.editors.memoe.editor import MEMoEEditor
 from memoe.frozen import FrozenStates, forward_from
 from memoe.metrics import evaluate, locality_predictions, teacher_forced
+from memoe.models import decoder_layers
 
 from .conftest import tiny_model
 from .test_memoe_editor import EDITS, FAST, LOC, _recs
@@ -62,6 +63,45 @@ def test_reused_states_score_like_the_full_forward_and_survive_a_reload(tokenize
     )
     assert again.misses == 1 and len(again.new) == 1
     assert mixed.pred[:4] == plain.pred
+
+
+def test_reused_states_feed_the_fact_gates_hooks(tokenizer):
+    """The fact gate reads the input of its lowest layer, the layer the kept states enter: a reused forward must hand
+    the gate those states (it once saw the skipped layers' pass-through, the embeddings, and decided otherwise)."""
+    model = tiny_model("llama", len(tokenizer))
+    cfg = MEMoEMethod(**{**FAST, "layers": [3], "steps": 30, "fact_gate": True, "fact_gate_layers": [1, 2]})
+    ed = MEMoEEditor(model, tokenizer, cfg)
+    ed.edit(_recs())
+    assert ed.unchanged_layers() == 1
+    seen = {}
+    keep = ed.gate._keep
+
+    def spy(layer):
+        inner = keep(layer)
+
+        def hook(module, args, kwargs):
+            inner(module, args, kwargs)
+            if ed.gate.wanted():
+                seen.setdefault(layer, []).append((args[0] if args else kwargs["hidden_states"]).detach().clone())
+
+        return hook
+
+    for h in ed.gate._handles:
+        h.remove()
+    layers = decoder_layers(model)
+    ed.gate._handles = [layers[l].register_forward_pre_hook(spy(l), with_kwargs=True) for l in ed.gate.layers]
+    plain = teacher_forced(model, tokenizer, PROMPTS, TARGETS, editor=ed, batch_size=8)
+    want = {l: v[-1] for l, v in seen.items()}
+    states = FrozenStates(1)
+    teacher_forced(model, tokenizer, PROMPTS, TARGETS, editor=ed, frozen=states, batch_size=8)
+    seen.clear()
+    reused = teacher_forced(model, tokenizer, PROMPTS, TARGETS, editor=ed, frozen=states, batch_size=8)
+    assert states.hits == len(PROMPTS)
+    real = seen[1][-1].abs().sum(-1) > 0  # the kept states cover each row's own tokens, not its padding
+    for l in ed.gate.layers:
+        torch.testing.assert_close(seen[l][-1][real], want[l][real])
+    assert reused.pred == plain.pred
+    assert reused.logprob == pytest.approx(plain.logprob, abs=1e-5)
 
 
 def test_evaluate_with_reused_states_gives_the_same_table(tokenizer):
