@@ -74,22 +74,16 @@ def test_reused_states_feed_the_fact_gates_hooks(tokenizer):
     ed.edit(_recs())
     assert ed.unchanged_layers() == 1
     seen = {}
-    keep = ed.gate._keep
 
-    def spy(layer):
-        inner = keep(layer)
-
+    def spy(layer):  # registered after the gate's own hooks: it sees what the gate's hook on that layer saw
         def hook(module, args, kwargs):
-            inner(module, args, kwargs)
             if ed.gate.wanted():
                 seen.setdefault(layer, []).append((args[0] if args else kwargs["hidden_states"]).detach().clone())
 
         return hook
 
-    for h in ed.gate._handles:
-        h.remove()
     layers = decoder_layers(model)
-    ed.gate._handles = [layers[l].register_forward_pre_hook(spy(l), with_kwargs=True) for l in ed.gate.layers]
+    spies = [layers[l].register_forward_pre_hook(spy(l), with_kwargs=True) for l in cfg.fact_gate_layers]
     plain = teacher_forced(model, tokenizer, PROMPTS, TARGETS, editor=ed, batch_size=8)
     want = {l: v[-1] for l, v in seen.items()}
     states = FrozenStates(1)
@@ -98,7 +92,9 @@ def test_reused_states_feed_the_fact_gates_hooks(tokenizer):
     reused = teacher_forced(model, tokenizer, PROMPTS, TARGETS, editor=ed, frozen=states, batch_size=8)
     assert states.hits == len(PROMPTS)
     real = seen[1][-1].abs().sum(-1) > 0  # the kept states cover each row's own tokens, not its padding
-    for l in ed.gate.layers:
+    for h in spies:
+        h.remove()
+    for l in cfg.fact_gate_layers:
         torch.testing.assert_close(seen[l][-1][real], want[l][real])
     assert reused.pred == plain.pred
     assert reused.logprob == pytest.approx(plain.logprob, abs=1e-5)
