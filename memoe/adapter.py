@@ -108,6 +108,9 @@ class MoELayer(nn.Module):
         self.w_out = nn.Parameter(torch.zeros(num_experts, m, d))  # zero: a fresh adapter adds 0
         if expert_sees_anchor:
             self.w_anchor = nn.Parameter(torch.randn(num_experts, d_anchor, m) / d_anchor**0.5)
+        # (d [+ d_anchor], p) orthonormal directions of what the experts read (the MLP input, and the anchor
+        # where they see it) that they never see (``MEMoEAdapter.protect``): their term is zero inside that span
+        self.register_buffer("protect", None)
         self.generator: torch.Generator | None = None
 
     def route(self, x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -141,7 +144,13 @@ class MoELayer(nn.Module):
             return delta, None, None
         xs, as_ = x[active], a[active]
         probs, w, idx = self.route(xs, as_)
-        out = self.experts(xs, as_)  # (E, n, d)
+        q = self.protect
+        if q is None:
+            out = self.experts(xs, as_)  # (E, n, d)
+        else:  # the protected directions taken out of what the experts read (the anchor too, where they read it)
+            z = torch.cat([xs, as_], -1) if self.sees_anchor else xs
+            z = z - (z @ q.to(z.dtype)) @ q.to(z.dtype).T
+            out = self.experts(z[:, : self.d], z[:, self.d :] if self.sees_anchor else as_)
         sel = out.gather(0, idx.t()[:, :, None].expand(-1, -1, x.shape[-1]))  # (k, n, d)
         mix = (w.t()[:, :, None] * sel).sum(0)
         delta[active] = self.lam * mix
@@ -207,7 +216,20 @@ class MEMoEAdapter(nn.Module):
         return self.n_blocks - 1
 
     def parameter_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.parameters())
+        """Bytes of the adapter's weights and of its protected directions (``protect``)."""
+        return sum(t.numel() * t.element_size() for t in [*self.parameters(), *self.buffers()])
+
+    def protect(self, block: int, layer: int, basis: torch.Tensor | None) -> None:
+        """Block ``block``'s experts at ``layer`` no longer see the directions of ``basis`` (orthonormal
+        columns in the space of what they read: the MLP input, followed by the anchor where they see it): their
+        term is zero on any input inside that span (null: they see everything)."""
+        moe = self.block(block)[str(layer)]
+        width = moe.d + (moe.d_anchor if moe.sees_anchor else 0)
+        if basis is not None and (basis.dim() != 2 or basis.shape[0] != width):
+            raise ValueError(
+                f"protected directions of block {block}, layer {layer}: {tuple(basis.shape)}, want ({width}, p)"
+            )
+        moe.protect = None if basis is None else basis.to(device=moe.w_in.device, dtype=moe.w_in.dtype).contiguous()
 
     # ------------------------------------------------------------------ hooks
     @property

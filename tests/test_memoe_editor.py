@@ -561,7 +561,7 @@ def test_kept_scores_are_reused_only_while_the_rows_version_holds(tokenizer, tmp
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("keep", ["term", "answer"])
+@pytest.mark.parametrize("keep", ["term", "answer", "nullspace"])
 def test_stacked_blocks_keep_a_recurring_subjects_earlier_edits_where_they_are(real_model, tmp_path, keep):
     """Recurring 'stack' on the embedded model (a tiny random model cannot tell a subject's relations apart):
     Homer's second round trains only its new edit, in a new block on top of the frozen block 0 that holds
@@ -578,8 +578,8 @@ def test_stacked_blocks_keep_a_recurring_subjects_earlier_edits_where_they_are(r
         ed.edit(_records([birth[0], GROW[0][0]], [birth[1], GROW[0][1]], [birth[2], GROW[0][2]]))
         block0 = {k: v.clone() for k, v in ed.state_dict().items() if k.startswith("moe.")}
         st = ed.edit(_one(*poem))
-        assert st.details["n_kept" if keep == "term" else "n_replayed"] == 1
-        assert st.details["n_replayed" if keep == "term" else "n_kept"] == 0
+        assert st.details["n_replayed" if keep == "answer" else "n_kept"] == 1
+        assert st.details["n_kept" if keep == "answer" else "n_replayed"] == 0
         assert ed.blocks_for("Homer") == [0, 1] and ed.blocks_for("Danielle Darrieux") == [0]
         assert all(torch.equal(v, ed.state_dict()[k]) for k, v in block0.items())
         prompts, targets = [birth[0], poem[0], GROW[0][0]], [birth[1], poem[1], GROW[0][1]]
@@ -606,6 +606,41 @@ def test_stacked_blocks_keep_a_recurring_subjects_earlier_edits_where_they_are(r
         assert a == teacher_forced(model, tok, prompts, targets, editor=ed2).logprob
     finally:
         ed2.remove()
+
+
+def test_keep_nullspace_leaves_a_recurring_subjects_earlier_edits_exactly_as_they_were(tokenizer, tmp_path):
+    """Keep 'nullspace': the new block of a subject edited again never sees what the subject's earlier edit spans
+    at the adapter's layer, so that edit's teacher-forced log-probabilities do not move at all (nothing of it is
+    trained), while the new edit of the same subject is learned; a saved editor keeps the hidden directions."""
+    model = tiny_model("llama", len(tokenizer))
+    cfg = MEMoEMethod(**{**FAST, "steps": 100, "growth": "round", "recurring": "stack", "keep": "nullspace"})
+    ed = MEMoEEditor(model, tokenizer, cfg)
+    first, again = ("The birthplace of Homer is", "Mars", "Homer"), GROW[1]
+    ed.edit(_records(*map(list, zip(first, GROW[0]))))
+    before = teacher_forced(model, tokenizer, [first[0]], [first[1]], editor=ed).logprob
+    st = ed.edit(_one(*again))
+    assert st.details["n_kept"] == 1 and st.details["n_replayed"] == 0 and st.details["n_train_rows"] == 1
+    assert st.details["protected_dims"] > 0 and ed.blocks_for("Homer") == [0, 1]
+    after = teacher_forced(model, tokenizer, [first[0], again[0]], [first[1], again[1]], editor=ed)
+    assert after.acc() == [1.0, 1.0]
+    assert after.logprob[0] == pytest.approx(before[0], abs=1e-4)
+    # the same round without the hidden directions moves the earlier edit: the test can fail
+    q = ed.adapter.block(1)[str(FAST["layers"][0])].protect
+    ed.adapter.protect(1, FAST["layers"][0], None)
+    moved = teacher_forced(model, tokenizer, [first[0]], [first[1]], editor=ed).logprob
+    assert abs(moved[0] - before[0]) > 1e-2
+    ed.adapter.protect(1, FAST["layers"][0], q)
+    ed.save(tmp_path / "nullspace")
+    ed2 = MEMoEEditor(tiny_model("llama", len(tokenizer)), tokenizer, cfg)
+    ed2.load(tmp_path / "nullspace")
+    assert torch.equal(ed2.adapter.block(1)[str(FAST["layers"][0])].protect, q)
+    with pytest.raises(ValueError, match="protected directions"):
+        ed.adapter.protect(1, FAST["layers"][0], torch.zeros(3, 2))
+
+
+def test_keep_nullspace_needs_one_adapter_layer():
+    with pytest.raises(ValueError, match="one adapter layer"):
+        MEMoEMethod(growth="round", recurring="stack", keep="nullspace", layers=[2, 3])
 
 
 def test_recurring_stack_needs_growth_round():

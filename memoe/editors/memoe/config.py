@@ -131,11 +131,20 @@ class MEMoEMethod(Strict):
         "stay in their frozen blocks, the subject's rows run through every block that holds its edits (their terms "
         "add up), and the new block is trained on top of them, leaving the earlier edits as they are (`keep`)",
     )
-    keep: Literal["answer", "term"] = Field(
+    keep: Literal["answer", "term", "nullspace"] = Field(
         "answer",
         description="recurring 'stack', how a new block leaves its subjects' earlier edits (held by frozen blocks) "
         "alone: 'term': its own term is trained towards zero on their prompts at the adapter's layer (cheap: no "
-        "forward above it); 'answer': they are trained on their targets through the whole stack, as training rows",
+        "forward above it); 'answer': they are trained on their targets through the whole stack, as training rows; "
+        "'nullspace': the new block never sees the directions their (prompt + target) tokens span at the adapter's "
+        "layer, so its term there is zero by construction and nothing of them is trained (one adapter layer)",
+    )
+    keep_nullspace_tol: float = Field(
+        1e-3,
+        gt=0.0,
+        lt=1.0,
+        description="keep 'nullspace': directions of the earlier edits' states with a singular value above this share "
+        "of the largest are hidden from the new block",
     )
     keep_weight: float = Field(
         1.0,
@@ -186,6 +195,11 @@ class MEMoEMethod(Strict):
         if self.recurring != "move" and self.growth != "round":
             raise ValueError(
                 f"recurring {self.recurring!r} decides how blocks share a subject: it needs growth 'round'"
+            )
+        if self.keep == "nullspace" and self.recurring == "stack" and len(self.layers) != 1:
+            raise ValueError(
+                "keep 'nullspace' hides the earlier edits' MLP inputs from the new block, exact only at the adapter's "
+                f"lowest layer: it needs one adapter layer (layers: {self.layers})"
             )
         if self.block_edits is not None and self.growth != "round":
             raise ValueError("block_edits splits a round into new blocks: it needs growth 'round'")

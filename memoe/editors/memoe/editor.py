@@ -521,6 +521,50 @@ class MEMoEEditor(Editor):
         scale = float(kept["y"][valid].float().pow(2).sum(-1).mean().clamp(min=1e-12))
         return dict(x=kept["x"].float(), ctx=ctx, valid=valid, scale=scale)
 
+    @torch.no_grad()
+    def _protect(self, block: int, keep: Sequence[tuple[str, str, str]]) -> int:
+        """Keep 'nullspace': hide from block ``block`` the span of what its experts would read at the adapter's
+        layer on ``keep``'s edits (each (prompt, target) in the trained forms, every token the adapter acts on:
+        the MLP input, and the row's anchor where the experts see it). That input is the frozen model's (no
+        adapter runs below its one layer), so the block's term there is zero whatever it learns. Returns the
+        number of directions hidden."""
+        layer = self.adapter.layer_ids[0]
+        rows = self._examples(keep)
+        if not rows or block == 0:
+            self.adapter.protect(block, layer, None)
+            return 0
+        prompts, targets, subjects = (list(x) for x in zip(*rows))
+        batch = edit_batch(self.tokenizer, prompts, targets, self.device)
+        kept: dict[str, torch.Tensor] = {}
+
+        def grab(module, args, output):
+            kept["x"] = args[0].detach()
+            raise _StopForward
+
+        handle = mlp_of(self.model, layer).register_forward_hook(grab)
+        silent = dict(anchor=None, gate=torch.zeros(len(prompts), device=self.device), start=None)
+        try:
+            with self._set(silent):
+                self.model.base_model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+                )
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        ctx = self._context(prompts, [gold_anchor(p, s) for p, s in zip(prompts, subjects)])
+        valid = batch["attention_mask"].bool()
+        if ctx["start"] is not None:
+            valid = valid & (torch.arange(valid.shape[1], device=self.device)[None, :] >= ctx["start"][:, None])
+        z = kept["x"].double()
+        moe = self.adapter.block(block)[str(layer)]
+        if moe.sees_anchor:
+            z = torch.cat([z, ctx["anchor"].double()[:, None, :].expand(-1, z.shape[1], -1)], -1)
+        _, sv, vh = torch.linalg.svd(z[valid], full_matrices=False)
+        r = int((sv > self.cfg.keep_nullspace_tol * sv[0]).sum())
+        self.adapter.protect(block, layer, vh[:r].T.float())
+        return r
+
     def _scope_loss(self, part: dict) -> torch.Tensor:
         """Mean squared size of the adapter's term at the negatives' tokens, relative to the MLP's own
         output there (0: the unedited model's behaviour exactly)."""
@@ -653,6 +697,10 @@ class MEMoEEditor(Editor):
                 with torch.random.fork_rng(devices=[] if self.device.type == "cpu" else [self.device]):
                     torch.manual_seed(self.seed * 1000 + self.rounds + (0 if j == 0 else 1_000_003 * j))
                     block = self.adapter.grow()
+            # keep 'nullspace': the new block never sees what their tokens span at the adapter's layer; nothing is trained
+            protected, dims = (keep, self._protect(block, keep)) if cfg.keep == "nullspace" else ([], 0)
+            if cfg.keep == "nullspace":
+                keep = []
             # whenever a prompt is trained (a re-edit, or moved / replayed later), its overwritten targets
             # are trained unlikely beside it: a later round cannot bring one back
             trained = {self._prompt_key(p): t for p, t, _ in new_c + old_c}
@@ -678,6 +726,8 @@ class MEMoEEditor(Editor):
                     self.block_of[key] = block
             losses += chunk_losses
             blocks.append(block)
+            if cfg.keep == "nullspace" and cfg.recurring == "stack":
+                details.update(n_kept=len(protected), protected_dims=dims)
             parts.append(details)
         details = parts[-1] if len(parts) == 1 else self._merge_details(parts)
         self.history = history + new
@@ -727,6 +777,8 @@ class MEMoEEditor(Editor):
         out = dict(parts[0])
         for key in ("n_replayed", "n_kept", "n_train_rows", "n_scope_negatives", "n_forgotten", "buckets", "prep_s"):
             out[key] = sum(p[key] for p in parts)
+        if "protected_dims" in out:
+            out["protected_dims"] = sum(p["protected_dims"] for p in parts)
         out["prep_s"] = round(out["prep_s"], 3)
         for key in ("scope_loss_final", "forget_loss_final", "loss_curve"):
             out[key] = parts[-1][key]
@@ -881,7 +933,7 @@ class MEMoEEditor(Editor):
         return _digest([self.cfg.model_dump_json(), type(self.model).__name__, self.model.config.num_hidden_layers])
 
     def _block_digest(self, block: int) -> str:
-        params = list(self.adapter.block(block).parameters())
+        params = list(self.adapter.block(block).parameters()) + list(self.adapter.block(block).buffers())
         stamp = (block, tuple((p.data_ptr(), p._version) for p in params))
         if self._digests.get(block, (None,))[0] != stamp:
             h = hashlib.sha1()
@@ -913,6 +965,9 @@ class MEMoEEditor(Editor):
             raise ValueError("this editor state has fact-gate keys but the editor's config has fact_gate off")
         blocks = 1 + max((int(k.split(".")[1]) + 1 for k in state if k.startswith("grown.")), default=0)
         self._grow_to(blocks)
+        for k in [k for k in state if k.endswith(".protect")]:  # keep 'nullspace': each block's hidden directions
+            parts = k.split(".")
+            self.adapter.protect(0 if parts[0] == "moe" else int(parts[1]) + 1, int(parts[-2]), state[k])
         self.adapter.load_state_dict(state)
 
     def _grow_to(self, blocks: int) -> None:
