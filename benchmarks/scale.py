@@ -121,7 +121,8 @@ def sequential_scale(
                 row["earlier"] = {k: earlier.get(k) for k in ("reliability", "generality", "locality")}
             if "adapter_bytes" in st.details:
                 row["adapter_bytes"] = st.details["adapter_bytes"]
-            for key in ("n_replayed", "blocks_trained"):  # what a round trains beside its own edits: its cost
+            # what a round trains beside its own edits (its cost), and what it protects without training
+            for key in ("n_replayed", "n_kept", "protected_dims", "blocks_trained"):
                 if key in st.details:
                     row[key] = st.details[key]
             row["peak_rss_mb_so_far"] = memory.peak
