@@ -149,7 +149,8 @@ class MoELayer(nn.Module):
             out = self.experts(xs, as_)  # (E, n, d)
         else:  # the protected directions taken out of what the experts read (the anchor too, where they read it)
             z = torch.cat([xs, as_], -1) if self.sees_anchor else xs
-            z = z - (z @ q.to(z.dtype)) @ q.to(z.dtype).T
+            q = q.to(z.dtype)
+            z = z - (z @ q) @ q.T
             out = self.experts(z[:, : self.d], z[:, self.d :] if self.sees_anchor else as_)
         sel = out.gather(0, idx.t()[:, :, None].expand(-1, -1, x.shape[-1]))  # (k, n, d)
         mix = (w.t()[:, :, None] * sel).sum(0)

@@ -492,22 +492,7 @@ class MEMoEEditor(Editor):
             enc = tok(prompts, return_tensors="pt", padding=True).to(self.device)
         finally:
             tok.padding_side = side
-        first = self.adapter.layer_ids[0]
-        kept: dict[str, torch.Tensor] = {}
-
-        def keep(module, args, output):
-            kept["x"], kept["y"] = args[0].detach(), output.detach()
-            raise _StopForward
-
-        handle = mlp_of(self.model, first).register_forward_hook(keep)
-        silent = dict(anchor=None, gate=torch.zeros(len(prompts), device=self.device), start=None)
-        try:
-            with self._set(silent):
-                self.model.base_model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, use_cache=False)
-        except _StopForward:
-            pass
-        finally:
-            handle.remove()
+        x, y = self._frozen_mlp_io(enc.input_ids, enc.attention_mask)
         anchors = [gold_anchor(p, s) for p, s in zip(prompts, subjects)]
         ctx = self._context(prompts, anchors)
         ctx.pop("scope", None)  # trained silent everywhere from the anchor on
@@ -515,11 +500,40 @@ class MEMoEEditor(Editor):
             ctx["block"] = only_block
         if self.cfg.gate_mode == "anchor":
             ctx["gate"] = torch.ones_like(ctx["gate"])
-        valid = enc.attention_mask.bool()
+        valid = self._from_anchor(enc.attention_mask, ctx)
+        scale = float(y[valid].float().pow(2).sum(-1).mean().clamp(min=1e-12))
+        return dict(x=x.float(), ctx=ctx, valid=valid, scale=scale)
+
+    @torch.no_grad()
+    def _frozen_mlp_io(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The input and output of the adapter's (lowest) layer's MLP on right-padded rows, the adapter silent
+        (nothing below that layer depends on it); nothing above the MLP runs."""
+        kept: dict[str, torch.Tensor] = {}
+
+        def keep(module, args, output):
+            kept["x"], kept["y"] = args[0].detach(), output.detach()
+            raise _StopForward
+
+        handle = mlp_of(self.model, self.adapter.layer_ids[0]).register_forward_hook(keep)
+        silent = dict(anchor=None, gate=torch.zeros(input_ids.shape[0], device=self.device), start=None)
+        try:
+            with self._set(silent):
+                self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        return kept["x"], kept["y"]
+
+    def _from_anchor(self, attention_mask: torch.Tensor, ctx: dict) -> torch.Tensor:
+        """(B, T) bool: the real tokens of right-padded rows where the adapter acts under ``ctx`` (from the
+        row's ``start`` on, where it has one)."""
+        valid = attention_mask.bool()
         if ctx["start"] is not None:
             valid = valid & (torch.arange(valid.shape[1], device=self.device)[None, :] >= ctx["start"][:, None])
-        scale = float(kept["y"][valid].float().pow(2).sum(-1).mean().clamp(min=1e-12))
-        return dict(x=kept["x"].float(), ctx=ctx, valid=valid, scale=scale)
+        return valid
 
     @torch.no_grad()
     def _protect(self, block: int, keep: Sequence[tuple[str, str, str]]) -> int:
@@ -528,35 +542,16 @@ class MEMoEEditor(Editor):
         the MLP input, and the row's anchor where the experts see it). That input is the frozen model's (no
         adapter runs below its one layer), so the block's term there is zero whatever it learns. Returns the
         number of directions hidden."""
-        layer = self.adapter.layer_ids[0]
         rows = self._examples(keep)
-        if not rows or block == 0:
-            self.adapter.protect(block, layer, None)
+        if not rows:
             return 0
+        layer = self.adapter.layer_ids[0]
         prompts, targets, subjects = (list(x) for x in zip(*rows))
         batch = edit_batch(self.tokenizer, prompts, targets, self.device)
-        kept: dict[str, torch.Tensor] = {}
-
-        def grab(module, args, output):
-            kept["x"] = args[0].detach()
-            raise _StopForward
-
-        handle = mlp_of(self.model, layer).register_forward_hook(grab)
-        silent = dict(anchor=None, gate=torch.zeros(len(prompts), device=self.device), start=None)
-        try:
-            with self._set(silent):
-                self.model.base_model(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-                )
-        except _StopForward:
-            pass
-        finally:
-            handle.remove()
+        x, _ = self._frozen_mlp_io(batch["input_ids"], batch["attention_mask"])
         ctx = self._context(prompts, [gold_anchor(p, s) for p, s in zip(prompts, subjects)])
-        valid = batch["attention_mask"].bool()
-        if ctx["start"] is not None:
-            valid = valid & (torch.arange(valid.shape[1], device=self.device)[None, :] >= ctx["start"][:, None])
-        z = kept["x"].double()
+        valid = self._from_anchor(batch["attention_mask"], ctx)
+        z = x.double()
         moe = self.adapter.block(block)[str(layer)]
         if moe.sees_anchor:
             z = torch.cat([z, ctx["anchor"].double()[:, None, :].expand(-1, z.shape[1], -1)], -1)
@@ -686,6 +681,7 @@ class MEMoEEditor(Editor):
         losses: list[float] = []
         blocks: list[int] = []
         parts: list[dict[str, Any]] = []
+        nullspace = cfg.recurring == "stack" and cfg.keep == "nullspace"
         for j, (new_c, old_c) in enumerate(chunks):
             mine = {normalise_subject(s) for _, _, s in new_c}
             keep = [h for h in old if normalise_subject(h[2]) in mine] if cfg.recurring == "stack" else []
@@ -697,10 +693,9 @@ class MEMoEEditor(Editor):
                 with torch.random.fork_rng(devices=[] if self.device.type == "cpu" else [self.device]):
                     torch.manual_seed(self.seed * 1000 + self.rounds + (0 if j == 0 else 1_000_003 * j))
                     block = self.adapter.grow()
-            # keep 'nullspace': the new block never sees what their tokens span at the adapter's layer; nothing is trained
-            protected, dims = (keep, self._protect(block, keep)) if cfg.keep == "nullspace" else ([], 0)
-            if cfg.keep == "nullspace":
-                keep = []
+            if nullspace:  # the new block never sees what their tokens span at the adapter's layer: nothing is trained
+                protected, keep = keep, []
+                dims = self._protect(block, protected)
             # whenever a prompt is trained (a re-edit, or moved / replayed later), its overwritten targets
             # are trained unlikely beside it: a later round cannot bring one back
             trained = {self._prompt_key(p): t for p, t, _ in new_c + old_c}
@@ -726,7 +721,7 @@ class MEMoEEditor(Editor):
                     self.block_of[key] = block
             losses += chunk_losses
             blocks.append(block)
-            if cfg.keep == "nullspace" and cfg.recurring == "stack":
+            if nullspace:
                 details.update(n_kept=len(protected), protected_dims=dims)
             parts.append(details)
         details = parts[-1] if len(parts) == 1 else self._merge_details(parts)
