@@ -8,9 +8,11 @@ import time
 from typing import Any
 
 import polars as pl
+import torch
 
 from benchmarks.common import StepTimes, records, say
 from benchmarks.gauge import host_gauge
+from memoe.anchors import normalise_subject
 from memoe.editors import make_editor
 from memoe.memory import PeakRSS
 from memoe.metrics import locality_predictions, summarize
@@ -79,6 +81,7 @@ def sequential_scale(
     clock = StepTimes(then=on_step)  # the optimiser steps alone (the gauge's time left out)
     ed.on_step = clock
     parts = [recs.slice(t * batch, batch) for t in range(rounds)]
+    recurring = recurring_per_round(parts)
     per_round = []
     memory = PeakRSS().__enter__()  # sampled through the whole study; read after each round
     try:
@@ -112,6 +115,7 @@ def sequential_scale(
                 "eval_s": r.eval_s,
                 "scored": r.scores.table.height,
                 "steps": st.steps,
+                "recurring": recurring[t],
                 "loss_final": st.loss_final,
                 "step_s_median": statistics.median(times) if times else None,
                 "step_s_mean": statistics.fmean(times) if times else None,
@@ -166,6 +170,8 @@ def sequential_scale(
         **flatness([r["train_s"] for r in later], "train_s"),
         **flatness([r["train_cpu_s"] for r in later], "train_cpu_s"),
         **flatness([r["train_per_eval"] for r in same_eval], "train_per_eval"),
+        **flatness_given([r["train_s"] for r in later], [r["recurring"] for r in later], "train_s"),
+        **flatness_given([float(r["steps"]) for r in later], [r["recurring"] for r in later], "steps"),
     }
     if all("gauge_s" in r for r in per_round):
         typical = statistics.median(r["gauge_s"] for r in later)
@@ -178,6 +184,9 @@ def sequential_scale(
             gauge_s_median=typical,
             gauge_s_spread=spread,
             **flatness([r["train_s_host_adjusted"] for r in later], "train_s_host_adjusted"),
+            **flatness_given(
+                [r["train_s_host_adjusted"] for r in later], [r["recurring"] for r in later], "train_s_host_adjusted"
+            ),
         )
     return out
 
@@ -193,3 +202,32 @@ def flatness(times: list[float], name: str) -> dict[str, float]:
         f"{name}_max_dev": max(abs(x - med) for x in times) / med,
         f"{name}_slope_per_round": slope,
     }
+
+
+def recurring_per_round(parts: list[pl.DataFrame]) -> list[int]:
+    """Each round's edits whose subject (``normalise_subject``) an earlier round edited: the stream's own
+    difficulty (such an edit must override its subject's earlier blocks), which rises with the subjects
+    edited so far whatever the method."""
+    seen: set[str] = set()
+    out = []
+    for part in parts:
+        subjects = [normalise_subject(s) for s in part["subject"].to_list()]
+        out.append(sum(s in seen for s in subjects))
+        seen.update(subjects)
+    return out
+
+
+def flatness_given(times: list[float], recurring: list[int], name: str) -> dict[str, float]:
+    """The per-round times fitted (least squares) as a + b x (the round's recurring edits) + c x round:
+    ``{name}_slope_given_recurring`` is c and ``{name}_per_recurring_edit`` is b, each a share of the
+    median. The first is the growth with the edits so far that the stream's rising share of recurring
+    subjects does not explain; a round with no variation in ``recurring`` gives b = 0 and c the plain slope."""
+    med = statistics.median(times)
+    if len(times) < 3:
+        return {f"{name}_slope_given_recurring": 0.0, f"{name}_per_recurring_edit": 0.0}
+    x = torch.tensor([[1.0, float(i), float(k)] for i, k in enumerate(recurring)], dtype=torch.float64)
+    if len(set(recurring)) == 1:
+        x = x[:, :2]
+    coef = torch.linalg.lstsq(x, torch.tensor(times, dtype=torch.float64).unsqueeze(1)).solution.squeeze(1)
+    b = float(coef[2]) if coef.numel() == 3 else 0.0
+    return {f"{name}_slope_given_recurring": float(coef[1]) / med, f"{name}_per_recurring_edit": b / med}

@@ -242,6 +242,14 @@ def run(args) -> int:
                 if "train_s_host_adjusted_max_dev" in sc
                 else ""
             )
+            + (
+                f"with the round's recurring-subject edits held fixed: trend "
+                f"{sc['train_s_slope_given_recurring']:+.1%} per round, {sc['train_s_per_recurring_edit']:+.1%} "
+                f"per recurring edit (steps {sc['steps_slope_given_recurring']:+.1%}, "
+                f"{sc['steps_per_recurring_edit']:+.1%}); "
+                if "train_s_slope_given_recurring" in sc
+                else ""
+            )
             + f"after {last['edits_so_far']} "
             f"edits Rel {last['reliability']:.2f} Gen {last['generality']:.2f} Loc {last['locality']:.2f}"
             + (

@@ -2,6 +2,7 @@
 
 import statistics
 
+import polars as pl
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -293,3 +294,27 @@ def test_flatness_figures():
     )
     noisy = flatness([10.0, 14.0, 10.0, 14.0, 10.0], "t")  # spread without growth
     assert noisy["t_max_dev"] > 0.15 and abs(noisy["t_slope_per_round"]) < 0.01
+
+
+def test_recurring_per_round_counts_subjects_an_earlier_round_edited():
+    from benchmarks.scale import recurring_per_round
+
+    rounds = [["Norway", "Homer"], ["Norway", "Paris", "Paris"], [" Homer ", "Paris", "Laos"]]
+    parts = [pl.DataFrame({"subject": r}) for r in rounds]
+    assert recurring_per_round(parts) == [0, 1, 2]  # a subject twice in its own first round is not recurring
+
+
+def test_flatness_given_recurring_separates_the_streams_difficulty_from_growth():
+    from benchmarks.scale import flatness, flatness_given
+
+    recurring = [0, 3, 1, 6, 2, 9, 4, 12]
+    harder = [10.0 + 0.5 * k for k in recurring]  # costs only what its recurring edits add: no growth
+    assert flatness(harder, "t")["t_slope_per_round"] > 0.03  # the plain trend blames the edits so far
+    f = flatness_given(harder, recurring, "t")
+    med = statistics.median(harder)
+    assert abs(f["t_slope_given_recurring"]) < 1e-9 and abs(f["t_per_recurring_edit"] - 0.5 / med) < 1e-9
+    growing = [10.0 + 0.5 * k + 0.2 * i for i, k in enumerate(recurring)]  # and a real growth of 0.2 s a round
+    g = flatness_given(growing, recurring, "t")
+    assert abs(g["t_slope_given_recurring"] - 0.2 / statistics.median(growing)) < 1e-9
+    flat_stream = flatness_given([10.0, 11.0, 12.0], [0, 0, 0], "t")  # nothing recurs: the plain slope
+    assert abs(flat_stream["t_slope_given_recurring"] - 1 / 11) < 1e-9 and flat_stream["t_per_recurring_edit"] == 0.0
