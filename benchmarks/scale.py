@@ -221,12 +221,11 @@ def flatness_given(times: list[float], recurring: list[int], name: str) -> dict[
     """The per-round times fitted (least squares) as a + b x (the round's recurring edits) + c x round:
     ``{name}_slope_given_recurring`` is c and ``{name}_per_recurring_edit`` is b, each a share of the
     median. The first is the growth with the edits so far that the stream's rising share of recurring
-    subjects does not explain; a round with no variation in ``recurring`` gives b = 0 and c the plain slope."""
+    subjects does not explain; with no variation in ``recurring`` (or fewer than three rounds, too few to
+    fit both) b = 0 and c is the plain slope."""
     med = statistics.median(times)
-    if len(times) < 3:
-        return {f"{name}_slope_given_recurring": 0.0, f"{name}_per_recurring_edit": 0.0}
     x = torch.tensor([[1.0, float(i), float(k)] for i, k in enumerate(recurring)], dtype=torch.float64)
-    if len(set(recurring)) == 1:
+    if len(set(recurring)) == 1 or len(times) < 3:
         x = x[:, :2]
     coef = torch.linalg.lstsq(x, torch.tensor(times, dtype=torch.float64).unsqueeze(1)).solution.squeeze(1)
     b = float(coef[2]) if coef.numel() == 3 else 0.0

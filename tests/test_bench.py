@@ -318,3 +318,5 @@ def test_flatness_given_recurring_separates_the_streams_difficulty_from_growth()
     assert abs(g["t_slope_given_recurring"] - 0.2 / statistics.median(growing)) < 1e-9
     flat_stream = flatness_given([10.0, 11.0, 12.0], [0, 0, 0], "t")  # nothing recurs: the plain slope
     assert abs(flat_stream["t_slope_given_recurring"] - 1 / 11) < 1e-9 and flat_stream["t_per_recurring_edit"] == 0.0
+    two = flatness_given([10.0, 12.0], [0, 5], "t")  # too few rounds to fit both: the plain slope, not 'flat'
+    assert abs(two["t_slope_given_recurring"] - 2 / 11) < 1e-9 and two["t_per_recurring_edit"] == 0.0
