@@ -48,17 +48,20 @@ def sequential_scale(
     retention_sample: int | None = 200,
     seed: int = 0,
     gauge_every: int = 0,
+    score_all: bool = False,
 ) -> dict[str, Any]:
     """A sequential study of rounds x batch real edits (``memoe.protocol.run_sequential``): time per
     round (training, evaluation) and Rel / Gen / Loc over rounds. Training is timed in wall-clock and
     in the process's CPU time. After each round its own edits are scored with a seeded sample of at
-    most ``retention_sample`` earlier ones (the last round too: logged as ``scored``), so evaluation
-    grows no faster than the edits so far. Give the method a fixed step count (``early_stop_loss=0``)
-    to measure the cost of a round rather than how soon it converges. ``step_s_median`` /
-    ``step_s_mean``: the round's optimiser steps 2.. (``StepTimes``).
+    most ``retention_sample`` earlier ones (the last round too, unless ``score_all``: then every edit of
+    the study; logged as ``scored``), so evaluation grows no faster than the edits so far. Give the
+    method a fixed step count (``early_stop_loss=0``) to measure the cost of a round rather than how soon
+    it converges. ``step_s_median`` /
+    ``step_s_mean``: the round's optimiser steps but each edit's (block's) first (``StepTimes``).
 
-    ``gauge_every`` > 0: after every that many training steps, the same fixed work (a forward and
-    backward pass over the study's first 2 x batch edits, ``benchmarks.gauge.host_gauge``) is timed, so
+    ``gauge_every`` > 0: after every that many training steps of a round (counted over its blocks), the
+    same fixed work (a forward and backward pass over the study's first 2 x batch edits,
+    ``benchmarks.gauge.host_gauge``) is timed, so
     the host's speed of the moment is measured beside the round's own steps. Each round's training
     time (the gauge's own time left out) is then also given at the study's typical host speed:
     ``train_s_host_adjusted`` = train_s x (median gauge time over rounds) / (the round's gauge time),
@@ -70,9 +73,14 @@ def sequential_scale(
     gauge = host_gauge(ed, recs.head(2 * batch)) if gauge_every > 0 and hasattr(ed, "gradient_pass") else None
     gauge_s: list[float] = []  # this round's gauge times
     gauge_cost = [0.0, 0.0]  # this round's gauge wall and CPU seconds, taken out of its training time
+    round_steps: list[float] = []  # this round's step times over all its blocks (StepTimes keeps one block's)
+    n_steps = [0]  # this round's optimiser steps so far: a block of a grown adapter stops early, often before N
 
     def on_step(step: int, loss: float):
-        if gauge is not None and step % gauge_every == 0:
+        n_steps[0] += 1
+        if step > 1:
+            round_steps.append(clock.times[-1])
+        if gauge is not None and n_steps[0] % gauge_every == 0:
             t0, c0 = time.perf_counter(), time.process_time()
             gauge_s.append(gauge())
             gauge_cost[0] += time.perf_counter() - t0
@@ -93,7 +101,7 @@ def sequential_scale(
             base,
             seed=seed,
             retention_sample=retention_sample,
-            all_after_last=False,
+            all_after_last=score_all,
             diagnostics=False,
             generation=False,
         ):
@@ -106,7 +114,7 @@ def sequential_scale(
                 if "current" in table.columns and not table["current"].all()
                 else None
             )
-            times = list(clock.times)
+            times = list(round_steps)
             row = {
                 "round": t + 1,
                 "edits_so_far": (t + 1) * batch,
@@ -137,13 +145,15 @@ def sequential_scale(
             per_round.append(row)
             say(
                 f"round {t + 1}/{rounds} ({row['edits_so_far']} edits, RSS {memory.peak:.0f} MiB): "
-                f"train {train_s:.1f}s eval {r.eval_s:.1f}s on {row['scored']} "
+                f"train {train_s:.1f}s ({st.steps} steps, {recurring[t]} recurring) eval {r.eval_s:.1f}s on {row['scored']} "
                 + (f"gauge {row['gauge_s']:.3f}s " if gauge_s else "")
                 + f"Rel {m.get('reliability', float('nan')):.2f} Gen {m.get('generality', float('nan')):.2f} "
                 f"Loc {m.get('locality', float('nan')):.2f}"
             )
             gauge_s.clear()  # before the next round (run_sequential goes on when asked for it)
             gauge_cost[:] = [0.0, 0.0]
+            round_steps.clear()
+            n_steps[0] = 0
     finally:
         memory.__exit__(None, None, None)
     ed.remove()
@@ -166,6 +176,7 @@ def sequential_scale(
         "early_stop_loss": method.early_stop_loss,
         "compile": method.compile,
         "gauge_every": gauge_every,
+        "score_all": score_all,
         "per_round": per_round,
         **flatness([r["train_s"] for r in later], "train_s"),
         **flatness([r["train_cpu_s"] for r in later], "train_cpu_s"),

@@ -67,6 +67,11 @@ def add_arguments(p):
         help="time a fixed training pass after every N steps of the scale study, to divide the host's "
         "speed of the moment out of each round's time (0: off)",
     )
+    p.add_argument(
+        "--scale-score-all",
+        action="store_true",
+        help="score every edit of the scale study after its last round (not only the round's own and the sample)",
+    )
     p.add_argument("--skip-overhead", action="store_true", help="skip the orchestration-overhead study")
 
 
@@ -179,6 +184,7 @@ def run(args) -> int:
                 batch,
                 retention_sample=args.scale_retention,
                 gauge_every=args.gauge_every,
+                score_all=args.scale_score_all,
             )
         return out
 
