@@ -167,6 +167,9 @@ def test_scale_study_samples_earlier_edits_and_leaves_the_model_unedited(tokeniz
     assert res["train_cpu_s_median"] == rounds[1]["train_cpu_s"] > 0
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == n_hooks
     assert torch.equal(model(**probe).logits, before)
+    # score_all: the last round scores every edit of the study, not the sample
+    res = sequential_scale(model, tokenizer, method, rounds=2, batch=2, recs=recs, retention_sample=1, score_all=True)
+    assert [r["scored"] for r in res["per_round"]] == [2, 4] and res["score_all"]
 
 
 def test_scale_study_of_the_grown_adapter_reports_its_size_and_the_earlier_edits(tokenizer, tmp_path):
@@ -236,24 +239,24 @@ def test_scale_gauge_leaves_training_unchanged_and_divides_out_the_host(tokenize
         layers=[1], rank=8, lr=5e-2, steps=6, early_stop_loss=0.0, precision="float32", router_noise=1.0, **growth
     )
     runs = {}
-    for every in (0, 2):
+    for every in (0, 4):
         model = tiny_model("llama", len(tokenizer))
         runs[every] = sequential_scale(
             model, tokenizer, method, rounds=3, batch=2, recs=recs, retention_sample=4, gauge_every=every
         )
-    plain, gauged = runs[0]["per_round"], runs[2]["per_round"]
+    plain, gauged = runs[0]["per_round"], runs[4]["per_round"]
     keys = ("loss_final", "reliability", "generality", "locality")
     assert [[r[k] for k in keys] for r in gauged] == [[r[k] for k in keys] for r in plain]
     assert gauged[-1]["reliability"] > 0.5  # the edits took, with the gauge running between steps
     assert all("gauge_s" not in r for r in plain) and "train_s_host_adjusted_max_dev" not in runs[0]
     if not growth:
         assert len({r["adapter_params"] for r in gauged}) == 1  # the gauge's work is the same every round
-        assert [len(r["gauge_times"]) for r in gauged] == [3, 3, 3]  # after steps 2, 4, 6
-    else:  # two blocks of one edit a round, 6 steps each
-        assert [len(r["gauge_times"]) for r in gauged] == [6, 6, 6]
+        assert [len(r["gauge_times"]) for r in gauged] == [1, 1, 1]  # after step 4 of 6
+    else:  # two blocks of one edit a round, 6 steps each: counted over the round, after its steps 4, 8, 12
+        assert [len(r["gauge_times"]) for r in gauged] == [3, 3, 3]  # (a block's own count reaches 4 twice)
     assert all(r["gauge_s"] == statistics.fmean(r["gauge_times"]) for r in gauged)
     typical = statistics.median(r["gauge_s"] for r in gauged[1:])
-    assert runs[2]["gauge_s_median"] == typical > 0
+    assert runs[4]["gauge_s_median"] == typical > 0
     for r in gauged:
         assert r["train_s_host_adjusted"] == pytest.approx(r["train_s"] * typical / r["gauge_s"])
         assert r["step_per_gauge"] == r["step_s_mean"] / r["gauge_s"]
