@@ -91,6 +91,83 @@ def eval_reuse(model, tok, ed, recs) -> dict[str, Any]:
     return res
 
 
+def eval_study(model, tok, method, rounds: int, batch: int, recs, seed: int = 0) -> dict[str, Any]:
+    """A sequential study's whole evaluation timed two ways on the same edited model: after each
+    round (``rounds`` x ``batch`` of ``recs``, with the probes of memoe/probes.py), every edit so far
+    is scored (the last round of a study scores all of them) with generation, once ``plain`` (nothing
+    reused, generation batches of 16: the evaluation before ``eval.reuse_states``, ``eval.reuse_scores``
+    and ``eval.generation_batch_size``) and once ``kept`` (the unedited model's states below the edit and
+    the results that still hold kept across rounds, as a study keeps them). ``speedup``: plain / kept
+    seconds over the study; ``sequences_per_s``: teacher-forced sequences and generations scored per
+    second; ``same_scores``: every score column of the two agrees in every round."""
+    from memoe.frozen import FrozenStates
+    from memoe.memo import ScoreMemo
+    from memoe.probes import add_probes
+    from memoe.protocol import eval_records, overwritten_ids, score_round, seed_round
+
+    if recs.height < rounds * batch:
+        raise ValueError(f"eval_study: {rounds} x {batch} edits asked for, but the records hold {recs.height}")
+    probed = add_probes(recs.head(rounds * batch), tok)
+    base = locality_predictions(model, tok, probed)
+    parts = [probed.slice(t * batch, batch) for t in range(rounds)]
+    ed = make_editor(model, tok, method, seed=seed)
+    states, memo = FrozenStates(ed.unchanged_layers()), ScoreMemo()
+    per_round, same = [], True
+    try:
+        for t, part in enumerate(parts):
+            seed_round(seed, t)
+            ed.edit(part)
+            todo, _ = eval_records(parts, t, None, seed, final=True)
+            gone = overwritten_ids(parts[: t + 1])
+            secs, tables = {}, {}
+            for name, kw in (
+                ("plain", dict(generation_batch_size=16)),
+                ("kept", dict(generation_batch_size=64, frozen=states, memo=memo)),
+            ):
+                t0 = time.perf_counter()
+                tables[name] = score_round(model, tok, ed, todo, base, gone, diagnostics=False, **kw).table
+                secs[name] = time.perf_counter() - t0
+            agree = tables["plain"].equals(tables["kept"])
+            same = same and agree
+            n_seq = sequences_scored(todo)
+            per_round.append(
+                {
+                    "round": t + 1,
+                    "edits_scored": todo.height,
+                    "sequences": n_seq,
+                    **{f"{k}_s": v for k, v in secs.items()},
+                }
+            )
+            say(
+                f"eval study round {t + 1}/{rounds}: {todo.height} edits ({n_seq} sequences) plain {secs['plain']:.1f}s, "
+                f"kept {secs['kept']:.1f}s ({secs['plain'] / secs['kept']:.2f}x), same scores {agree}"
+            )
+    finally:
+        ed.remove()
+    plain, kept = sum(r["plain_s"] for r in per_round), sum(r["kept_s"] for r in per_round)
+    n = sum(r["sequences"] for r in per_round)
+    return {
+        "rounds": rounds,
+        "batch": batch,
+        "growth": getattr(method, "growth", None),
+        "per_round": per_round,
+        "plain_s": plain,
+        "kept_s": kept,
+        "speedup": plain / kept,
+        "plain_sequences_per_s": n / plain,
+        "kept_sequences_per_s": n / kept,
+        "same_scores": same,
+    }
+
+
+def sequences_scored(recs) -> int:
+    """Sequences an evaluation of ``recs`` runs at most: each prompt teacher-forced and generated, and
+    every rephrase, locality, probe and portability prompt teacher-forced (``generation_prompts`` are
+    for fluency, off here)."""
+    cols = [c for c in recs.columns if c.endswith("_prompts") and c != "generation_prompts"]
+    return 2 * recs.height + sum(int(recs[c].list.len().sum()) for c in cols)
+
+
 def step_time(model, tok, method, recs, steps: int) -> float:
     """Seconds per optimiser step. Editors that report their steps (``on_step``): the median of steps
     2.. of one edit (``StepTimes``); others: (edit with `steps` steps - edit with 1 step) / (steps - 1).

@@ -72,7 +72,39 @@ def add_arguments(p):
         action="store_true",
         help="score every edit of the scale study after its last round (not only the round's own and the sample)",
     )
+    p.add_argument(
+        "--only-eval-study",
+        action="store_true",
+        help="time a sequential study's evaluation alone, plain against with its states and results kept "
+        "(benchmarks.speed.eval_study)",
+    )
+    p.add_argument(
+        "--eval-study-config",
+        default="configs/lifelong_zsre.yaml",
+        help="the config whose method and data the evaluation study edits with",
+    )
+    p.add_argument("--eval-study-rounds", type=int, default=4, help="rounds of the evaluation study")
+    p.add_argument("--eval-study-batch", type=int, default=50, help="edits per round of the evaluation study")
     p.add_argument("--skip-overhead", action="store_true", help="skip the orchestration-overhead study")
+
+
+def eval_study_of(args) -> dict:
+    """``--only-eval-study``: the method and data of ``--eval-study-config`` (its data file, or the first
+    dataset of its mix), ``--eval-study-rounds`` x ``--eval-study-batch`` edits."""
+    from benchmarks.speed import eval_study
+    from memoe.config import load_config
+    from memoe.data import load_edits
+    from memoe.memory import PeakRSS
+    from memoe.models import load_model
+
+    cfg = load_config(args.eval_study_config)
+    path, fmt, _ = cfg.data.files[0]
+    recs, _ = load_edits(path, fmt)
+    model, tok = load_model(args.model, args.device)
+    with PeakRSS() as p:
+        res = eval_study(model, tok, cfg.method, args.eval_study_rounds, args.eval_study_batch, recs, seed=cfg.seed)
+    res.update(config=args.eval_study_config, data=str(path), peak_rss_mb=p.peak)
+    return res
 
 
 def parse_value_pair(kv: str) -> tuple[str, object]:
@@ -190,8 +222,12 @@ def run(args) -> int:
 
     if args.only_scale and args.skip_scale:
         raise SystemExit("memoe bench: --only-scale and --skip-scale exclude each other")
+    if args.only_scale and args.only_eval_study:
+        raise SystemExit("memoe bench: --only-scale and --only-eval-study exclude each other")
     t0 = time.perf_counter()
-    if args.only_scale:
+    if args.only_eval_study:
+        res = {"eval_study": eval_study_of(args)}
+    elif args.only_scale:
         from memoe.memory import PeakRSS
 
         with PeakRSS() as p:
@@ -201,7 +237,7 @@ def run(args) -> int:
         res = run_bench(
             quick=args.quick, model_name=args.model, device=args.device, scale=None if args.skip_scale else scale
         )
-    if not args.skip_overhead and not args.only_scale:
+    if not args.skip_overhead and not args.only_scale and not args.only_eval_study:
         from memoe.models import load_model as _load
 
         t1 = time.perf_counter()
@@ -232,7 +268,15 @@ def run(args) -> int:
                 f"evaluation {ev['edits']} edits   plain {ev['plain_s']:.1f} s, states reused {ev['reused_s']:.1f} s "
                 f"({ev['speedup_reused']:.2f}x; first time {ev['speedup_first']:.2f}x), same scores {ev['same_scores']}"
             )
-    print("peak RSS (MiB)      " + ", ".join(f"{k} {v:.0f}" for k, v in res["peak_rss_mb"].items()))
+    if "eval_study" in res:
+        ev = res["eval_study"]
+        print(
+            f"evaluation study    {ev['rounds']} x {ev['batch']} edits, every edit scored after each round: plain "
+            f"{ev['plain_s']:.1f} s ({ev['plain_sequences_per_s']:.1f} sequences/s), kept {ev['kept_s']:.1f} s "
+            f"({ev['kept_sequences_per_s']:.1f} sequences/s): {ev['speedup']:.2f}x, same scores {ev['same_scores']}"
+        )
+    if "peak_rss_mb" in res:
+        print("peak RSS (MiB)      " + ", ".join(f"{k} {v:.0f}" for k, v in res["peak_rss_mb"].items()))
     for growth, sc in res.get("scale", {}).items():
         last = sc["per_round"][-1]
         print(

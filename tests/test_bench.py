@@ -323,3 +323,30 @@ def test_flatness_given_recurring_separates_the_streams_difficulty_from_growth()
     assert abs(flat_stream["t_slope_given_recurring"] - 1 / 11) < 1e-9 and flat_stream["t_per_recurring_edit"] == 0.0
     two = flatness_given([10.0, 12.0], [0, 5], "t")  # too few rounds to fit both: the plain slope, not 'flat'
     assert abs(two["t_slope_given_recurring"] - 2 / 11) < 1e-9 and two["t_per_recurring_edit"] == 0.0
+
+
+def test_eval_study_scores_the_same_with_states_and_results_kept(tokenizer):
+    """The study-level evaluation benchmark: every edit so far scored after each round, plain and with
+    the states below the edit and the still-valid results kept; the two agree in every round, also
+    after round 3 edits round 1's subject again (its kept results no longer hold)."""
+    from benchmarks.speed import eval_study
+    from memoe.editors.memoe import MEMoEMethod
+
+    from .conftest import tiny_model
+    from .test_adapter import _records
+
+    recs = _records(
+        ["The capital of Norway is", "Homer's most famous poem is", "The currency of Norway is"],
+        ["Bergen", "Blue Lagoon", "Klingon"],
+        ["Norway", "Homer", "Norway"],
+    )
+    model = tiny_model("llama", len(tokenizer))
+    method = MEMoEMethod(
+        layers=[1], rank=8, lr=5e-2, steps=20, early_stop_loss=0.0, precision="float32", growth="round", block_edits=1
+    )
+    res = eval_study(model, tokenizer, method, rounds=3, batch=1, recs=recs)
+    assert res["same_scores"] is True
+    assert [r["edits_scored"] for r in res["per_round"]] == [1, 2, 3]
+    assert res["speedup"] == res["plain_s"] / res["kept_s"]
+    with pytest.raises(ValueError, match="hold 3"):
+        eval_study(model, tokenizer, method, rounds=2, batch=2, recs=recs)
