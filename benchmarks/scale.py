@@ -163,7 +163,8 @@ def sequential_scale(
     # after, on a model whose size does not change): a rough host-speed correction, needing no gauge
     for r in per_round:
         r["train_per_eval"] = r["train_s"] / r["eval_s"]
-    same_eval = [r for r in later if r["scored"] == later[-1]["scored"]]
+    # the rounds that score as many edits as most do (score_all: the last scores every edit)
+    same_eval = [r for r in later if r["scored"] == statistics.mode(x["scored"] for x in later)]
     out = {
         "rounds": rounds,
         "batch": batch,
