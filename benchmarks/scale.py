@@ -56,13 +56,13 @@ def sequential_scale(
     most ``retention_sample`` earlier ones (the last round too, unless ``score_all``: then every edit of
     the study; logged as ``scored``), so evaluation grows no faster than the edits so far. Give the
     method a fixed step count (``early_stop_loss=0``) to measure the cost of a round rather than how soon
-    it converges. ``step_s_median`` /
-    ``step_s_mean``: the round's optimiser steps but each edit's (block's) first (``StepTimes``).
+    it converges. ``step_s_median`` / ``step_s_mean``: the round's optimiser steps but each edit's
+    (block's) first (``StepTimes``).
 
     ``gauge_every`` > 0: after every that many training steps of a round (counted over its blocks), the
     same fixed work (a forward and backward pass over the study's first 2 x batch edits,
-    ``benchmarks.gauge.host_gauge``) is timed, so
-    the host's speed of the moment is measured beside the round's own steps. Each round's training
+    ``benchmarks.gauge.host_gauge``) is timed, so the host's speed of the moment is measured beside the
+    round's own steps. Each round's training
     time (the gauge's own time left out) is then also given at the study's typical host speed:
     ``train_s_host_adjusted`` = train_s x (median gauge time over rounds) / (the round's gauge time),
     where a round's ``gauge_s`` is the mean of its gauge times (its time is the sum of its steps').
@@ -164,7 +164,8 @@ def sequential_scale(
     for r in per_round:
         r["train_per_eval"] = r["train_s"] / r["eval_s"]
     # the rounds that score as many edits as most do (score_all: the last scores every edit)
-    same_eval = [r for r in later if r["scored"] == statistics.mode(x["scored"] for x in later)]
+    usual = statistics.mode(r["scored"] for r in later)
+    same_eval = [r for r in later if r["scored"] == usual]
     out = {
         "rounds": rounds,
         "batch": batch,
